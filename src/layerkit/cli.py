@@ -1,0 +1,128 @@
+"""The ``layerkit`` command. Imports stay light until a command runs (``--help`` is fast)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from layerkit import __version__
+from layerkit.errors import LayerkitError
+
+OVERRIDES_HELP = "Hydra overrides, e.g. +experiment=NAME backbone.path=DIR output_dir=DIR trainer.max_steps=10"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="layerkit",
+        description="Layer-aware video generation: train and sample layered, decomposed, controlled and transparent video.",
+    )
+    parser.add_argument("--version", action="version", version=f"layerkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train from a composed config (layerkit train +experiment=NAME ...)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p = sub.add_parser("sample", help="sample from a composed config (layerkit sample [+experiment=NAME] ...)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p = sub.add_parser("demo", help="the embedded default: shapes data, a tiny model trained a few steps, samples written")
+    p.add_argument("overrides", nargs="*", help="overrides for both steps, e.g. output_dir=DIR trainer.max_steps=20")
+    p = sub.add_parser("plugins", help="list installed plugins and what they register")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("config", help="print the composed config")
+    p.add_argument("primary", choices=["train", "sample"])
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p = sub.add_parser("convert", help="convert a pickled checkpoint to safetensors (read with weights_only=True)")
+    p.add_argument("source")
+    p.add_argument("target")
+    return parser
+
+
+def _plugins(as_json: bool) -> int:
+    from layerkit.registry import get_registry
+
+    registry = get_registry()
+    rows = registry.describe()
+    if as_json:
+        print(json.dumps({"plugins": rows, "config_dirs": registry.config_dirs}, indent=2))
+        return 0
+    for row in rows:
+        head = f"{row['name']}  ({row['distribution'] or '?'} {row['version'] or ''})".rstrip()
+        print(head)
+        if row["error"]:
+            print(f"  FAILED TO LOAD: {row['error']}")
+            continue
+        for kind in ("backbones", "controls", "adapters", "tasks", "datasets"):
+            if row[kind]:
+                print(f"  {kind}: {', '.join(row[kind])}")
+        for path in row["config_dirs"]:
+            print(f"  configs: {path}")
+    return 0
+
+
+def _demo(overrides: Sequence[str]) -> int:
+    from pathlib import Path
+
+    from layerkit.runs import default_output_dir
+    from layerkit.sampling.run import sample
+    from layerkit.training.run import train
+
+    rest = [o for o in overrides if not o.startswith("output_dir=")]
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")]
+    root = Path(given[-1]) if given else default_output_dir("demo")
+    train_dir = train(["+experiment=toy_layered", f"output_dir={root / 'train'}", *rest])
+    out = sample(["+experiment=toy_layered", f"weights={train_dir / 'weights.safetensors'}",
+                  f"output_dir={root / 'samples'}", *[o for o in rest if not o.startswith("trainer.")]])
+    print(f"trained weights: {train_dir / 'weights.safetensors'}")
+    print(f"samples: {out}")
+    return 0
+
+
+def _convert(source: str, target: str) -> int:
+    from layerkit.io.weights import load_weights, save_weights
+
+    state = load_weights(source, allow_pickle=True)
+    save_weights(target, state)
+    print(f"wrote {target} ({len(state)} tensors)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "plugins":
+            return _plugins(args.json)
+        if args.command == "train":
+            from layerkit.training.run import train
+
+            print(f"output_dir: {train(args.overrides)}")
+            return 0
+        if args.command == "sample":
+            from layerkit.sampling.run import sample
+
+            print(f"output_dir: {sample(args.overrides)}")
+            return 0
+        if args.command == "demo":
+            return _demo(args.overrides)
+        if args.command == "config":
+            from omegaconf import OmegaConf
+
+            from layerkit.config import compose
+            from layerkit.registry import get_registry
+
+            print(OmegaConf.to_yaml(compose(args.primary, args.overrides, get_registry())))
+            return 0
+        if args.command == "convert":
+            return _convert(args.source, args.target)
+        _parser().print_help()
+        return 0
+    except LayerkitError as exc:
+        print(f"layerkit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("layerkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Hydra composition: the core ``conf/`` plus the config directories plugins register.
+
+The core's ``conf/`` ships inside the wheel as ``layerkit/conf``; in a source checkout it is
+the top-level ``conf/``. Plugins add directories through the ``register_config_dirs`` hook and
+never touch Hydra internals: they become ``hydra.searchpath`` entries here.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from layerkit.errors import LayerkitError
+from layerkit.registry import Registry
+
+#: config group -> registry kind whose names its nodes' ``name`` must hold
+GROUP_KINDS = {"backbone": "backbone", "task": "task", "data": "dataset"}
+DICT_KINDS = {"controls": "control", "adapters": "adapter"}
+
+
+def core_config_dir() -> Path:
+    """The directory of the core's primary configs (installed wheel first, then checkout)."""
+    installed = importlib.resources.files("layerkit") / "conf"
+    if installed.is_dir():
+        return Path(str(installed))
+    checkout = Path(__file__).resolve().parents[2] / "conf"
+    if checkout.is_dir():
+        return checkout
+    raise LayerkitError("layerkit's config directory is missing from this installation; reinstall layerkit.")
+
+
+def compose(primary: str, overrides: Sequence[str], registry: Registry) -> DictConfig:
+    """Compose ``primary`` (``train`` or ``sample``) with command-line ``overrides``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides)
+    if registry.config_dirs:
+        overrides.append(f"hydra.searchpath=[{','.join(registry.config_dirs)}]")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(core_config_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name=primary, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise LayerkitError(_one_line(exc)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    if "hydra" in cfg:
+        with _writable(cfg):
+            del cfg["hydra"]
+    validate(cfg, registry)
+    return cfg
+
+
+def validate(cfg: DictConfig, registry: Registry) -> None:
+    """Every component name must exist in the registry; fail with the names that do."""
+    for group, kind in GROUP_KINDS.items():
+        node = cfg.get(group)
+        if node is None:
+            continue
+        if not isinstance(node, DictConfig) or "name" not in node:
+            raise LayerkitError(f"config group '{group}' must be a mapping with a 'name' key naming a {kind}.")
+        registry.get(kind, node.name)
+    for key, kind in DICT_KINDS.items():
+        node = cfg.get(key)
+        if node is None:
+            continue
+        if not isinstance(node, DictConfig):
+            raise LayerkitError(f"'{key}' must be a mapping from a name to a {kind} config, not {type(node).__name__}.")
+        for entry, sub in node.items():
+            if sub is None:
+                continue
+            if not isinstance(sub, DictConfig) or "name" not in sub:
+                raise LayerkitError(f"{key}.{entry} must be a mapping with a 'name' key naming a {kind}.")
+            registry.get(kind, sub.name)
+
+
+def params(node: DictConfig | None) -> dict[str, Any]:
+    """A component's keyword arguments: its config node without ``name``."""
+    if node is None:
+        return {}
+    data = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(data, dict)
+    data.pop("name", None)
+    return data
+
+
+def to_plain(cfg: DictConfig) -> dict[str, Any]:
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    return data
+
+
+class _writable:
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+
+    def __enter__(self) -> None:
+        OmegaConf.set_struct(self.cfg, False)
+
+    def __exit__(self, *exc: object) -> None:
+        OmegaConf.set_struct(self.cfg, True)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return f"the configuration could not be composed ({type(exc).__name__})."
+    head = lines[0]
+    # Hydra lists the available options on the following lines: keep them on one line.
+    options = [line for line in lines[1:] if not line.lower().startswith(("config search path", "in '", "available options"))]
+    if "Could not find" in head or "Could not load" in head:
+        if options:
+            head = f"{head.rstrip('.')}; available: {', '.join(o.strip() for o in options)}"
+    head = head if head.endswith(".") else head + "."
+    return head

@@ -1,0 +1,47 @@
+"""The hooks a layerkit plugin may implement. Every hook receives a ``register`` callback.
+
+``register(name, target, description="")`` records one component. ``target`` is either a
+dotted path ``"package.module:Attribute"`` (imported only when the component is built, so
+``layerkit --help`` stays light) or a callable factory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("layerkit")
+
+Register = Callable[..., Any]
+
+
+@hookspec
+def register_backbones(register: Register) -> None:
+    """Register denoiser families (denoiser, VAE, encoders, schedule, checkpoint loaders)."""
+
+
+@hookspec
+def register_controls(register: Register) -> None:
+    """Register per-layer control signals: a non-learned ``prepare`` plus a learned encoder."""
+
+
+@hookspec
+def register_adapters(register: Register) -> None:
+    """Register changes to backbone modules with their own weights and scale (LoRA, attention processors)."""
+
+
+@hookspec
+def register_tasks(register: Register) -> None:
+    """Register tasks: how a sample is packed for the backbone and how outputs are unpacked and written."""
+
+
+@hookspec
+def register_datasets(register: Register) -> None:
+    """Register datasets that yield samples a task can pack."""
+
+
+@hookspec
+def register_config_dirs(register: Register) -> None:
+    """Register Hydra config directories (a filesystem path or ``pkg://package.subdir``)."""

@@ -1,0 +1,291 @@
+"""Read and write videos (RGB or RGBA) with PyAV, plus PNG sequences and images.
+
+Frames are always ``uint8`` arrays shaped ``[F, H, W, C]`` with ``C = 3`` (RGB)
+or ``C = 4`` (RGBA). Writes are atomic: a hidden sibling is written first and
+renamed onto the target, so a failed write never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+from layerkit.errors import LayerkitError, expect_shape
+
+DEFAULT_FPS = 8.0
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+RGBA_FORMATS = ("mov", "webm", "png")
+
+
+@dataclass
+class Video:
+    """Decoded frames ``uint8 [F, H, W, C]`` (C = 3 RGB or 4 RGBA) and their frame rate."""
+
+    frames: np.ndarray
+    fps: float
+
+    @property
+    def has_alpha(self) -> bool:
+        return self.frames.shape[-1] == 4
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+
+@dataclass(frozen=True)
+class _Codec:
+    name: str
+    pix_fmt: str
+    options: dict[str, str]
+    alpha: bool  # encodes an alpha plane
+    even: bool  # needs even width/height
+
+
+_CODECS = {
+    ".mp4": _Codec("libx264", "yuv420p", {"crf": "18", "preset": "medium"}, False, True),
+    ".mov": _Codec("prores_ks", "yuva444p10le", {"profile": "4444"}, True, False),
+    ".webm": _Codec(
+        "libvpx-vp9", "yuva420p", {"crf": "20", "b": "0", "deadline": "good", "cpu-used": "4"}, True, False
+    ),
+}
+# Native ffmpeg vp8/vp9 decoders drop the alpha plane stored in WebM side data.
+_ALPHA_DECODERS = {"vp8": "libvpx", "vp9": "libvpx-vp9"}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_video(path: str | os.PathLike, *, max_frames: int | None = None) -> Video:
+    """Read a video file, a directory of PNGs or one image into ``Video`` (``[F, H, W, 3|4]``)."""
+    path = Path(path)
+    if max_frames is not None and max_frames < 1:
+        raise LayerkitError(f"max_frames must be a positive integer, got {max_frames}.")
+    if not path.exists():
+        raise LayerkitError(f"video file '{path}' does not exist.")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and p.is_file())
+        if not files:
+            raise LayerkitError(f"PNG sequence directory '{path}' contains no .png files.")
+        return Video(_read_images(files[:max_frames], path), DEFAULT_FPS)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return Video(_read_images([path], path), DEFAULT_FPS)
+    return _read_av(path, max_frames)
+
+
+def _read_images(files: list[Path], source: Path) -> np.ndarray:
+    images = []
+    for file in files:
+        try:
+            with Image.open(file) as im:
+                im.load()
+                alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+                images.append(np.asarray(im.convert("RGBA" if alpha else "RGB")))
+        except (OSError, ValueError) as exc:
+            raise LayerkitError(f"could not read image '{file}': {exc}.") from None
+    if len({im.shape[:2] for im in images}) > 1:
+        raise LayerkitError(f"PNG sequence '{source}' mixes frames of different sizes.")
+    if any(im.shape[-1] == 4 for im in images):  # one RGBA frame makes the sequence RGBA
+        images = [
+            im if im.shape[-1] == 4 else np.dstack([im, np.full(im.shape[:2], 255, np.uint8)])
+            for im in images
+        ]
+    return np.stack(images)
+
+
+def _read_av(path: Path, max_frames: int | None) -> Video:
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise LayerkitError(f"could not decode '{path}': it has no video stream.")
+            stream = container.streams.video[0]
+            decoder = stream.codec_context
+            alpha_mode = {k.lower(): v for k, v in stream.metadata.items()}.get("alpha_mode")
+            if alpha_mode == "1" and decoder.name in _ALPHA_DECODERS:
+                decoder = av.CodecContext.create(_ALPHA_DECODERS[decoder.name], "r")
+            frames = list(_decode(container, stream, decoder, max_frames))
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    except av.FFmpegError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise LayerkitError(f"could not decode '{path}': it is not a readable video ({reason}).") from None
+    if not frames:
+        raise LayerkitError(f"could not decode '{path}': it contains no video frames.")
+    fmt = frames[0].format
+    alpha = fmt.has_palette or any(c.is_alpha for c in fmt.components)
+    array = np.stack([f.to_ndarray(format="rgba" if alpha else "rgb24") for f in frames])
+    # GIF and palette decoders always report an alpha format; drop alpha when it is all opaque.
+    if alpha and (fmt.has_palette or decoder.name == "gif") and array[..., 3].min() == 255:
+        array = np.ascontiguousarray(array[..., :3])
+    fps = float(rate) if rate and math.isfinite(float(rate)) and rate > 0 else DEFAULT_FPS
+    return Video(array, fps)
+
+
+def _decode(container, stream, decoder, max_frames: int | None) -> Iterator[av.VideoFrame]:
+    count = 0
+    for packet in container.demux(stream):
+        for frame in decoder.decode(packet):
+            yield frame
+            count += 1
+            if max_frames is not None and count >= max_frames:
+                return
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def as_uint8_frames(frames, name: str = "frames", channels: tuple[int, ...] = (3, 4)) -> np.ndarray:
+    """Convert uint8/float-in-[0,1] arrays or torch tensors ``[F, H, W, C]`` to uint8 numpy."""
+    if hasattr(frames, "detach"):  # torch tensor, without importing torch
+        frames = frames.detach().cpu().numpy()
+    frames = np.asarray(frames)
+    if frames.ndim == 3 and 1 in channels:
+        frames = frames[..., None]
+    ok = frames.ndim == 4 and frames.shape[-1] in channels and min(frames.shape) > 0
+    expect_shape(name, frames, f"[F, H, W, C] with C in {channels} and no empty axis", ok)
+    if frames.dtype == np.uint8:
+        return frames
+    if frames.dtype == np.bool_ or np.issubdtype(frames.dtype, np.floating):
+        return (np.clip(np.nan_to_num(frames.astype(np.float32)), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    raise LayerkitError(f"{name} have dtype {frames.dtype}, expected uint8 or float values in [0, 1].")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, overwrite: bool, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a hidden sibling path to write into; rename it onto ``path`` only on success."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise LayerkitError(f"output '{path}' already exists; pass overwrite=True to replace it.")
+        if path.is_dir() != is_dir:
+            kind = "a directory" if path.is_dir() else "a file"
+            raise LayerkitError(f"output '{path}' is {kind}; refusing to replace it with a different kind.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stem = path.name[: len(path.name) - len(path.suffix)] if path.suffix else path.name
+    tmp = path.with_name(f".{stem}.{os.getpid()}.partial{path.suffix}")
+    _remove(tmp)
+    try:
+        if is_dir:
+            tmp.mkdir()
+        yield tmp
+        if is_dir and path.is_dir():  # os.replace cannot overwrite a non-empty directory
+            old = path.with_name(f".{stem}.{os.getpid()}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_video(
+    path: str | os.PathLike, frames, fps: float = DEFAULT_FPS, *, overwrite: bool = False
+) -> Path:
+    """Write ``[F, H, W, 3|4]`` frames; the suffix picks the format.
+
+    ``.mp4`` H.264 (alpha dropped), ``.mov`` ProRes 4444 with alpha, ``.webm`` VP9 with
+    alpha, ``.gif``, ``.png`` (a single frame), no suffix: a directory of ``frame_00000.png``.
+    """
+    path = Path(path)
+    frames = as_uint8_frames(frames)
+    suffix = path.suffix.lower()
+    if suffix not in (*_CODECS, ".gif", ".png", ""):
+        raise LayerkitError(
+            f"cannot write '{path}': unsupported suffix, expected .mp4, .mov, .webm, .gif, .png or none (PNG directory)."
+        )
+    if suffix == ".png" and len(frames) != 1:
+        raise LayerkitError(
+            f"cannot write {len(frames)} frames to the single image '{path}'; use a directory path without suffix for a PNG sequence."
+        )
+    return _write(path, frames, fps, suffix or "dir", overwrite)
+
+
+def _write(path: Path, frames: np.ndarray, fps: float, kind: str, overwrite: bool) -> Path:
+    """Write uint8 frames as ``kind``: a codec suffix, ``.gif``, ``.png`` or ``dir`` (PNG sequence)."""
+    if not (isinstance(fps, numbers.Real) and math.isfinite(fps) and fps > 0):
+        raise LayerkitError(f"fps must be a positive number, got {fps!r}.")
+    fps = float(fps)
+    with atomic_output(path, overwrite=overwrite, is_dir=kind == "dir") as tmp:
+        if kind == "dir":
+            for i, frame in enumerate(frames):
+                Image.fromarray(frame).save(tmp / f"frame_{i:05d}.png")
+        elif kind == ".png":
+            Image.fromarray(frames[0]).save(tmp, format="PNG")
+        elif kind == ".gif":
+            images = [Image.fromarray(f) for f in frames]
+            gif = {"duration": round(1000 / fps), "loop": 0, "disposal": 2}
+            images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], **gif)
+        else:
+            try:
+                _encode_av(tmp, frames, fps, _CODECS[kind])
+            except av.FFmpegError as exc:
+                raise LayerkitError(
+                    f"could not encode '{path}' with {_CODECS[kind].name}: {exc.strerror or exc}."
+                ) from None
+    return path
+
+
+def _encode_av(path: Path, frames: np.ndarray, fps: float, codec: _Codec) -> None:
+    if not codec.alpha:
+        frames = frames[..., :3]
+    elif frames.shape[-1] == 3:  # opaque alpha for RGB input
+        frames = np.concatenate([frames, np.full(frames.shape[:-1] + (1,), 255, np.uint8)], axis=-1)
+    if codec.even:  # yuv420p needs even sizes: replicate the last row/column
+        pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec.name, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = codec.pix_fmt
+        stream.options = dict(codec.options)
+        fmt = "rgba" if frames.shape[-1] == 4 else "rgb24"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format=fmt)))
+        container.mux(stream.encode(None))
+
+
+def write_layers(
+    out_dir: str | os.PathLike,
+    layers: dict[str, np.ndarray],
+    fps: float = DEFAULT_FPS,
+    *,
+    rgba_format: str = "mov",
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Write each layer ``[F, H, W, 1|3|4]``: RGB/grey as ``<name>.mp4``, RGBA as ``<name>.<rgba_format>``.
+
+    ``rgba_format`` is ``mov`` (ProRes 4444), ``webm`` (VP9) or ``png`` (directory ``<name>_png``).
+    """
+    if rgba_format not in RGBA_FORMATS:
+        raise LayerkitError(f"rgba_format must be one of {', '.join(RGBA_FORMATS)}, got {rgba_format!r}.")
+    arrays: dict[str, np.ndarray] = {}
+    for name, frames in layers.items():  # validate everything before writing anything
+        if not name or name.startswith(".") or "/" in name or "\\" in name:
+            raise LayerkitError(f"layer name {name!r} is not a plain file name.")
+        array = as_uint8_frames(frames, f"layer '{name}'", channels=(1, 3, 4))
+        arrays[name] = np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array
+    written: dict[str, Path] = {}
+    for name, array in arrays.items():
+        kind = ".mp4" if array.shape[-1] == 3 else ("dir" if rgba_format == "png" else f".{rgba_format}")
+        target = Path(out_dir) / (f"{name}_png" if kind == "dir" else f"{name}{kind}")
+        written[name] = _write(target, array, fps, kind, overwrite)
+    return written

@@ -1,0 +1,83 @@
+"""The DataModule: a registered dataset, each sample passed through the controls' ``prepare``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+
+from layerkit.config import params
+from layerkit.errors import LayerkitError
+from layerkit.registry import Registry
+
+
+def default_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors of equal shape; keep everything else as a list (strings, metadata)."""
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if all(isinstance(v, torch.Tensor) for v in values):
+            shapes = {tuple(v.shape) for v in values}
+            if len(shapes) != 1:
+                raise LayerkitError(
+                    f"samples in one batch disagree on the shape of '{key}': {sorted(shapes)}; "
+                    "pad them to the layer capacity or use batch_size=1."
+                )
+            out[key] = torch.stack(values)
+        elif all(isinstance(v, bool | int | float) for v in values):
+            out[key] = torch.tensor(values)
+        else:
+            out[key] = values
+    return out
+
+
+class PreparedDataset(Dataset):
+    """Apply non-learned control preparation (``Control.prepare``) to each sample."""
+
+    def __init__(self, dataset: Dataset, prepares: list[Callable[[dict[str, Any]], dict[str, Any]]]) -> None:
+        self.dataset = dataset
+        self.prepares = prepares
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.dataset[index]
+        for prepare in self.prepares:
+            sample = prepare(sample)
+        return sample
+
+
+class LayerkitDataModule(L.LightningDataModule):
+    def __init__(self, cfg: DictConfig, registry: Registry, prepares: list[Callable] | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.dataset = registry.build("dataset", cfg.data.name, **params(cfg.data))
+        self.prepares = prepares or []
+        try:
+            self.size = len(self.dataset)
+        except TypeError:
+            self.size = None
+
+    def check(self) -> None:
+        """Read one sample now so a broken dataset fails before a run directory exists."""
+        if self.size == 0:
+            raise LayerkitError(f"dataset '{self.cfg.data.name}' is empty.")
+        _ = self.dataset[0]
+
+    def train_dataloader(self) -> DataLoader:
+        collate = getattr(self.dataset, "collate", None) or default_collate
+        workers = int(self.cfg.train.get("num_workers", 0))
+        return DataLoader(
+            PreparedDataset(self.dataset, self.prepares),
+            batch_size=int(self.cfg.train.batch_size),
+            shuffle=True,
+            num_workers=workers,
+            collate_fn=collate,
+            drop_last=self.size is not None and self.size >= int(self.cfg.train.batch_size),
+            persistent_workers=workers > 0,
+        )

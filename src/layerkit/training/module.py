@@ -1,0 +1,104 @@
+"""One LightningModule for every family: backbone + controls + adapters + task.
+
+The loss is the backbone's own diffusion objective (epsilon, v or sample prediction) on the
+generated parts only: given segments are never noised and never enter the loss.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerkit.pipeline import Parts, encode_packed, frame_mask, predict, trainable_names
+
+
+class LayerkitModule(L.LightningModule):
+    def __init__(self, parts: Parts, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.backbone = parts.backbone
+        self.controls = nn.ModuleDict(parts.controls)
+        self.adapters = nn.ModuleDict(parts.adapters)
+        self.task = parts.task
+        self.config = config
+        self.scheduler = parts.backbone.make_scheduler("train")
+        self.strict_loading = False  # checkpoints hold trainable weights only
+        train = config.get("train", {})
+        self.prompt_dropout = float(train.get("prompt_dropout", 0.0))
+
+    @property
+    def parts(self) -> Parts:
+        return Parts(self.backbone, self.task, dict(self.controls), dict(self.adapters))
+
+    # -- the objective ---------------------------------------------------------------------
+    def diffusion_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        packed = self.task.pack(batch, training=True)
+        with torch.no_grad():
+            latents, given, _ = encode_packed(self.backbone, packed)
+            prompts = packed.prompts
+            if self.prompt_dropout > 0:  # for classifier-free guidance at sampling
+                prompts = [["" if random.random() < self.prompt_dropout else p for p in row] for row in prompts]
+            cond = self.backbone.encode_prompt_blocks(prompts)
+        b = latents.shape[0]
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), device=latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        keep = frame_mask(given, latents)
+        noisy = torch.where(keep, latents, noisy)
+        output = predict(self.parts, packed, noisy, timesteps, cond)
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = self.scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = latents
+        weight = (~keep).to(output.dtype).expand_as(output)
+        denom = weight.sum().clamp_min(1.0)
+        return (F.mse_loss(output.float(), target.float(), reduction="none") * weight).sum() / denom
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=len(batch.get("prompt", [0])))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        optim = self.config.get("optim", {})
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        if not trainable:
+            from layerkit.errors import LayerkitError
+
+            raise LayerkitError(
+                "nothing to train: set 'trainable' patterns or add an adapter or control with weights."
+            )
+        return torch.optim.AdamW(
+            trainable,
+            lr=float(optim.get("lr", 1e-4)),
+            weight_decay=float(optim.get("weight_decay", 0.0)),
+            betas=tuple(optim.get("betas", (0.9, 0.999))),
+        )
+
+    # -- checkpoints hold the trainable weights, never the frozen base -----------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = set(trainable_names(self))
+        state = self.state_dict()
+        extra = {k for k in state if k.startswith(("controls.", "adapters."))}  # their buffers too
+        return {k: v for k, v in state.items() if k in names or k in extra}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()
+        checkpoint["layerkit_config"] = self.config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        own = self.state_dict()
+        unknown = [k for k in checkpoint["state_dict"] if k not in own]
+        if unknown:
+            from layerkit.errors import LayerkitError
+
+            raise LayerkitError(
+                f"the checkpoint holds {len(unknown)} weights this model does not have (first: {unknown[0]})."
+            )

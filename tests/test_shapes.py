@@ -1,0 +1,316 @@
+"""The shapes world: determinism, layout, compositing exactness and the analytic evaluator."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from layerkit.data.evaluate import (
+    alpha_iou,
+    alpha_temporal_error,
+    classify_colour,
+    classify_shape,
+    compositing_error,
+    estimate_direction,
+    evaluate_layered,
+    evaluate_rgba_video,
+    foreground_leak,
+    static_drift,
+    summarise,
+)
+from layerkit.data.shapes import (
+    COLOURS,
+    DIRECTIONS,
+    SHAPES,
+    ShapesConfig,
+    ShapesDataset,
+    collate_layered,
+    make_rgba_sprite_clip,
+    make_sample,
+    seed_for,
+    shape_area,
+)
+from layerkit.errors import LayerkitError, ShapeError
+
+PRED_KEYS = ("foreground_rgb", "foreground_alpha", "background", "blended")
+IMAGE_KEYS = ("layers_rgb", "layers_alpha", "blended", "foreground_rgb", "foreground_alpha", "background",
+              "layer_masks", "sketches")
+
+
+def _pred(sample):
+    return {k: sample[k].clone() for k in PRED_KEYS}
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def test_same_seed_same_sample_and_different_seed_differs():
+    cfg = ShapesConfig(num_sprites=2)
+    _assert_same(make_sample(7, cfg), make_sample(7, cfg))
+    _assert_same(make_rgba_sprite_clip(7), make_rgba_sprite_clip(7))
+    a, b = make_sample(7, cfg), make_sample(8, cfg)
+    assert not torch.equal(a["blended"], b["blended"])
+
+
+@pytest.mark.parametrize("cfg", [ShapesConfig(), ShapesConfig(num_sprites=3),
+                                 ShapesConfig(num_frames=5, height=24, width=40, num_sprites=2, num_points=6)])
+def test_every_key_has_its_shape_and_type(cfg):
+    s = make_sample(1, cfg)
+    n, f, h, w, p = 1 + cfg.num_sprites, cfg.num_frames, cfg.height, cfg.width, cfg.num_points
+    expected = {
+        "layers_rgb": (n, f, 3, h, w), "layers_alpha": (n, f, 1, h, w), "blended": (f, 3, h, w),
+        "foreground_rgb": (f, 3, h, w), "foreground_alpha": (f, 1, h, w), "background": (f, 3, h, w),
+        "layer_masks": (n, f, 1, h, w), "motion_scores": (n,), "trajectories": (n, f, p, 2),
+        "trajectory_visibility": (n, f, p), "sketches": (n, f, 1, h, w), "static": (n,),
+    }
+    for key, shape in expected.items():
+        assert tuple(s[key].shape) == shape, key
+        assert s[key].dtype == (torch.bool if key == "static" else torch.float32), key
+    assert len(s["prompts"]) == n and all(isinstance(t, str) for t in s["prompts"])
+    assert s["background_prompt"] == s["prompts"][0]
+    assert s["prompt"] == f"{s['foreground_prompt']} over {s['background_prompt']}"
+    assert s["foreground_prompt"] == " and ".join(s["prompts"][1:])
+    assert s["seed"] == 1 and len(s["meta"]["sprites"]) == cfg.num_sprites
+    for sp, prompt in zip(s["meta"]["sprites"], s["prompts"][1:]):
+        assert sp["shape"] in SHAPES and sp["colour"] in COLOURS and sp["direction"] in DIRECTIONS
+        assert prompt.startswith(f"a {sp['colour']} {sp['shape']}")
+
+
+def test_values_lie_in_range():
+    for seed in range(10):
+        s = make_sample(seed, ShapesConfig(num_sprites=3))
+        for key in IMAGE_KEYS:
+            assert s[key].min() >= 0 and s[key].max() <= 1, key
+        assert torch.all(s["layers_alpha"][0] == 1)
+        for key in ("layer_masks", "trajectory_visibility"):
+            assert set(s[key].unique().tolist()) <= {0.0, 1.0}, key
+        colours = [sp["colour"] for sp in s["meta"]["sprites"]]
+        assert len(set(colours)) == len(colours)
+        assert not set(colours) & set(s["meta"]["background"]["colours"])
+
+
+def test_compositing_is_exact():
+    for seed in range(10):
+        s = make_sample(seed, ShapesConfig(num_sprites=1 + seed % 3))
+        over = s["layers_rgb"][0]
+        for rgb, a in zip(s["layers_rgb"][1:], s["layers_alpha"][1:]):
+            over = rgb * a + over * (1 - a)
+        assert (over - s["blended"]).abs().max() < 1e-5
+        assert torch.equal(s["background"], s["layers_rgb"][0])
+        fa = s["foreground_alpha"]
+        assert torch.allclose(fa, 1 - torch.prod(1 - s["layers_alpha"][1:], 0), atol=1e-6)
+        recon = s["foreground_rgb"] * fa + s["background"] * (1 - fa)
+        assert (recon - s["blended"]).abs().max() < 1e-4
+        assert torch.all(s["foreground_rgb"].masked_select((fa == 0).expand_as(s["foreground_rgb"])) == 0.5)
+
+
+def test_layer_masks_partition_the_frame_and_follow_occlusion():
+    for seed in range(10):
+        s = make_sample(seed, ShapesConfig(num_sprites=3))
+        masks = s["layer_masks"]
+        assert torch.all(masks.sum(0) == 1)
+        top = s["layers_alpha"][-1] >= 0.5
+        assert torch.all(masks[-1][top] == 1)
+        for i in range(1, masks.shape[0]):
+            assert torch.all(s["layers_alpha"][i][masks[i] == 1] >= 0.5)
+
+
+def test_still_layers_have_zero_motion_and_identical_frames():
+    cfg = ShapesConfig(num_sprites=2, static_prob=1.0, background_static_prob=1.0)
+    for seed in range(5):
+        s = make_sample(seed, cfg)
+        assert torch.all(s["motion_scores"] == 0) and torch.all(s["static"])
+        for key in ("layers_rgb", "layers_alpha", "trajectories", "sketches"):
+            assert torch.equal(s[key], s[key][:, :1].expand_as(s[key])), key
+        assert static_drift(s["blended"]) == 0
+        assert all(p.endswith("still") for p in s["prompts"])
+    moving = make_sample(0, ShapesConfig(num_sprites=2, static_prob=0.0, background_static_prob=0.0))
+    assert torch.all(moving["motion_scores"] >= 0.5) and not torch.any(moving["static"])
+    assert "drifting" in moving["background_prompt"] and "moving" in moving["foreground_prompt"]
+
+
+def test_trajectories_follow_the_sprite_and_motion_scores_match():
+    xs, ys = torch.arange(32.0), torch.arange(32.0).view(32, 1)
+    checked = 0
+    for seed in range(20):
+        s = make_sample(seed, ShapesConfig(num_sprites=2))
+        traj = s["trajectories"]
+        for i in range(1, traj.shape[0]):
+            a = s["layers_alpha"][i, :, 0]
+            clear = (a[:, 0].sum(1) + a[:, -1].sum(1) + a[:, :, 0].sum(1) + a[:, :, -1].sum(1)) == 0
+            mass = a.sum((1, 2))
+            centroid = torch.stack([(a * xs).sum((1, 2)) / mass, (a * ys).sum((1, 2)) / mass], -1)
+            err = (centroid - traj[i, :, 0]).norm(dim=-1)
+            assert torch.all(err[clear] < 1.0)
+            checked += int(clear.sum())
+            steps = (traj[i, 1:] - traj[i, :-1]).norm(dim=-1).mean()
+            assert abs(steps.item() - s["motion_scores"][i].item()) < 1e-3
+            # tracked points lie on the sprite wherever they are visible and unoccluded
+            pts = traj[i].round().long()
+            visible = s["trajectory_visibility"][i] == 1
+            f = torch.arange(a.shape[0]).view(-1, 1).expand_as(visible)
+            on = s["layer_masks"][i, :, 0][f[visible], pts[..., 1][visible], pts[..., 0][visible]]
+            assert torch.all(on == 1)
+    assert checked > 100
+
+
+def test_background_points_move_with_the_texture():
+    for seed in range(40):
+        s = make_sample(seed)
+        traj, bg = s["trajectories"][0], s["background"]
+        steps = (traj[1:] - traj[:-1]).norm(dim=-1).mean()
+        assert abs(steps.item() - s["motion_scores"][0].item()) < 1e-3
+        if s["meta"]["background"]["kind"] == "gradient":  # smooth texture: bilinear look-up is accurate
+            f, _, h, w = bg.shape
+            grid = torch.stack([2 * traj[..., 0] / (w - 1) - 1, 2 * traj[..., 1] / (h - 1) - 1], -1).view(f, 1, -1, 2)
+            values = torch.nn.functional.grid_sample(bg, grid, align_corners=True)[:, :, 0]
+            assert (values - values[:1]).abs().max() < 0.02
+
+
+def test_sprites_stay_mostly_in_frame():
+    for seed in range(60):
+        cfg = ShapesConfig(num_sprites=1, static_prob=0.0, speed=(1.2, 1.5), sprite_size=(0.4, 0.45))
+        s = make_sample(seed, cfg)
+        sp = s["meta"]["sprites"][0]
+        visible = s["foreground_alpha"].sum((1, 2, 3)) / shape_area(sp["shape"], sp["size"])
+        assert visible.min() >= 0.7, (seed, visible.min())
+        assert visible.max() <= 1.02
+
+
+def test_splits_use_disjoint_seeds_and_dataset_is_deterministic():
+    seeds = {split: {seed_for(split, s, i) for s in range(3) for i in range(200)} for split in ("train", "val", "test")}
+    assert not seeds["train"] & seeds["val"] and not seeds["train"] & seeds["test"] and not seeds["val"] & seeds["test"]
+    assert len(seeds["train"]) == 600
+    cfg = ShapesConfig(num_frames=4, num_sprites=2)
+    train, val = ShapesDataset(5, seed=1, config=cfg), ShapesDataset(5, seed=1, config=cfg, split="val")
+    assert len(train) == 5
+    _assert_same(train[3], make_sample(seed_for("train", 1, 3), cfg))
+    _assert_same(train[-1], train[4])
+    assert not torch.equal(train[0]["blended"], val[0]["blended"])
+    with pytest.raises(IndexError):
+        train[5]
+    with pytest.raises(LayerkitError):
+        ShapesDataset(3, split="holdout")
+
+
+def test_collate_layered_stacks_tensors_and_keeps_text():
+    cfg = ShapesConfig(num_frames=4, num_sprites=2)
+    batch = collate_layered([make_sample(i, cfg) for i in range(3)])
+    assert batch["layers_rgb"].shape == (3, 3, 4, 3, 32, 32)
+    assert batch["static"].dtype == torch.bool and batch["seed"].tolist() == [0, 1, 2]
+    assert len(batch["prompts"]) == 3 and all(len(p) == 3 for p in batch["prompts"])
+    assert isinstance(batch["prompt"], list) and isinstance(batch["prompt"][0], str)
+    assert isinstance(batch["meta"], list) and len(batch["meta"]) == 3
+    loader = torch.utils.data.DataLoader(ShapesDataset(4, config=cfg), batch_size=2, collate_fn=collate_layered)
+    assert next(iter(loader))["blended"].shape == (2, 4, 3, 32, 32)
+    with pytest.raises(ShapeError):
+        collate_layered([make_sample(0, cfg), make_sample(0, ShapesConfig(num_frames=5))])
+
+
+def test_config_is_validated():
+    for bad in (ShapesConfig(num_sprites=4), ShapesConfig(num_sprites=0), ShapesConfig(speed=(2.0, 1.0)),
+                ShapesConfig(static_prob=1.5), ShapesConfig(height=4)):
+        with pytest.raises(LayerkitError):
+            make_sample(0, bad)
+
+
+def test_rgba_clip_matches_a_one_sprite_sample():
+    clip = make_rgba_sprite_clip(5, ShapesConfig(num_sprites=3))
+    sample = make_sample(5, ShapesConfig(num_sprites=1))
+    assert clip["rgba"].shape == (16, 4, 32, 32)
+    assert torch.equal(clip["rgba"][:, 3:], sample["foreground_alpha"])
+    assert clip["prompt"] == sample["foreground_prompt"] and clip["meta"]["shape"] == sample["meta"]["sprites"][0]["shape"]
+    alpha, rgb = clip["rgba"][:, 3], clip["rgba"][:, :3]
+    assert (alpha == 0).float().mean() > 0.5 and alpha.max() == 1
+    colour = torch.tensor(COLOURS[clip["meta"]["colour"]]).view(3, 1)
+    assert torch.allclose(rgb.permute(1, 0, 2, 3)[:, alpha > 0], colour.expand(3, int((alpha > 0).sum())), atol=1e-5)
+
+
+def test_evaluator_is_perfect_on_ground_truth():
+    rows, rgba_rows = [], []
+    for seed in range(40):
+        s = make_sample(seed)
+        rows.append(evaluate_layered(_pred(s), s))
+        clip = make_rgba_sprite_clip(seed)
+        rgba_rows.append(evaluate_rgba_video(clip["rgba"], clip))
+    m = summarise(rows)
+    assert m["alpha_iou"] == 1.0 and m["compositing_error"] < 1e-4 and m["background_leak"] == 0
+    assert m["background_static_drift"] == 0
+    for key in ("colour_correct", "shape_correct", "direction_correct"):
+        assert m[key] >= 0.95, (key, m[key])
+    r = summarise(rgba_rows)
+    assert r["alpha_iou"] == 1.0 and r["alpha_temporal_error"] < 0.02
+    assert r["colour_stability"] >= 0.95 and r["shape_stability"] >= 0.95 and r["identity_drift"] <= 0.05
+    for key in ("colour_correct", "shape_correct", "direction_correct"):
+        assert r[key] >= 0.95, (key, r[key])
+    multi = make_sample(3, ShapesConfig(num_sprites=3))
+    out = evaluate_layered(_pred(multi), multi)
+    assert out["alpha_iou"] == 1.0 and out["colour_correct"] >= 2 / 3 and "shape_correct" not in out
+
+
+def test_evaluator_scores_wrong_inputs_badly():
+    gen = torch.Generator().manual_seed(0)
+    wrong_colour = wrong_dir = 0
+    for seed in range(10):
+        s = make_sample(seed, ShapesConfig(static_prob=0.0, background_static_prob=1.0))
+        fa = s["foreground_alpha"]
+        shuffled = fa.flatten()[torch.randperm(fa.numel(), generator=gen)].view_as(fa)
+        assert alpha_iou(shuffled, fa) < 0.3
+        assert alpha_iou(torch.zeros_like(fa), fa) == 0.0
+        pred = _pred(s)
+        other = next(c for c in COLOURS if c != s["meta"]["sprites"][0]["colour"])
+        pred["foreground_rgb"] = torch.tensor(COLOURS[other]).view(1, 3, 1, 1).expand_as(pred["foreground_rgb"])
+        pred["foreground_alpha"] = fa.flip(0)  # runs backwards
+        pred["background"] = s["blended"].clone()  # foreground left in the background
+        out = evaluate_layered(pred, s)
+        wrong_colour += out["colour_correct"] == 0
+        wrong_dir += out["direction_correct"] == 0
+        assert out["background_leak"] > 0.05 and out["compositing_error"] > 1e-3
+    assert wrong_colour == 10 and wrong_dir == 10
+    blank = evaluate_layered({"foreground_alpha": torch.zeros_like(fa)}, s)
+    assert blank == {"alpha_iou": 0.0, "shape_correct": 0.0, "direction_correct": 0.0}
+
+
+def test_evaluator_parts():
+    s = make_sample(2, ShapesConfig(static_prob=0.0))
+    sp = s["meta"]["sprites"][0]
+    fa, rgb = s["foreground_alpha"], s["foreground_rgb"]
+    assert classify_colour(rgb, fa) == sp["colour"]
+    assert classify_shape(fa) == sp["shape"] and classify_shape(torch.zeros_like(fa)) == "unknown"
+    assert estimate_direction(fa) == sp["direction"] and estimate_direction(fa[:1].expand_as(fa)) == "still"
+    assert compositing_error(rgb, fa, s["background"], s["blended"]) < 1e-4
+    assert foreground_leak(s["background"], fa, s["background"]) == 0.0
+    assert foreground_leak(s["blended"], fa, s["background"]) > 0.05
+    assert static_drift(s["layers_alpha"][1]) > 0
+    flicker = fa.clone()
+    flicker[::2] = 0
+    assert alpha_temporal_error(flicker) > 10 * alpha_temporal_error(fa)
+    noisy = torch.cat([rgb, fa], 1)
+    noisy[::2, :3] = torch.tensor(COLOURS["cyan" if sp["colour"] != "cyan" else "red"]).view(1, 3, 1, 1)
+    assert evaluate_rgba_video(noisy, sp)["colour_stability"] <= 0.5 + 1e-6
+    with pytest.raises(ShapeError):
+        alpha_iou(fa, fa[:, :, :16])
+    with pytest.raises(ShapeError):
+        evaluate_rgba_video(rgb)
+    with pytest.raises(ShapeError):
+        evaluate_layered({"foreground_alpha": fa[:4]}, s)
+    assert summarise([{"a": 1.0}, {"a": 3.0, "b": 2.0}]) == {"a": 2.0, "b": 2.0}
+
+
+def test_make_sample_is_fast():
+    cfg = ShapesConfig(num_sprites=2)
+    make_sample(0, cfg)
+    times = []
+    for seed in range(20):
+        start = time.perf_counter()
+        make_sample(seed, cfg)
+        times.append(time.perf_counter() - start)
+    assert sorted(times)[len(times) // 2] < 0.020
