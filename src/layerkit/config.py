@@ -115,10 +115,17 @@ def _one_line(exc: BaseException) -> str:
     if not lines:
         return f"the configuration could not be composed ({type(exc).__name__})."
     head = lines[0]
+    if head.startswith("Could not override") and len(lines) > 1:
+        head = f"{head.rstrip('.')}: {lines[-1]}"
     # Hydra lists the available options on the following lines: keep them on one line.
-    options = [line for line in lines[1:] if not line.lower().startswith(("config search path", "in '", "available options"))]
-    if "Could not find" in head or "Could not load" in head:
-        if options:
-            head = f"{head.rstrip('.')}; available: {', '.join(o.strip() for o in options)}"
+    options = []
+    for line in lines[1:]:
+        low = line.lower()
+        if low.startswith("config search path"):
+            break
+        if not low.startswith(("in '", "available options")):
+            options.append(line)
+    if ("Could not find" in head or "Could not load" in head) and options:
+        head = f"{head.rstrip('.')}; available: {', '.join(o.strip() for o in options)}"
     head = head if head.endswith(".") else head + "."
     return head

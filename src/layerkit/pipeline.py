@@ -54,6 +54,16 @@ def build_parts(cfg: DictConfig, registry: Registry, *, training: bool) -> Parts
     return Parts(backbone, task, controls, adapters)
 
 
+def add_control_inputs(packed: Packed, batch: dict[str, Any], controls: dict[str, Control]) -> Packed:
+    """Copy the batch keys each control reads into ``packed.extras``."""
+    for name, control in controls.items():
+        for key in control.inputs:
+            if key not in batch:
+                raise LayerkitError(f"control '{name}' needs '{key}' in the batch; the dataset or task does not provide it.")
+            packed.extras[key] = batch[key]
+    return packed
+
+
 def trainable_names(root: nn.Module) -> list[str]:
     return [n for n, p in root.named_parameters() if p.requires_grad]
 

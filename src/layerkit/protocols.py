@@ -278,6 +278,8 @@ class Control(nn.Module):
     fusing it read from ``StepContext.controls[name]``)."""
 
     name: str = "control"
+    #: batch keys (after ``prepare``) the core copies into ``Packed.extras`` for ``forward``
+    inputs: tuple[str, ...] = ()
 
     def prepare(self, sample: dict[str, Any]) -> dict[str, Any]:
         return sample
@@ -340,8 +342,9 @@ class Task:
     def pack(self, batch: dict[str, Any], *, training: bool) -> Packed:
         raise NotImplementedError
 
-    def sample_inputs(self, inputs: dict[str, Any], *, height: int, width: int, num_frames: int) -> dict[str, Any]:
-        """Build a batch for sampling from user inputs (prompts, files)."""
+    def sample_inputs(self, inputs: dict[str, Any], *, height: int, width: int, num_frames: int) -> list[dict[str, Any]]:
+        """Samples for sampling, built from user inputs (prompts, files); the core runs the
+        controls' ``prepare`` on each and collates them like training samples."""
         raise NotImplementedError
 
     def unpack(self, decoded: dict[str, torch.Tensor], batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:

@@ -105,7 +105,10 @@ class Registry:
                 version=dist.version if dist is not None else None,
                 module=ep.value,
             )
-            if ep.name in self.plugins:
+            if ep.name in self.plugins:  # two packages claim one name: keep the first, report the second
+                first = self.plugins[ep.name].distribution
+                info.name = f"{ep.name} ({info.distribution})"
+                self._fail(info, LayerkitError(f"plugin name '{ep.name}' is already used by '{first}'"))
                 continue
             try:
                 module = ep.load()
@@ -121,6 +124,10 @@ class Registry:
         self.plugins[name] = info
         try:
             self.pm.register(plugin, name=name)
+            unknown = [c.name for c in (self.pm.get_hookcallers(plugin) or []) if not c.has_spec()]
+            if unknown:
+                known = ", ".join([*KINDS.values(), "register_config_dirs"])
+                raise LayerkitError(f"plugin '{name}' implements unknown hooks {unknown}; hooks are {known}.")
         except Exception as exc:
             self._fail(info, exc)
             return info
@@ -143,8 +150,10 @@ class Registry:
                 return
 
     def _fail(self, info: PluginInfo, exc: BaseException) -> None:
-        info.error = f"{type(exc).__name__}: {exc}"
+        info.error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
         self.plugins[info.name] = info
+        if self.pm.has_plugin(info.name):
+            self.pm.unregister(name=info.name)
         # roll back what this plugin registered before failing
         for kind in KINDS:
             for comp_name in list(info.components.get(kind, [])):

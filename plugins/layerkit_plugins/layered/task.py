@@ -92,25 +92,27 @@ class LayeredTask(Task):
         return texts
 
     # -- sampling inputs ----------------------------------------------------------------------
-    def sample_inputs(self, inputs: dict[str, Any], *, height: int, width: int, num_frames: int) -> dict[str, Any]:
-        """Prompts and given videos from the user; what is left out comes from held-out shapes samples."""
+    def sample_inputs(self, inputs: dict[str, Any], *, height: int, width: int, num_frames: int) -> list[dict[str, Any]]:
+        """One sample per output: prompts and given videos from the user; what the user leaves
+        out comes from held-out shapes-world samples (whose ground truth the evaluator uses)."""
         from layerkit.data.shapes import ShapesConfig, make_sample, seed_for
 
         n = int(inputs.get("num_samples", self.num_samples))
         seed = int(inputs.get("seed", self.default_seed))
-        truth = [make_sample(seed_for("test", seed, i), ShapesConfig(num_frames=num_frames, height=height, width=width))
-                 for i in range(n)]
-        batch: dict[str, Any] = {key: [inputs.get(key) or t[key] for t in truth] for key in PROMPT_KEYS}
+        config = ShapesConfig(num_frames=num_frames, height=height, width=width)
+        samples = [make_sample(seed_for("test", seed, i), config) for i in range(n)]
         user_files = {k: inputs.get(k) for k in ("foreground", "alpha", "background", "blended") if inputs.get(k)}
-        if user_files:
-            batch.update(self._read_inputs(user_files, n, height, width, num_frames))
-        else:
-            batch["ground_truth"] = truth
-            for key in ("foreground_rgb", "foreground_alpha", "background", "blended"):
-                batch[key] = torch.stack([t[key] for t in truth])
-        return batch
+        videos = self._read_inputs(user_files, height, width, num_frames) if user_files else {}
+        out = []
+        for sample in samples:
+            if not user_files:
+                sample["ground_truth"] = dict(sample)
+            sample.update(videos)
+            sample.update({key: inputs[key] for key in PROMPT_KEYS if inputs.get(key)})
+            out.append(sample)
+        return out
 
-    def _read_inputs(self, files: dict[str, str], n: int, height: int, width: int, num_frames: int) -> dict[str, Any]:
+    def _read_inputs(self, files: dict[str, str], height: int, width: int, num_frames: int) -> dict[str, Any]:
         from layerkit.io.video import read_video
 
         out: dict[str, torch.Tensor] = {}
@@ -132,7 +134,7 @@ class LayeredTask(Task):
                 out[key] = frames[:, :3].clamp(0, 1)
         if "foreground_rgb" in out and "foreground_alpha" not in out:
             raise LayerkitError("the foreground input has no alpha channel; give an RGBA video or an 'alpha' video.")
-        return {k: v.unsqueeze(0).expand(n, *v.shape).contiguous() for k, v in out.items()}
+        return out
 
     # -- outputs ------------------------------------------------------------------------------
     def unpack(self, decoded: dict[str, torch.Tensor], batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:

@@ -47,7 +47,7 @@ class LoRAAdapter(Adapter):
         self.dropout, self.trainable, self.scale = float(dropout), bool(trainable), float(scale)
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._layers: list[nn.Module] = []
-        self._denoiser: nn.Module | None = None
+        self.__dict__["_denoiser"] = None
 
     def attach(self, backbone: Backbone) -> None:
         from peft import LoraConfig, inject_adapter_in_model
@@ -67,7 +67,7 @@ class LoRAAdapter(Adapter):
             base = layer.scaling[self.name]
             self._hooks.append(layer.register_forward_pre_hook(self._scaler(context, base)))
         self._fix_requires_grad(denoiser)
-        self._denoiser = denoiser
+        self.__dict__["_denoiser"] = denoiser  # a reference, not a submodule (no duplicate weights)
         self.attached = True
 
     def _scaler(self, context, base: float):

@@ -49,8 +49,9 @@ def sample(overrides: Sequence[str], *, registry: Registry | None = None) -> Pat
     """Run one sampling job; returns the output directory."""
     from layerkit.io.preview import write_preview_sheet
     from layerkit.io.video import write_layers
-    from layerkit.pipeline import build_parts, load_trainable_state
+    from layerkit.pipeline import add_control_inputs, build_parts, load_trainable_state
     from layerkit.sampling.loop import SamplerOptions, denoise, split_segments
+    from layerkit.training.data import default_collate
 
     registry = registry or get_registry()
     cfg = compose("sample", overrides, registry)
@@ -66,10 +67,13 @@ def sample(overrides: Sequence[str], *, registry: Registry | None = None) -> Pat
     container = Container(parts)
     if cfg.get("weights"):
         load_trainable_state(container, cfg.weights, allow_pickle=bool(cfg.get("allow_pickle", False)))
-    batch = parts.task.sample_inputs(
+    samples = parts.task.sample_inputs(
         params(cfg.inputs), height=int(s.height), width=int(s.width), num_frames=int(s.num_frames)
     )
-    packed = parts.task.pack(batch, training=False)
+    for control in parts.controls.values():
+        samples = [control.prepare(sample) for sample in samples]
+    batch = default_collate(samples)
+    packed = add_control_inputs(parts.task.pack(batch, training=False), batch, parts.controls)
     container.eval().to(dtype=DTYPES[cfg.dtype])
     memory = {k: bool(v) for k, v in params(cfg.memory).items()}
     if memory.get("cpu_offload"):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerkit.pipeline import Parts, encode_packed, frame_mask, predict, trainable_names
+from layerkit.pipeline import Parts, add_control_inputs, encode_packed, frame_mask, predict, trainable_names
 
 
 class LayerkitModule(L.LightningModule):
@@ -36,13 +36,13 @@ class LayerkitModule(L.LightningModule):
 
     # -- the objective ---------------------------------------------------------------------
     def diffusion_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        packed = self.task.pack(batch, training=True)
+        packed = add_control_inputs(self.task.pack(batch, training=True), batch, dict(self.controls))
         with torch.no_grad():
             latents, given, _ = encode_packed(self.backbone, packed)
-            prompts = packed.prompts
-            if self.prompt_dropout > 0:  # for classifier-free guidance at sampling
-                prompts = [["" if random.random() < self.prompt_dropout else p for p in row] for row in prompts]
-            cond = self.backbone.encode_prompt_blocks(prompts)
+        prompts = packed.prompts
+        if self.prompt_dropout > 0:  # for classifier-free guidance at sampling
+            prompts = [["" if random.random() < self.prompt_dropout else p for p in row] for row in prompts]
+        cond = self.backbone.encode_prompt_blocks(prompts)  # a frozen encoder records no graph
         b = latents.shape[0]
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), device=latents.device)

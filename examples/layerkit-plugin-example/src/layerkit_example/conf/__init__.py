@@ -1,0 +1,1 @@
+"""Hydra configs of the example plugin (``pkg://layerkit_example.conf``)."""

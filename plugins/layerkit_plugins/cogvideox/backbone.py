@@ -1,0 +1,328 @@
+"""``cogvideox``: CogVideoX (diffusers) as a layerkit backbone.
+
+Parts: ``CogVideoXTransformer3DModel`` (denoiser), ``AutoencoderKLCogVideoX`` (3D causal VAE,
+8x spatial and 4x temporal compression, latents x ``scaling_factor`` 1.15258426), T5 encoder and
+tokenizer, ``CogVideoXDDIMScheduler`` (training, ``ddim``) and ``CogVideoXDPMScheduler``
+(``dpm``); v-prediction with zero terminal SNR.
+
+Loads a local diffusers-format directory (``transformer/ vae/ text_encoder/ tokenizer/
+scheduler/``) or, with ``tiny=True``, builds a seeded tiny model on the spot (tests, CPU).
+
+Layout: layerkit latents are [B, C, f, h, w]; diffusers' CogVideoX works in [B, F, C, H, W].
+Noise and the DPM scheduler's own noise are drawn in diffusers' layout, so a seed gives the
+same sample as ``CogVideoXPipeline``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from layerkit.errors import LayerkitError
+from layerkit.protocols import Backbone
+
+SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+#: CogVideoX-2B's scheduler_config.json (v-prediction, zero terminal SNR, SNR shift 3)
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                        prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                        clip_sample=False, set_alpha_to_one=True, snr_shift_scale=3.0, steps_offset=0)
+#: words of the shapes world (and LayerFlow's "index, " prefixes) for the tiny tokenizer
+TINY_WORDS = ("a an and over moving standing still drifting left right up down , . 0 1 2 3 "
+              "circle square triangle cross red green blue yellow magenta cyan white black "
+              "stripes gradient checker dots video background foreground scene")
+
+
+# ----------------------------------------------------------------------------------------
+# tiny components (tests, laptops): built from configs, no download
+# ----------------------------------------------------------------------------------------
+def tiny_tokenizer():
+    """A T5 (Unigram) tokenizer over the shapes-world words plus single characters, built offline."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + w, -1.0) for w in TINY_WORDS.split()]
+    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789,.'-"]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def tiny_components(seed: int = 0, layers: int = 12, rotary: bool = False, text_tokens: int = 16,
+                    sample_size: int = 32) -> dict[str, Any]:
+    """Seeded tiny transformer (hidden 32), VAE (4 latent channels), T5 encoder, tokenizer, scheduler."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
+            text_embed_dim=32, num_layers=layers, sample_width=sample_size // 8, sample_height=sample_size // 8,
+            sample_frames=9, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=text_tokens,
+            use_rotary_positional_embeddings=rotary,
+        )
+        vae = AutoencoderKLCogVideoX(
+            in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+            up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+            layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+            sample_height=sample_size, sample_width=sample_size,
+        )
+        config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                          relative_attention_num_buckets=8, dropout_rate=0.0, is_encoder_decoder=False,
+                          use_cache=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        text_encoder = T5EncoderModel(config)
+    scheduler = CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)
+    return {"transformer": transformer.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval(),
+            "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def save_components(components: dict[str, Any], directory: str | os.PathLike) -> Path:
+    """Write components as a diffusers-format directory (one subfolder each)."""
+    directory = Path(directory)
+    for name in SUBFOLDERS:
+        components[name].save_pretrained(str(directory / name))
+    return directory
+
+
+def load_components(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Components from a local diffusers-format CogVideoX directory (e.g. THUDM/CogVideoX-2b)."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    root = Path(str(path))
+    if str(path) in ("???", "", "None") or not root.is_dir():
+        raise LayerkitError(
+            f"CogVideoX path '{path}' is not a directory; set backbone.path to a local diffusers-format "
+            f"CogVideoX directory (with {', '.join(s + '/' for s in SUBFOLDERS)}) or use backbone=cogvideox_tiny."
+        )
+    missing = [s for s in SUBFOLDERS if not (root / s).is_dir()]
+    if missing:
+        raise LayerkitError(
+            f"CogVideoX directory '{root}' lacks the subfolder(s) {', '.join(s + '/' for s in missing)}; "
+            f"a diffusers-format checkpoint has {', '.join(s + '/' for s in SUBFOLDERS)}."
+        )
+    try:
+        return {
+            "transformer": CogVideoXTransformer3DModel.from_pretrained(str(root / "transformer"), torch_dtype=dtype),
+            "vae": AutoencoderKLCogVideoX.from_pretrained(str(root / "vae"), torch_dtype=dtype),
+            "text_encoder": T5EncoderModel.from_pretrained(str(root / "text_encoder"), dtype=dtype),
+            "tokenizer": AutoTokenizer.from_pretrained(str(root / "tokenizer")),
+            "scheduler": CogVideoXDDIMScheduler.from_pretrained(str(root / "scheduler")),
+        }
+    except (OSError, ValueError, KeyError) as exc:
+        raise LayerkitError(f"CogVideoX directory '{root}' could not be loaded: {type(exc).__name__}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------
+# the backbone
+# ----------------------------------------------------------------------------------------
+class CogVideoX(Backbone):
+    """CogVideoX-2B/5B text-to-video. ``predict`` takes several prompt blocks (LayerFlow)."""
+
+    memory_options = frozenset({"cpu_offload", "vae_tiling", "vae_slicing"})
+    lora_prefix = "transformer"
+
+    def __init__(self, path: str | None = None, tiny: bool = False, seed: int = 0, dtype: str = "fp32",
+                 max_text_tokens: int | None = None, sampler: str = "dpm", tiny_layers: int = 12,
+                 tiny_rotary: bool = False, gradient_checkpointing: bool = False,
+                 denoiser_weights: Sequence[str | None] | None = None) -> None:
+        super().__init__()
+        if dtype not in DTYPES:
+            raise LayerkitError(f"backbone dtype '{dtype}' is not one of {sorted(DTYPES)}.")
+        if tiny and path not in (None, "", "???"):
+            raise LayerkitError("backbone 'cogvideox' takes either tiny=true or a path, not both.")
+        parts = tiny_components(seed, layers=tiny_layers, rotary=tiny_rotary) if tiny else \
+            load_components(path, DTYPES[dtype])
+        self.setup(parts, max_text_tokens=max_text_tokens, sampler=sampler)
+        if gradient_checkpointing:
+            self.denoiser.enable_gradient_checkpointing()
+        self.load_denoiser_weights([w for w in (denoiser_weights or []) if w])
+
+    def setup(self, parts: dict[str, Any], *, max_text_tokens: int | None = None, sampler: str = "dpm") -> None:
+        transformer = parts["transformer"]
+        if transformer.config.in_channels != parts["vae"].config.latent_channels:
+            raise LayerkitError(
+                f"this CogVideoX transformer takes {transformer.config.in_channels} input channels but the VAE has "
+                f"{parts['vae'].config.latent_channels}: image-to-video checkpoints are not supported."
+            )
+        self.denoiser = transformer
+        self.vae = parts["vae"]
+        self.text_encoder = parts["text_encoder"]
+        self.tokenizer = parts["tokenizer"]
+        self.scheduler_config = dict(parts["scheduler"].config)
+        self.latent_channels = int(transformer.config.in_channels)
+        self.spatial_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.temporal_factor = int(self.vae.config.temporal_compression_ratio)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.max_text_tokens = int(max_text_tokens or transformer.config.max_text_seq_length)
+        self.sampler = sampler
+        self._position_tables: dict[tuple[int, str], torch.Tensor] = {}
+        self.requires_grad_(False)
+
+    def load_denoiser_weights(self, paths: Sequence[str]) -> None:
+        """Load ``backbone.denoiser.*`` weights of earlier training stages (e.g. LayerFlow stage 1's
+        fine-tuned blocks) over the base transformer. LoRA and adapter weights are left to ``init_from``."""
+        from layerkit.io.weights import load_weights
+
+        own = self.denoiser.state_dict()
+        for path in paths:
+            prefix = "backbone.denoiser."
+            state = {k[len(prefix):]: v for k, v in load_weights(path).items()
+                     if k.startswith(prefix) and ".lora_" not in k}
+            unknown = [k for k in state if k not in own]
+            if unknown:
+                raise LayerkitError(f"denoiser weights '{path}' hold {len(unknown)} keys this transformer does "
+                                    f"not have (first: {unknown[0]}).")
+            self.denoiser.load_state_dict(state, strict=False)
+
+    # -- schedule --------------------------------------------------------------------------
+    def make_scheduler(self, kind: str = "train", name: str | None = None):
+        from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+
+        if kind == "train":
+            return CogVideoXDDIMScheduler.from_config(self.scheduler_config)
+        name = name or self.sampler
+        if name == "ddim":
+            return CogVideoXDDIMScheduler.from_config(self.scheduler_config)
+        if name == "dpm":
+            return CogVideoXDPMScheduler.from_config(self.scheduler_config)
+        raise LayerkitError(f"cogvideox has no sampler '{name}'; use dpm (CogVideoXDPMScheduler) or ddim.")
+
+    def scheduler_step(self, scheduler, model_output, t, sample, state, generator=None):
+        from diffusers import CogVideoXDPMScheduler
+
+        if not isinstance(scheduler, CogVideoXDPMScheduler):
+            return super().scheduler_step(scheduler, model_output, t, sample, state, generator)
+        # the DPM step needs the previous x0 prediction and timestep, and draws noise in [B, F, C, H, W]
+        i, timesteps = state["step"], state["timesteps"]
+        back = timesteps[i - 1] if i > 0 else None
+        prev, state["old_pred_original_sample"] = scheduler.step(
+            model_output.permute(0, 2, 1, 3, 4), state.get("old_pred_original_sample"), t, back,
+            sample.permute(0, 2, 1, 3, 4), generator=generator, return_dict=False,
+        )
+        return prev.permute(0, 2, 1, 3, 4)
+
+    def prepare_noise(self, shape, generator, device, dtype):
+        from diffusers.utils.torch_utils import randn_tensor
+
+        b, c, f, h, w = shape
+        return randn_tensor((b, f, c, h, w), generator=generator, device=device, dtype=dtype).permute(0, 2, 1, 3, 4)
+
+    # -- latent space ----------------------------------------------------------------------
+    def latent_frames(self, num_frames: int) -> int:
+        return (num_frames - 1) // self.temporal_factor + 1
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.spatial_factor, width // self.spatial_factor
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, F, 3, H, W] in [-1, 1] -> [B, C, f, h, w] x scaling_factor (a posterior sample in
+        training, its mode otherwise)."""
+        x = video.permute(0, 2, 1, 3, 4).to(self.vae.dtype)
+        dist = self.vae.encode(x).latent_dist
+        latents = (dist.sample() if self.training else dist.mode()) * self.scaling_factor
+        expected = self.latent_frames(video.shape[1])
+        if latents.shape[2] != expected:
+            raise LayerkitError(
+                f"the CogVideoX VAE encoded {video.shape[1]} frames into {latents.shape[2]} latent frames, not "
+                f"{expected}; use 1, 8k or 8k+1 frames per clip."
+            )
+        return latents
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        frames = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample  # [B, 3, F, H, W]
+        return frames.permute(0, 2, 1, 3, 4)
+
+    # -- conditioning ----------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """T5 as in ``CogVideoXPipeline._get_t5_prompt_embeds``: [B] -> ``prompt_embeds`` [B, L, D]."""
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_text_tokens, truncation=True,
+                             add_special_tokens=True, return_tensors="pt").input_ids
+        device = next(self.text_encoder.parameters()).device
+        embeds = self.text_encoder(ids.to(device))[0]
+        return {"prompt_embeds": embeds.to(self.denoiser.dtype)}
+
+    # -- the denoiser ----------------------------------------------------------------------
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        """[B, C, f, h, w] -> model output (v) [B, C, f, h, w]. ``cond``: ``prompt_embeds`` [B, K*L, D]
+        and optionally ``prompt_block_index`` [K*L], published to adapters in ``context.extras``."""
+        config = self.denoiser.config
+        _, _, f, h, w = noisy.shape
+        if config.patch_size_t is not None and f % config.patch_size_t:
+            raise LayerkitError(f"this CogVideoX transformer needs a multiple of {config.patch_size_t} latent frames; got {f}.")
+        text = cond["prompt_embeds"].to(noisy.dtype)
+        rotary = self.rotary_embedding(f, h, w, noisy.device) if config.use_rotary_positional_embeddings else None
+        with self.text_positions(text.shape[1], noisy.device), self.publish(cond):
+            out = self.denoiser(hidden_states=noisy.permute(0, 2, 1, 3, 4), encoder_hidden_states=text,
+                                timestep=timesteps, image_rotary_emb=rotary, return_dict=False)[0]
+        return out.permute(0, 2, 1, 3, 4)
+
+    @contextlib.contextmanager
+    def publish(self, cond: dict[str, Any]) -> Iterator[None]:
+        """Expose ``prompt_block_index`` to adapters (LayerFlow's layer embedding) for one call."""
+        index = cond.get("prompt_block_index")
+        saved = self.context.extras
+        if index is not None:
+            self.context.extras = {**saved, "prompt_block_index": index}
+        try:
+            yield
+        finally:
+            self.context.extras = saved
+
+    @contextlib.contextmanager
+    def text_positions(self, text_length: int, device: torch.device) -> Iterator[None]:
+        """CogVideoX-2B's sincos table spans ``max_text_seq_length`` (226) text tokens, all zero,
+        then the video patches. With K prompt blocks the text is K*L tokens: use a table with
+        K*L zero text rows, so every video patch keeps its position (as LayerFlow does)."""
+        embed = self.denoiser.patch_embed
+        if not embed.use_positional_embeddings or text_length == embed.max_text_seq_length:
+            yield
+            return
+        if embed.use_learned_positional_embeddings:
+            raise LayerkitError(f"this CogVideoX transformer has learned positions for {embed.max_text_seq_length} "
+                                f"text tokens; it cannot take {text_length}.")
+        key = (text_length, str(device))
+        saved = embed.max_text_seq_length, embed.pos_embedding
+        embed.max_text_seq_length = text_length
+        if key not in self._position_tables:
+            self._position_tables[key] = embed._get_positional_embeddings(
+                embed.sample_height, embed.sample_width, embed.sample_frames, device=device)
+        embed.pos_embedding = self._position_tables[key]
+        try:
+            yield
+        finally:
+            embed.max_text_seq_length, embed.pos_embedding = saved
+
+    def rotary_embedding(self, f: int, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``CogVideoXPipeline._prepare_rotary_positional_embeddings`` for latents of f x h x w."""
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+        from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+        config = self.denoiser.config
+        p, p_t = config.patch_size, config.patch_size_t
+        grid_h, grid_w = h // p, w // p
+        base_w, base_h = config.sample_width // p, config.sample_height // p
+        if p_t is None:
+            crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
+            return get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=crops,
+                                           grid_size=(grid_h, grid_w), temporal_size=f, device=device)
+        return get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=None,
+                                       grid_size=(grid_h, grid_w), temporal_size=(f + p_t - 1) // p_t,
+                                       grid_type="slice", max_size=(base_h, base_w), device=device)
+
+    # -- memory ----------------------------------------------------------------------------
+    def components_for_offload(self) -> list[nn.Module]:
+        return [self.text_encoder, self.denoiser, self.vae]
+
+    def enable_vae_tiling(self) -> None:
+        self.vae.enable_tiling()
+
+    def enable_vae_slicing(self) -> None:
+        self.vae.enable_slicing()

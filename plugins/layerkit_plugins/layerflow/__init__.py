@@ -1,0 +1,32 @@
+"""LayerFlow (Ji et al. 2025): layered video as sub-clips in time, layer embeddings on the
+per-layer prompts, and a three-stage Motion LoRA / Content LoRA training scheme."""
+
+from __future__ import annotations
+
+from layerkit import hookimpl
+
+MODES = ("generate", "decompose", "fg2bg", "bg2fg")
+
+
+@hookimpl
+def register_tasks(register):
+    for mode in MODES:
+        register(f"layerflow.{mode}", f"layerkit_plugins.layerflow.task:{mode}_task",
+                 description=f"LayerFlow {mode}: [foreground, alpha, background, blended] sub-clips, indexed prompts")
+
+
+@hookimpl
+def register_adapters(register):
+    register("layerflow.layer_embedding", "layerkit_plugins.layerflow.adapter:LayerEmbedding",
+             description="learnable Linear(1 -> D) + LayerNorm of the prompt-block index, added to the projected text tokens")
+
+
+@hookimpl
+def register_datasets(register):
+    register("layerflow.mixture", "layerkit_plugins.layerflow.data:LayerFlowMixture",
+             description="shapes-world clips for LayerFlow stages 2-3: frozen (is_static) and dynamic, optionally copy-pasted")
+
+
+@hookimpl
+def register_config_dirs(register):
+    register("pkg://layerkit_plugins.layerflow.conf")

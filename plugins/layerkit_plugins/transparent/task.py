@@ -1,0 +1,176 @@
+"""Transparent video tasks (Layer-Animate, seed 003): ``transparent.i2v`` and ``transparent.t2v``.
+
+A sample is one RGBA clip ``rgba`` [B, F, 4, H, W] in [0, 1] (straight alpha) and its prompt.
+Frames travel to the backbone as 4-channel segments (straight RGB and alpha, both in
+[-1, 1]); the backbone's LayerDiffuse offset encoder turns them into transparent latents.
+
+i2v packs the clip as three segments in time order, ``before`` (frames 0..m-1),
+``reference`` (frame m) and ``after`` (frames m+1..F-1), with only ``reference`` given. A
+Packed marks whole segments as given, so the cut puts exactly one frame in the given
+segment: it is never noised, re-imposed at every sampling step and left out of the loss,
+while the concatenated latents are still the whole clip in order (AnimateDiff has no
+temporal compression, so encoding three pieces equals encoding the clip). ``extras``
+carries ``reference_frame`` = m for the Inter-Frame Attention adapter. At sampling the
+reference is the user's RGBA image (stage 1 of the paper, e.g. from LayerDiffuse).
+
+t2v packs one generated segment; the adapter still reads the middle frame's keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from layerkit.errors import LayerkitError
+from layerkit.protocols import Packed, Segment, Task
+from layerkit_plugins.transparent.inter_frame import reference_frame
+
+
+class TransparentTask(Task):
+    sample_keys = ("rgba", "prompt")
+
+    def __init__(self, mode: str = "i2v", reference: int | None = None, default_seed: int = 0,
+                 num_samples: int = 1) -> None:
+        if mode not in ("i2v", "t2v"):
+            raise LayerkitError(f"unknown transparent mode '{mode}'; modes are i2v, t2v.")
+        self.mode, self.reference = mode, reference
+        self.name = f"transparent.{mode}"
+        self.default_seed, self.num_samples = default_seed, num_samples
+
+    def reference_index(self, num_frames: int) -> int:
+        m = reference_frame(num_frames) if self.reference is None else int(self.reference)
+        if not 0 <= m < num_frames:
+            raise LayerkitError(f"reference frame {m} is outside a clip of {num_frames} frames.")
+        return m
+
+    # -- packing ----------------------------------------------------------------------------
+    def pack(self, batch: dict[str, Any], *, training: bool) -> Packed:
+        rgba = batch.get("rgba")
+        if rgba is not None:
+            if rgba.dim() != 5 or rgba.shape[2] != 4:
+                raise LayerkitError(f"'rgba' must be [B, F, 4, H, W]; got {tuple(rgba.shape)}.")
+            b, f, _, h, w = rgba.shape
+            video: torch.Tensor | None = rgba.float() * 2 - 1
+        else:
+            if training:
+                raise LayerkitError(f"task '{self.name}' needs 'rgba' clips to train on.")
+            video = None
+            missing = [k for k in ("num_frames", "height", "width") if k not in batch]
+            if missing:
+                raise LayerkitError(f"task '{self.name}' needs {missing} (or an 'rgba' clip) to sample.")
+            b = len(self._prompts(batch, None))
+            f, h, w = (_first(batch[k]) for k in ("num_frames", "height", "width"))
+        m = self.reference_index(f)
+        prompts = [[p] for p in self._prompts(batch, b)]
+        extras = {"reference_frame": m}
+        if self.mode == "t2v":
+            seg = Segment("video", f, video if training else None)
+            return Packed([seg], torch.zeros(b, 1, dtype=torch.bool), prompts, h, w, extras=extras)
+        ref = batch.get("reference")
+        if ref is not None:  # a user's RGBA image [B, 4, H, W] in [0, 1]
+            reference = ref.float()[:, None] * 2 - 1
+        elif video is not None:
+            reference = video[:, m : m + 1]
+        else:
+            raise LayerkitError("transparent.i2v needs a reference RGBA image (inputs.image) or an 'rgba' clip.")
+        pieces = [("before", 0, m), ("reference", m, m + 1), ("after", m + 1, f)]
+        segments, given = [], []
+        for name, start, stop in pieces:
+            if stop <= start:
+                continue  # a 1- or 2-frame clip has no frames on one side
+            clip = reference if name == "reference" else (video[:, start:stop] if training else None)
+            segments.append(Segment(name, stop - start, clip))
+            given.append(name == "reference")
+        return Packed(segments, torch.tensor([given] * b), prompts, h, w, extras=extras)
+
+    def _prompts(self, batch: dict[str, Any], b: int | None) -> list[str]:
+        value = batch.get("prompt")
+        if value is None:
+            raise LayerkitError(f"task '{self.name}' needs a 'prompt' per sample.")
+        prompts = [value] * (b or 1) if isinstance(value, str) else list(value)
+        if b is not None and len(prompts) != b:
+            raise LayerkitError(f"got {len(prompts)} prompts for {b} samples.")
+        return prompts
+
+    # -- sampling inputs ----------------------------------------------------------------------
+    def sample_inputs(self, inputs: dict[str, Any], *, height: int, width: int,
+                      num_frames: int) -> list[dict[str, Any]]:
+        """One sample per output. ``prompt`` and (i2v) ``image`` (an RGBA image file) come from
+        the user; without an image, held-out shapes-world sprite clips give the reference
+        frame, the prompt and the ground truth the evaluator scores against."""
+        from layerkit.data.shapes import ShapesConfig, make_rgba_sprite_clip, seed_for
+
+        n = int(inputs.get("num_samples", self.num_samples))
+        seed = int(inputs.get("seed", self.default_seed))
+        cfg = ShapesConfig(num_frames=num_frames, height=height, width=width)
+        image = read_rgba_image(inputs["image"], height, width) if inputs.get("image") else None
+        samples = []
+        for i in range(n):
+            clip = make_rgba_sprite_clip(seed_for("test", seed, i), cfg)
+            sample: dict[str, Any] = {"prompt": inputs.get("prompt") or clip["prompt"], "num_frames": num_frames,
+                                      "height": height, "width": width}
+            if image is not None:
+                sample["reference"] = image
+            else:
+                sample["reference"] = clip["rgba"][self.reference_index(num_frames)]
+                sample["ground_truth"] = clip
+            samples.append(sample)
+        return samples
+
+    # -- outputs ------------------------------------------------------------------------------
+    def unpack(self, decoded: dict[str, torch.Tensor], batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        """Segments back in time order -> per sample ``foreground`` [F, 4, H, W] (or RGB when the
+        backbone has no transparent decoder) and ``alpha`` [F, 1, H, W], in [0, 1]."""
+        order = [k for k in ("before", "reference", "after", "video") if k in decoded]
+        video = ((torch.cat([decoded[k] for k in order], dim=1).float() + 1) / 2).clamp(0, 1)
+        outputs = []
+        for clip in video:
+            layers = {"foreground": clip}
+            if clip.shape[1] == 4:
+                layers["alpha"] = clip[:, 3:]
+            outputs.append(layers)
+        return outputs
+
+    def evaluate(self, outputs: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> dict[str, float] | None:
+        truth = batch.get("ground_truth")
+        if not truth or outputs[0]["foreground"].shape[1] != 4:
+            return None
+        from layerkit.data.evaluate import evaluate_rgba_video, summarise
+
+        return summarise([evaluate_rgba_video(out["foreground"], t) for out, t in zip(outputs, truth, strict=True)])
+
+
+def _first(value: Any) -> int:
+    """An int from a collated field (int, list or tensor [B])."""
+    if isinstance(value, torch.Tensor):
+        return int(value.flatten()[0])
+    if isinstance(value, list | tuple):
+        return int(value[0])
+    return int(value)
+
+
+def read_rgba_image(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """An image file -> [4, H, W] straight RGBA in [0, 1] (opaque when it has no alpha)."""
+    import numpy as np
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise LayerkitError(f"input image '{path}' does not exist.")
+    with Image.open(path) as img:
+        rgba = torch.from_numpy(np.asarray(img.convert("RGBA")).copy()).float().div(255).permute(2, 0, 1)
+    if tuple(rgba.shape[1:]) != (height, width):
+        rgba = F.interpolate(rgba[None], size=(height, width), mode="bilinear", align_corners=False,
+                             antialias=True)[0].clamp(0, 1)
+    return rgba
+
+
+def i2v_task(**kwargs: Any) -> TransparentTask:
+    return TransparentTask(mode="i2v", **kwargs)
+
+
+def t2v_task(**kwargs: Any) -> TransparentTask:
+    return TransparentTask(mode="t2v", **kwargs)

@@ -1,0 +1,102 @@
+"""Training for real: checkpoints without the frozen base, kill -9 and resume, 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from conftest import TINY, run_cli
+from safetensors.torch import load_file
+
+from layerkit.io.weights import read_metadata
+from layerkit.training.run import train
+
+LORA_ONLY = ["+adapter@adapters.style=lora", "adapters.style.rank=2", "trainable=[]"]
+
+
+def test_checkpoint_holds_trainable_weights_optimizer_and_config(registry, tmp_path):
+    out = train(["+experiment=toy_layered", *TINY, *LORA_ONLY, "trainer.max_steps=2",
+                 "train.checkpoint_every=1", f"output_dir={tmp_path / 'run'}"], registry=registry)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)  # plain data, no pickled objects
+    keys = list(ckpt["state_dict"])
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys), "never the frozen base model"
+    assert ckpt["global_step"] == 2
+    assert ckpt["optimizer_states"][0]["state"], "optimiser state is kept for resuming"
+    assert ckpt["layerkit_config"]["adapters"]["style"]["rank"] == 2
+
+    weights = load_file(str(out / "weights.safetensors"))
+    assert set(weights) == set(keys)
+    assert read_metadata(out / "weights.safetensors")["layerkit_config"]["seed"] == 0
+    record = json.loads((out / "record.json").read_text())
+    assert record["global_step"] == 2 and record["versions"]["torch"]
+    assert "weights.safetensors" in record["files"]
+    exported = load_file(str(out / "export" / "style.diffusers.safetensors"))
+    assert exported and all(k.startswith("transformer.") and ".lora_" in k for k in exported)
+
+
+def test_optimizer_sees_trainable_parameters_only(registry, tmp_path):
+    from layerkit.config import compose, to_plain
+    from layerkit.pipeline import build_parts
+    from layerkit.training.module import LayerkitModule
+
+    cfg = compose("train", ["+experiment=toy_layered", *TINY, *LORA_ONLY], registry)
+    module = LayerkitModule(build_parts(cfg, registry, training=True), to_plain(cfg))
+    optimizer = module.configure_optimizers()
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    assert in_optimizer == trainable
+    assert len(trainable) < sum(1 for _ in module.parameters())
+
+
+def test_kill_and_resume_continues_the_same_run(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "+experiment=toy_layered", *TINY, "trainer.max_steps=12", "train.checkpoint_every=1",
+            f"output_dir={out}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "layerkit.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = out / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    step = 0
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file():
+            try:
+                step = torch.load(last, weights_only=True)["global_step"]
+            except Exception:
+                step = 0
+            if step >= 2:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 2 <= step < 12, f"the run should be killed mid-way (got step {step})"
+    assert not (out / "weights.safetensors").exists()
+
+    # the same command again resumes from output_dir/checkpoints/last.ckpt
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((out / "record.json").read_text())
+    assert record["global_step"] == 12
+    assert record["resumed_from"].endswith("last.ckpt")
+    killed_at = step
+    metrics = (out / "logs" / "metrics.csv").read_text().splitlines()
+    assert metrics, "the log continues"
+    assert killed_at < record["global_step"]
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    out = tmp_path / "ddp"
+    result = run_cli("train", "+experiment=toy_layered", *TINY, "trainer=ddp", "trainer.accelerator=cpu",
+                     "trainer.devices=2", "trainer.max_steps=2", "trainer.precision=32-true",
+                     "train.checkpoint_every=1", f"output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "record.json").read_text())
+    assert record["world_size"] == 2 and record["global_step"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
+    siblings = [p for p in tmp_path.iterdir() if p.name != "ddp"]
+    assert siblings == [], "one output directory for both processes"
