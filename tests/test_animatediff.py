@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from layerkit_plugins.animatediff.backbone import AnimateDiff, from_pretrained, tiny
+from layerkit_plugins.animatediff.loading import diffusers_to_original, load_motion_adapter
+from layerkit_plugins.animatediff.tiny import (
+    TINY_DECODER,
+    TINY_ENCODER,
+    TINY_MOTION,
+    save_tiny,
+    tiny_components,
+)
 
 from layerkit.errors import LayerkitError
 from layerkit.pipeline import Parts
 from layerkit.protocols import Packed, Segment, Task
 from layerkit.sampling.loop import SamplerOptions, denoise
-from layerkit_plugins.animatediff.backbone import AnimateDiff, from_pretrained, tiny
-from layerkit_plugins.animatediff.loading import diffusers_to_original, load_motion_adapter
-from layerkit_plugins.animatediff.tiny import TINY_DECODER, TINY_ENCODER, TINY_MOTION, save_tiny, tiny_components
 
 
 @pytest.fixture(scope="module")

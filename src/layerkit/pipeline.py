@@ -153,7 +153,7 @@ def load_trainable_state(module: nn.Module, path: str | Path, *, allow_pickle: b
     if unexpected:
         raise LayerkitError(
             f"weights file '{path}' has {len(unexpected)} keys this model does not have "
-            f"(first: {unexpected[0]}); was it trained with another backbone or adapter set?"
+            f"(first: {unexpected[0]}), so it was trained with another backbone or adapter set."
         )
     wrong = [k for k, v in state.items() if tuple(own[k].shape) != tuple(v.shape)]
     if wrong:

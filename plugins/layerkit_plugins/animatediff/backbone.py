@@ -60,7 +60,12 @@ class AnimateDiff(Backbone):
 
     # -- schedule --------------------------------------------------------------------------
     def make_scheduler(self, kind: str = "train", name: str | None = None) -> Any:
-        from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+        from diffusers import (
+            DDIMScheduler,
+            DDPMScheduler,
+            DPMSolverMultistepScheduler,
+            EulerDiscreteScheduler,
+        )
 
         if kind == "train":
             return DDPMScheduler.from_config(self.scheduler_config)

@@ -42,6 +42,7 @@ class WordEncoder(nn.Module):
 
 class ToyDiT(Backbone):
     latent_channels = 12
+    memory_options = frozenset({"cpu_offload"})
 
     def __init__(self, hidden: int = 64, heads: int = 4, layers: int = 4, text_tokens: int = 16,
                  sample_size: int = 32, prompt_blocks: int = 3, seed: int = 0, prediction_type: str = "v_prediction",

@@ -36,7 +36,12 @@ def load_weights(path: str | Path, *, allow_pickle: bool = False) -> dict[str, t
     try:
         obj: Any = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise LayerkitError(f"checkpoint '{path}' could not be read safely (weights_only=True): {exc}") from None
+        detail = next((line.split("Unsupported global:")[1].split(".")[0].strip()
+                       for line in str(exc).splitlines() if "Unsupported global:" in line), type(exc).__name__)
+        raise LayerkitError(
+            f"checkpoint '{path}' could not be read safely with torch.load(weights_only=True) ({detail.rstrip('.')}); "
+            "layerkit never unpickles code."
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
