@@ -14,6 +14,7 @@ def lf_registry():
     """Entry-point plugins plus cogvideox and layerflow (added in-process until their entry points exist)."""
     import layerkit_plugins.cogvideox as cogvideox
     import layerkit_plugins.layerflow as layerflow
+
     from layerkit.registry import Registry, set_registry
 
     reg = Registry().load_entry_points()
@@ -29,14 +30,14 @@ def lf_registry():
 def tiny_dir(tmp_path_factory):
     from layerkit_plugins.cogvideox.backbone import save_components, tiny_components
 
-    return save_components(tiny_components(seed=0), tmp_path_factory.mktemp("cogvideox") / "tiny")
+    return save_components(tiny_components(seed=0, layers=2), tmp_path_factory.mktemp("cogvideox") / "tiny")
 
 
 def test_tiny_model_saves_and_loads_through_the_directory_loader(tiny_dir, lf_registry):
     from layerkit_plugins.cogvideox.backbone import CogVideoX
 
     loaded = lf_registry.build("backbone", "cogvideox", path=str(tiny_dir))
-    built = CogVideoX(tiny=True, seed=0)
+    built = CogVideoX(tiny=True, seed=0, tiny_layers=2)
     own, ref = loaded.state_dict(), built.state_dict()
     assert own.keys() == ref.keys()
     assert all(torch.equal(own[k], ref[k]) for k in own)
@@ -85,7 +86,7 @@ def test_sampler_reproduces_cogvideox_pipeline(tiny_dir, sampler, rotary, dynami
     from layerkit.sampling.loop import SamplerOptions, denoise
 
     if rotary:  # CogVideoX-5B style positions
-        backbone = CogVideoX(tiny=True, tiny_rotary=True, sampler=sampler)
+        backbone = CogVideoX(tiny=True, tiny_layers=2, tiny_rotary=True, sampler=sampler)
     else:
         backbone = CogVideoX(path=str(tiny_dir), sampler=sampler)
     backbone.eval()
@@ -114,7 +115,7 @@ def test_prompt_blocks_keep_every_video_token_at_its_position():
     patches keep their positions and text tokens get none (as LayerFlow)."""
     from layerkit_plugins.cogvideox.backbone import CogVideoX
 
-    backbone = CogVideoX(tiny=True).eval()
+    backbone = CogVideoX(tiny=True, tiny_layers=2).eval()
     embed = backbone.denoiser.patch_embed
     seen: list[torch.Tensor] = []
     handle = embed.register_forward_hook(lambda m, a, out: seen.append(out))
@@ -136,7 +137,7 @@ def test_schedulers_and_memory_options():
     from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
     from layerkit_plugins.cogvideox.backbone import CogVideoX
 
-    backbone = CogVideoX(tiny=True)
+    backbone = CogVideoX(tiny=True, tiny_layers=2)
     train = backbone.make_scheduler("train")
     assert isinstance(train, CogVideoXDDIMScheduler)
     assert train.config.prediction_type == "v_prediction" and train.config.rescale_betas_zero_snr

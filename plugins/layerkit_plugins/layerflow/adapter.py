@@ -48,7 +48,7 @@ class LayerEmbedding(Adapter):
                                 f"{proj.out_features}.")
         if self.weights:
             self.load_stage_weights(self.weights)
-        self.embed.to(proj.weight.device, proj.weight.dtype)
+        self.embed.to(proj.weight.device)  # weights stay in their own dtype; the output is cast to the tokens'
         self.embed.requires_grad_(self.trainable)
         self._handle = proj.register_forward_hook(self._hook(backbone))
         self.attached = True

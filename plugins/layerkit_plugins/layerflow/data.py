@@ -15,7 +15,6 @@ from __future__ import annotations
 import random
 from typing import Any
 
-import torch
 from torch.utils.data import Dataset
 
 from layerkit.data.shapes import ShapesConfig, make_sample, seed_for

@@ -24,10 +24,15 @@ def select_targets(denoiser: nn.Module, targets: Sequence[str], block_pattern: s
                    every: int | None, offset: int) -> list[str]:
     """Names of ``nn.Linear`` modules ending in one of ``targets``; optionally only inside
     blocks ``<block_pattern>.<i>`` with ``i % every == offset`` (LayerFlow: every sixth block)."""
+    from peft.tuners.lora import LoraLayer
+
     names = []
     block_re = re.compile(rf"(^|\.){re.escape(block_pattern)}\.(\d+)\.") if block_pattern else None
     for name, module in denoiser.named_modules():
-        if not isinstance(module, nn.Linear) or not any(name == t or name.endswith("." + t) for t in targets):
+        if name.endswith(".base_layer"):
+            continue
+        # a layer already wrapped by another LoRA (Motion LoRA under Content LoRA) takes a second adapter
+        if not isinstance(module, nn.Linear | LoraLayer) or not any(name == t or name.endswith("." + t) for t in targets):
             continue
         if block_re is not None:
             m = block_re.search(name)

@@ -96,7 +96,7 @@ def _cat_cond(negative: dict[str, Any], positive: dict[str, Any], rows: int) -> 
     out: dict[str, Any] = {}
     for key, value in positive.items():
         other = negative.get(key)
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == rows:  # [B, L, ...] only
             if other is None or other.shape[1:] != value.shape[1:]:
                 raise LayerkitError(f"the negative prompt's '{key}' does not match the prompt's shape.")
             out[key] = torch.cat([other, value])

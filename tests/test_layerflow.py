@@ -1,0 +1,175 @@
+"""LayerFlow on CogVideoX: layer embedding, every-sixth-block LoRAs, the stage data, the stages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+TINY = ["backbone=cogvideox_tiny", "train.batch_size=1", "data.size=8"]
+
+
+@pytest.fixture
+def lf_registry():
+    """Entry-point plugins plus cogvideox and layerflow (added in-process until their entry points exist)."""
+    import layerkit_plugins.cogvideox as cogvideox
+    import layerkit_plugins.layerflow as layerflow
+
+    from layerkit.registry import Registry, set_registry
+
+    reg = Registry().load_entry_points()
+    for module, name in ((cogvideox, "cogvideox"), (layerflow, "layerflow")):
+        if name not in reg.plugins:
+            reg.add_plugin(module, name)
+    set_registry(reg)
+    yield reg
+    set_registry(None)
+
+
+def lora_blocks(denoiser: torch.nn.Module, adapter: str) -> dict[int, set[str]]:
+    """Block index -> projections carrying LoRA ``adapter``."""
+    from peft.tuners.lora import LoraLayer
+
+    out: dict[int, set[str]] = {}
+    for name, module in denoiser.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            parts = name.split(".")
+            out.setdefault(int(parts[1]), set()).add(".".join(parts[2:]))
+    return out
+
+
+def test_layer_embedding_changes_only_text_tokens_and_starts_at_the_expected_value():
+    from layerkit_plugins.cogvideox.backbone import CogVideoX
+    from layerkit_plugins.layerflow.adapter import LayerEmbedding
+
+    backbone = CogVideoX(tiny=True).eval()
+    embed = backbone.denoiser.patch_embed
+    seen: list[torch.Tensor] = []
+    embed.register_forward_hook(lambda m, a, out: seen.append(out))
+    noisy, t = torch.randn(2, 4, 2, 4, 4), torch.tensor([500, 20])
+    with torch.no_grad():
+        cond = backbone.encode_prompt_blocks([["0, a red circle", "1, blue stripes", "2, a red circle over stripes"]] * 2)
+        plain = backbone.predict(noisy, t, cond)
+        adapter = LayerEmbedding()
+        adapter.name = "layer_embedding"
+        adapter.attach(backbone)
+        embedded = backbone.predict(noisy, t, cond)
+        adapter.detach(backbone)
+        again = backbone.predict(noisy, t, cond)
+
+    text, video = slice(0, 48), slice(48, None)
+    assert torch.equal(seen[0][:, video], seen[1][:, video]), "video tokens untouched"
+    linear, norm = adapter.embed  # Linear(1 -> 32) + LayerNorm(32), PyTorch's default init (released code)
+    for k in range(3):
+        expected = F.layer_norm(linear.weight[:, 0] * k + linear.bias, (32,))
+        block = seen[1][:, text][:, 16 * k : 16 * (k + 1)] - seen[0][:, text][:, 16 * k : 16 * (k + 1)]
+        torch.testing.assert_close(block, expected.expand_as(block), atol=1e-5, rtol=0)
+    assert not torch.equal(plain, embedded)
+    assert torch.equal(plain, again), "detach restores the backbone exactly"
+    assert sorted(adapter.adapter_state_dict()) == ["embed.0.bias", "embed.0.weight", "embed.1.bias", "embed.1.weight"]
+
+
+def test_motion_and_content_lora_sit_on_every_sixth_block_only(lf_registry):
+    from layerkit.config import compose
+    from layerkit.pipeline import build_parts
+
+    cfg = compose("train", ["+experiment=layerflow_stage3", *TINY], lf_registry)
+    parts = build_parts(cfg, lf_registry, training=True)
+    denoiser = parts.backbone.denoiser
+    qkvo = {"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"}
+    for name, rank in (("motion_lora", 8), ("content_lora", 256)):
+        assert lora_blocks(denoiser, name) == {5: qkvo, 11: qkvo}  # 12 blocks: index % 6 == 5
+        layer = denoiser.transformer_blocks[5].attn1.to_q
+        assert layer.r[name] == rank and layer.scaling[name] == pytest.approx(1 / rank)  # alpha 1
+    trainable = {n for n, p in denoiser.named_parameters() if p.requires_grad}
+    assert trainable and all(".content_lora." in n for n in trainable), "stage 3 trains the Content LoRA only"
+    assert not any(p.requires_grad for p in parts.adapters["layer_embedding"].parameters())
+
+    sampling = build_parts(compose("sample", ["+experiment=layerflow_stage3", "backbone=cogvideox_tiny"], lf_registry),
+                           lf_registry, training=False)
+    assert set(sampling.adapters) == {"layer_embedding", "content_lora"}, "Motion LoRA removed at inference"
+    assert lora_blocks(sampling.backbone.denoiser, "motion_lora") == {}
+
+
+def test_mixture_dataset_gives_frozen_and_copy_pasted_clips():
+    from layerkit_plugins.layerflow.data import LayerFlowMixture
+
+    data = LayerFlowMixture(size=12, static_fraction=0.5, num_frames=4, height=16, width=16)
+    samples = [data[i] for i in range(len(data))]
+    assert {s["is_static"] for s in samples} == {True, False}
+    for s in samples:
+        for key in ("foreground_rgb", "foreground_alpha", "background", "blended"):
+            frozen = bool((s[key] == s[key][:1]).all())
+            assert frozen or not s["is_static"], key
+        fg, alpha = s["foreground_rgb"], s["foreground_alpha"]
+        torch.testing.assert_close(s["blended"], fg * alpha + s["background"] * (1 - alpha))
+        assert s["prompt"] == f"{s['foreground_prompt']} over {s['background_prompt']}"
+    assert all(torch.equal(a, b) for a, b in zip(data[3].values(), LayerFlowMixture(
+        size=12, static_fraction=0.5, num_frames=4, height=16, width=16)[3].values()) if isinstance(a, torch.Tensor))
+    assert all(LayerFlowMixture(size=4, static_fraction=1.0, num_frames=4, height=16, width=16)[i]["is_static"]
+               for i in range(4))
+
+
+def test_task_packs_four_sub_clips_with_indexed_prompts_and_motion_scale(lf_registry):
+    from layerkit_plugins.layerflow.data import LayerFlowMixture
+
+    from layerkit.training.data import default_collate
+
+    task = lf_registry.build("task", "layerflow.fg2bg", scale_from={"motion_lora": "is_static"})
+    data = LayerFlowMixture(size=6, static_fraction=0.5, num_frames=4, height=16, width=16)
+    batch = default_collate([data[i] for i in range(6)])
+    packed = task.pack(batch, training=True)
+    assert task.name == "layerflow.fg2bg"
+    assert [s.name for s in packed.segments] == ["foreground", "alpha", "background", "blended"]
+    assert packed.given[0].tolist() == [True, True, False, False]
+    assert [p.split(",")[0] for p in packed.prompts[0]] == ["0", "1", "2"]
+    assert packed.scales["motion_lora"].tolist() == [float(s) for s in batch["is_static"].tolist()]
+
+
+def test_stage3_trains_two_steps_on_cpu(lf_registry, tmp_path):
+    from layerkit.training.run import train
+
+    out = train(["+experiment=layerflow_stage3", *TINY, "trainer.max_steps=2", f"output_dir={tmp_path / 'run'}"],
+                registry=lf_registry)
+    weights = load_file(str(out / "weights.safetensors"))
+    lora = [k for k in weights if ".lora_" in k]
+    assert lora and all(".content_lora." in k for k in lora) and len(lora) == 2 * 4 * 2
+    assert {k for k in weights if ".lora_" not in k} == {f"adapters.layer_embedding.embed.{i}.{p}"
+                                                          for i in (0, 1) for p in ("weight", "bias")}
+    record = json.loads((out / "record.json").read_text())
+    assert record["global_step"] == 2 and record["final_loss"] is not None
+
+
+def test_stages_chain_through_their_weights_files(lf_registry, tmp_path):
+    """Stage 1 trains blocks 5/11 + layer embedding, stage 2 the Motion LoRA: stage 3 starts from both."""
+    from layerkit.config import compose
+    from layerkit.io.weights import load_weights
+    from layerkit.pipeline import build_parts, load_trainable_state
+    from layerkit.training.module import LayerkitModule
+    from layerkit.training.run import train
+
+    one = ["trainer.max_steps=1", "optim.lr=1e-2"]
+    w1 = train(["+experiment=layerflow_stage1", *TINY, *one, f"output_dir={tmp_path / 's1'}"],
+               registry=lf_registry) / "weights.safetensors"
+    s1 = load_weights(w1)
+    assert any(k.startswith("backbone.denoiser.transformer_blocks.11.") for k in s1)
+    assert not any(k.startswith("backbone.denoiser.transformer_blocks.10.") for k in s1)
+    w2 = train(["+experiment=layerflow_stage2", *TINY, *one, f"layerflow.stage1_weights={w1}",
+                f"output_dir={tmp_path / 's2'}"], registry=lf_registry) / "weights.safetensors"
+    s2 = load_weights(w2)
+
+    cfg = compose("train", ["+experiment=layerflow_stage3", *TINY, f"layerflow.stage1_weights={w1}",
+                            f"layerflow.stage2_weights={w2}"], lf_registry)
+    module = LayerkitModule(build_parts(cfg, lf_registry, training=True), {})
+    load_trainable_state(module, cfg.init_from)
+    state = module.state_dict()
+    block = "backbone.denoiser.transformer_blocks.5.attn1.to_q."
+    assert torch.equal(state[block + "base_layer.weight"], s1[block + "weight"]), "stage-1 block under the LoRAs"
+    assert torch.equal(state[block + "lora_B.motion_lora.weight"], s2[block + "lora_B.motion_lora.weight"])
+    assert s2[block + "lora_B.motion_lora.weight"].abs().sum() > 0, "stage 2 trained the Motion LoRA"
+    for key in ("adapters.layer_embedding.embed.0.weight", "adapters.layer_embedding.embed.1.bias"):
+        assert torch.equal(state[key], s2[key])
+        assert not torch.equal(s1[key], s2[key]), "stage 2 kept training the layer embedding"
