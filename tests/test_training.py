@@ -100,3 +100,23 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
     siblings = [p for p in tmp_path.iterdir() if p.name != "ddp"]
     assert siblings == [], "one output directory for both processes"
+
+
+def test_stages_chain_through_init_from_even_under_a_lora(registry, tmp_path):
+    """Stage 1 fine-tunes a block; stage 2 wraps that block in a LoRA and starts from stage 1."""
+    from layerkit.config import compose, to_plain
+    from layerkit.pipeline import build_parts, load_trainable_state
+    from layerkit.training.module import LayerkitModule
+
+    first = train(["+experiment=toy_layered", *TINY, "trainable=[transformer_blocks.1.]", "trainer.max_steps=1",
+                   f"output_dir={tmp_path / 's1'}"], registry=registry)
+    stage1 = load_file(str(first / "weights.safetensors"))
+    key = "backbone.denoiser.transformer_blocks.1.attn1.to_q.weight"
+    assert key in stage1
+
+    cfg = compose("train", ["+experiment=toy_layered", *TINY, *LORA_ONLY,
+                            f"init_from=[{first / 'weights.safetensors'}]"], registry)
+    module = LayerkitModule(build_parts(cfg, registry, training=True), to_plain(cfg))
+    loaded = load_trainable_state(module, first / "weights.safetensors")
+    wrapped = key.replace("to_q.weight", "to_q.base_layer.weight")
+    assert wrapped in loaded and torch.equal(module.state_dict()[wrapped], stage1[key])

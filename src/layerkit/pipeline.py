@@ -143,12 +143,20 @@ def predict(
         return parts.backbone.predict(noisy, timesteps, cond)
 
 
+def _base_layer_key(key: str, own: dict[str, torch.Tensor]) -> str:
+    stem, _, leaf = key.rpartition(".")
+    wrapped = f"{stem}.base_layer.{leaf}"
+    return wrapped if wrapped in own else key
+
+
 def load_trainable_state(module: nn.Module, path: str | Path, *, allow_pickle: bool = False) -> list[str]:
     """Load trainable weights into ``module``; every key in the file must exist in it."""
     from layerkit.io.weights import load_weights
 
     state = load_weights(path, allow_pickle=allow_pickle)
     own = module.state_dict()
+    # a layer a LoRA wraps keeps its weight under ``base_layer`` (peft): map earlier stages onto it
+    state = {(k if k in own else _base_layer_key(k, own)): v for k, v in state.items()}
     unexpected = [k for k in state if k not in own]
     if unexpected:
         raise LayerkitError(

@@ -61,6 +61,13 @@ class LayerkitModule(L.LightningModule):
         denom = weight.sum().clamp_min(1.0)
         return (F.mse_loss(output.float(), target.float(), reduction="none") * weight).sum() / denom
 
+    def on_train_start(self) -> None:
+        """Trainable parts in train mode, fully frozen parts (VAE, text encoder) in eval mode."""
+        self.train()
+        for module in self.backbone.children():
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=len(batch.get("prompt", [0])))

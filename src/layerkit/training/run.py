@@ -98,8 +98,10 @@ def train(overrides: Sequence[str], *, registry: Registry | None = None, callbac
     parts = build_parts(cfg, registry, training=True)
     datamodule.prepares = [control.prepare for control in parts.controls.values()]
     module = LayerkitModule(parts, to_plain(cfg))
-    if cfg.get("init_from"):
-        load_trainable_state(module, cfg.init_from, allow_pickle=bool(cfg.get("allow_pickle", False)))
+    init_from = cfg.get("init_from")
+    for path in ([init_from] if isinstance(init_from, str) else list(init_from or [])):
+        if path:  # earlier stages' weights, in order
+            load_trainable_state(module, path, allow_pickle=bool(cfg.get("allow_pickle", False)))
 
     resume = _resume_path(cfg, output_dir)
     if not is_child_process():
