@@ -44,3 +44,12 @@ def test_configs_compose_from_an_installed_wheel(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["conf"].startswith(str(tmp_path / "site")), result
     assert result["backbone"] == "cogvideox" and result["task"] == "layerflow.generate"
+
+
+def test_pkg_resolver_names_files_inside_packages(registry):
+    from pathlib import Path
+
+    from layerkit.config import compose
+
+    cfg = compose("sample", ["+weights_dir=${pkg:layerkit_plugins.toy/backbone.py}"], registry)
+    assert Path(cfg.weights_dir).is_file()

@@ -33,6 +33,22 @@ def core_config_dir() -> Path:
     raise LayerkitError("layerkit's config directory is missing from this installation; reinstall layerkit.")
 
 
+def package_path(spec: str) -> str:
+    """``${pkg:package.name/relative/path}``: a file shipped inside an importable package
+    (committed toy weights), as an absolute path that works from a checkout or a wheel."""
+    package, _, relative = spec.partition("/")
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError:
+        raise LayerkitError(f"config value ${{pkg:{spec}}} names package '{package}', which is not installed.") from None
+    return str(root / relative) if relative else str(root)
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("pkg"):
+        OmegaConf.register_new_resolver("pkg", package_path)
+
+
 def compose(primary: str, overrides: Sequence[str], registry: Registry) -> DictConfig:
     """Compose ``primary`` (``train`` or ``sample``) with command-line ``overrides``."""
     from hydra import compose as hydra_compose
@@ -41,6 +57,7 @@ def compose(primary: str, overrides: Sequence[str], registry: Registry) -> DictC
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    _register_resolvers()
     overrides = list(overrides)
     if registry.config_dirs:
         overrides.append(f"hydra.searchpath=[{','.join(registry.config_dirs)}]")
