@@ -9,23 +9,6 @@ import torch
 from layerkit.errors import LayerkitError
 
 
-@pytest.fixture
-def lf_registry():
-    """Entry-point plugins plus cogvideox and layerflow (added in-process until their entry points exist)."""
-    import layerkit_plugins.cogvideox as cogvideox
-    import layerkit_plugins.layerflow as layerflow
-
-    from layerkit.registry import Registry, set_registry
-
-    reg = Registry().load_entry_points()
-    for module, name in ((cogvideox, "cogvideox"), (layerflow, "layerflow")):
-        if name not in reg.plugins:
-            reg.add_plugin(module, name)
-    set_registry(reg)
-    yield reg
-    set_registry(None)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     from layerkit_plugins.cogvideox.backbone import save_components, tiny_components
@@ -33,10 +16,10 @@ def tiny_dir(tmp_path_factory):
     return save_components(tiny_components(seed=0, layers=2), tmp_path_factory.mktemp("cogvideox") / "tiny")
 
 
-def test_tiny_model_saves_and_loads_through_the_directory_loader(tiny_dir, lf_registry):
+def test_tiny_model_saves_and_loads_through_the_directory_loader(tiny_dir, registry):
     from layerkit_plugins.cogvideox.backbone import CogVideoX
 
-    loaded = lf_registry.build("backbone", "cogvideox", path=str(tiny_dir))
+    loaded = registry.build("backbone", "cogvideox", path=str(tiny_dir))
     built = CogVideoX(tiny=True, seed=0, tiny_layers=2)
     own, ref = loaded.state_dict(), built.state_dict()
     assert own.keys() == ref.keys()

@@ -12,23 +12,6 @@ from safetensors.torch import load_file
 TINY = ["backbone=cogvideox_tiny", "train.batch_size=1", "data.size=8"]
 
 
-@pytest.fixture
-def lf_registry():
-    """Entry-point plugins plus cogvideox and layerflow (added in-process until their entry points exist)."""
-    import layerkit_plugins.cogvideox as cogvideox
-    import layerkit_plugins.layerflow as layerflow
-
-    from layerkit.registry import Registry, set_registry
-
-    reg = Registry().load_entry_points()
-    for module, name in ((cogvideox, "cogvideox"), (layerflow, "layerflow")):
-        if name not in reg.plugins:
-            reg.add_plugin(module, name)
-    set_registry(reg)
-    yield reg
-    set_registry(None)
-
-
 def lora_blocks(denoiser: torch.nn.Module, adapter: str) -> dict[int, set[str]]:
     """Block index -> projections carrying LoRA ``adapter``."""
     from peft.tuners.lora import LoraLayer
@@ -72,12 +55,12 @@ def test_layer_embedding_changes_only_text_tokens_and_starts_at_the_expected_val
     assert sorted(adapter.adapter_state_dict()) == ["embed.0.bias", "embed.0.weight", "embed.1.bias", "embed.1.weight"]
 
 
-def test_motion_and_content_lora_sit_on_every_sixth_block_only(lf_registry):
+def test_motion_and_content_lora_sit_on_every_sixth_block_only(registry):
     from layerkit.config import compose
     from layerkit.pipeline import build_parts
 
-    cfg = compose("train", ["+experiment=layerflow_stage3", *TINY], lf_registry)
-    parts = build_parts(cfg, lf_registry, training=True)
+    cfg = compose("train", ["+experiment=layerflow_stage3", *TINY], registry)
+    parts = build_parts(cfg, registry, training=True)
     denoiser = parts.backbone.denoiser
     qkvo = {"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"}
     for name, rank in (("motion_lora", 8), ("content_lora", 256)):
@@ -88,8 +71,8 @@ def test_motion_and_content_lora_sit_on_every_sixth_block_only(lf_registry):
     assert trainable and all(".content_lora." in n for n in trainable), "stage 3 trains the Content LoRA only"
     assert not any(p.requires_grad for p in parts.adapters["layer_embedding"].parameters())
 
-    sampling = build_parts(compose("sample", ["+experiment=layerflow_stage3", "backbone=cogvideox_tiny"], lf_registry),
-                           lf_registry, training=False)
+    sampling = build_parts(compose("sample", ["+experiment=layerflow_stage3", "backbone=cogvideox_tiny"], registry),
+                           registry, training=False)
     assert set(sampling.adapters) == {"layer_embedding", "content_lora"}, "Motion LoRA removed at inference"
     assert lora_blocks(sampling.backbone.denoiser, "motion_lora") == {}
 
@@ -113,12 +96,12 @@ def test_mixture_dataset_gives_frozen_and_copy_pasted_clips():
                for i in range(4))
 
 
-def test_task_packs_four_sub_clips_with_indexed_prompts_and_motion_scale(lf_registry):
+def test_task_packs_four_sub_clips_with_indexed_prompts_and_motion_scale(registry):
     from layerkit_plugins.layerflow.data import LayerFlowMixture
 
     from layerkit.training.data import default_collate
 
-    task = lf_registry.build("task", "layerflow.fg2bg", scale_from={"motion_lora": "is_static"})
+    task = registry.build("task", "layerflow.fg2bg", scale_from={"motion_lora": "is_static"})
     data = LayerFlowMixture(size=6, static_fraction=0.5, num_frames=4, height=16, width=16)
     batch = default_collate([data[i] for i in range(6)])
     packed = task.pack(batch, training=True)
@@ -129,11 +112,11 @@ def test_task_packs_four_sub_clips_with_indexed_prompts_and_motion_scale(lf_regi
     assert packed.scales["motion_lora"].tolist() == [float(s) for s in batch["is_static"].tolist()]
 
 
-def test_stage3_trains_two_steps_on_cpu(lf_registry, tmp_path):
+def test_stage3_trains_two_steps_on_cpu(registry, tmp_path):
     from layerkit.training.run import train
 
     out = train(["+experiment=layerflow_stage3", *TINY, "trainer.max_steps=2", f"output_dir={tmp_path / 'run'}"],
-                registry=lf_registry)
+                registry=registry)
     weights = load_file(str(out / "weights.safetensors"))
     lora = [k for k in weights if ".lora_" in k]
     assert lora and all(".content_lora." in k for k in lora) and len(lora) == 2 * 4 * 2
@@ -143,7 +126,7 @@ def test_stage3_trains_two_steps_on_cpu(lf_registry, tmp_path):
     assert record["global_step"] == 2 and record["final_loss"] is not None
 
 
-def test_stages_chain_through_their_weights_files(lf_registry, tmp_path):
+def test_stages_chain_through_their_weights_files(registry, tmp_path):
     """Stage 1 trains blocks 5/11 + layer embedding, stage 2 the Motion LoRA: stage 3 starts from both."""
     from layerkit.config import compose
     from layerkit.io.weights import load_weights
@@ -153,17 +136,17 @@ def test_stages_chain_through_their_weights_files(lf_registry, tmp_path):
 
     one = ["trainer.max_steps=1", "optim.lr=1e-2"]
     w1 = train(["+experiment=layerflow_stage1", *TINY, *one, f"output_dir={tmp_path / 's1'}"],
-               registry=lf_registry) / "weights.safetensors"
+               registry=registry) / "weights.safetensors"
     s1 = load_weights(w1)
     assert any(k.startswith("backbone.denoiser.transformer_blocks.11.") for k in s1)
     assert not any(k.startswith("backbone.denoiser.transformer_blocks.10.") for k in s1)
     w2 = train(["+experiment=layerflow_stage2", *TINY, *one, f"layerflow.stage1_weights={w1}",
-                f"output_dir={tmp_path / 's2'}"], registry=lf_registry) / "weights.safetensors"
+                f"output_dir={tmp_path / 's2'}"], registry=registry) / "weights.safetensors"
     s2 = load_weights(w2)
 
     cfg = compose("train", ["+experiment=layerflow_stage3", *TINY, f"layerflow.stage1_weights={w1}",
-                            f"layerflow.stage2_weights={w2}"], lf_registry)
-    module = LayerkitModule(build_parts(cfg, lf_registry, training=True), {})
+                            f"layerflow.stage2_weights={w2}"], registry)
+    module = LayerkitModule(build_parts(cfg, registry, training=True), {})
     load_trainable_state(module, cfg.init_from)
     state = module.state_dict()
     block = "backbone.denoiser.transformer_blocks.5.attn1.to_q."
