@@ -25,6 +25,14 @@ def register_adapters(register):
 def register_datasets(register):
     register("layerflow.mixture", "layerkit_plugins.layerflow.data:LayerFlowMixture",
              description="shapes-world clips for LayerFlow stages 2-3: frozen (is_static) and dynamic, optionally copy-pasted")
+    register("layerflow.folder", "layerkit_plugins.layerflow.folder:LayeredFolder",
+             description="layered videos on disk: <root>/<sample>/ foreground (RGBA or + alpha), background, blended, prompts.json")
+    register("layerflow.images", "layerkit_plugins.layerflow.folder:LayeredImages",
+             description="multi-layer RGBA images on disk, each held for every frame (frozen videos, is_static)")
+    register("layerflow.copy_paste", "layerkit_plugins.layerflow.folder:CopyPaste",
+             description="RGBA foreground clips pasted over background clips from two directories; static or dynamic")
+    register("layerflow.mix", "layerkit_plugins.layerflow.folder:Mix",
+             description="named datasets mixed by weight with a seed (e.g. images 0.8, copy_paste 0.2)")
 
 
 @hookimpl

@@ -127,15 +127,149 @@ class LoRAAdapter(Adapter):
         return [p for p in self.lora_parameters().values() if p.requires_grad]
 
     def export(self, backbone: Backbone, directory: str, formats: Sequence[str]) -> list[str]:
-        """``diffusers`` (``<prefix>.<module>.lora_A.weight``, loads with ``load_lora_weights``)."""
-        from layerkit.io.weights import save_weights
+        """Write this LoRA for other tools; ``formats`` from :data:`EXPORT_FORMATS`:
 
+        - ``diffusers``: ``<name>.diffusers.safetensors``, keys ``<prefix>.<module>.lora_A.weight`` /
+          ``lora_B.weight``; alpha/rank is folded into ``lora_B`` (diffusers reads a file without
+          alphas as alpha = rank, scale 1), so ``pipe.load_lora_weights(dir, weight_name=...)`` at
+          scale 1 reproduces this adapter at scale 1.
+        - ``comfyui``: ``<name>.comfyui.safetensors`` in ComfyUI's generic LoRA layout,
+          ``diffusion_model.<ComfyUI module>.lora_down.weight`` / ``lora_up.weight`` / ``alpha``,
+          under the module names of ComfyUI's own model (:data:`COMFYUI_MODULE_NAMES`); ComfyUI
+          scales by alpha / rank itself. Denoisers without a known ComfyUI model are skipped
+          with a warning.
+
+        The adapter's own ``scale`` is not folded in (set the strength in the loading tool).
+        """
+        import warnings
+
+        unknown = [f for f in formats if f not in EXPORT_FORMATS]
+        if unknown:
+            raise LayerkitError(f"unknown LoRA export format(s) {unknown}; export.formats takes {list(EXPORT_FORMATS)}.")
+        lora = {k: v.detach().float().cpu() for k, v in self.lora_parameters().items()}
+        meta = {"layerkit_adapter": self.name}
         written = []
-        prefix = getattr(backbone, "lora_prefix", "transformer")
-        state = {f"{prefix}.{k}": v.detach().float() for k, v in self.lora_parameters().items()}
         if "diffusers" in formats:
-            os.makedirs(directory, exist_ok=True)
             path = os.path.join(directory, f"{self.name}.diffusers.safetensors")
-            save_weights(path, state, metadata={"format": "pt", "lora_rank": self.rank, "lora_alpha": self.alpha})
+            write_diffusers_lora(path, lora, rank=self.rank, alpha=self.alpha,
+                                 prefix=getattr(backbone, "lora_prefix", "transformer"), metadata=meta)
             written.append(path)
+        if "comfyui" in formats:
+            model = type(backbone.denoiser).__name__
+            if model in COMFYUI_MODULE_NAMES:
+                path = os.path.join(directory, f"{self.name}.comfyui.safetensors")
+                write_comfyui_lora(path, lora, alpha=self.alpha, model=model, metadata=meta)
+                written.append(path)
+            else:
+                warnings.warn(f"LoRA '{self.name}' was not exported for ComfyUI: layerkit knows ComfyUI's module names "
+                              f"for {sorted(COMFYUI_MODULE_NAMES)}, not {model}.", stacklevel=2)
         return written
+
+
+# ----------------------------------------------------------------------------------------
+# export helpers
+# ----------------------------------------------------------------------------------------
+#: what ``export.formats`` may list
+EXPORT_FORMATS = ("diffusers", "comfyui")
+
+#: diffusers module name -> the module name in ComfyUI's own implementation of the model, per
+#: diffusers denoiser class ("{i}" stands for a number). CogVideoX: comfy/ldm/cogvideo/model.py
+#: (``blocks.N.q/k/v/attn_out/ff_proj/ff_out``, ``time_embedding_linear_1``, ...).
+COMFYUI_MODULE_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "CogVideoXTransformer3DModel": (
+        ("transformer_blocks.{i}.attn1.to_q", "blocks.{i}.q"),
+        ("transformer_blocks.{i}.attn1.to_k", "blocks.{i}.k"),
+        ("transformer_blocks.{i}.attn1.to_v", "blocks.{i}.v"),
+        ("transformer_blocks.{i}.attn1.to_out.0", "blocks.{i}.attn_out"),
+        ("transformer_blocks.{i}.ff.net.0.proj", "blocks.{i}.ff_proj"),
+        ("transformer_blocks.{i}.ff.net.2", "blocks.{i}.ff_out"),
+        ("transformer_blocks.{i}.norm1.linear", "blocks.{i}.norm1.linear"),
+        ("transformer_blocks.{i}.norm2.linear", "blocks.{i}.norm2.linear"),
+        ("time_embedding.linear_{i}", "time_embedding_linear_{i}"),
+        ("ofs_embedding.linear_{i}", "ofs_embedding_linear_{i}"),
+        ("patch_embed.proj", "patch_embed.proj"),
+        ("patch_embed.text_proj", "patch_embed.text_proj"),
+        ("norm_out.linear", "norm_out.linear"),
+        ("proj_out", "proj_out"),
+    ),
+}
+COMFYUI_PREFIX = "diffusion_model."
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$")
+
+
+def rename_module(name: str, model: str, *, to_comfyui: bool = True) -> str:
+    """A module name of ``model`` in diffusers' naming -> ComfyUI's (or back, ``to_comfyui=False``)."""
+    for diffusers_name, comfy_name in COMFYUI_MODULE_NAMES[model]:
+        source, target = (diffusers_name, comfy_name) if to_comfyui else (comfy_name, diffusers_name)
+        m = _template_regex(source).match(name)
+        if m:
+            return target.replace("{i}", m.group("i")) if "i" in m.groupdict() else target
+    side = "ComfyUI" if to_comfyui else "diffusers"
+    raise LayerkitError(f"module '{name}' of {model} has no known {side} name, so this LoRA cannot be exported for {side}.")
+
+
+def _split_lora(lora: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``<module>.lora_A.weight`` / ``lora_B.weight`` -> module -> (A [r, in], B [out, r])."""
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in lora})
+    out = {}
+    for module in modules:
+        a, b = lora.get(f"{module}.lora_A.weight"), lora.get(f"{module}.lora_B.weight")
+        if a is None or b is None:
+            raise LayerkitError(f"LoRA module '{module}' lacks its lora_A or lora_B weight.")
+        out[module] = (a, b)
+    return out
+
+
+def write_diffusers_lora(path: str, lora: dict[str, torch.Tensor], *, rank: int, alpha: float, prefix: str,
+                         metadata: dict | None = None) -> str:
+    """diffusers/peft keys with alpha/rank folded into ``lora_B`` (the file means alpha = rank)."""
+    from layerkit.io.weights import save_weights
+
+    scale = float(alpha) / float(rank)
+    state = {}
+    for module, (a, b) in _split_lora(lora).items():
+        state[f"{prefix}.{module}.lora_A.weight"] = a
+        state[f"{prefix}.{module}.lora_B.weight"] = b * scale
+    meta = {"format": "pt", "layerkit_lora_rank": int(rank), "layerkit_lora_alpha": float(alpha),
+            "layerkit_lora_B_scaled_by": scale, **(metadata or {})}
+    save_weights(path, state, metadata=meta)
+    return path
+
+
+def write_comfyui_lora(path: str, lora: dict[str, torch.Tensor], *, alpha: float, model: str,
+                       metadata: dict | None = None) -> str:
+    """ComfyUI's generic layout: ``diffusion_model.<module>.lora_down.weight`` (A), ``lora_up.weight``
+    (B) and ``alpha`` (a scalar; ComfyUI scales by alpha / rank), under ComfyUI's module names."""
+    from layerkit.io.weights import save_weights
+
+    state = {}
+    for module, (a, b) in _split_lora(lora).items():
+        key = COMFYUI_PREFIX + rename_module(module, model)
+        state[f"{key}.lora_down.weight"] = a
+        state[f"{key}.lora_up.weight"] = b
+        state[f"{key}.alpha"] = torch.tensor(float(alpha))
+    save_weights(path, state, metadata={"format": "pt", "layerkit_lora_alpha": float(alpha), **(metadata or {})})
+    return path
+
+
+def read_comfyui_lora(state: dict[str, torch.Tensor], model: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """A ComfyUI LoRA state dict (``write_comfyui_lora``'s layout) -> diffusers-named raw weights
+    ``<module>.lora_A.weight`` / ``lora_B.weight`` and each module's alpha."""
+    lora, alphas = {}, {}
+    for key, value in state.items():
+        if not key.startswith(COMFYUI_PREFIX):
+            raise LayerkitError(f"ComfyUI LoRA key '{key}' does not start with '{COMFYUI_PREFIX}'.")
+        for suffix, part in ((".lora_down.weight", "lora_A"), (".lora_up.weight", "lora_B"), (".alpha", None)):
+            if key.endswith(suffix):
+                module = rename_module(key[len(COMFYUI_PREFIX) : -len(suffix)], model, to_comfyui=False)
+                if part is None:
+                    alphas[module] = float(value)
+                else:
+                    lora[f"{module}.{part}.weight"] = value
+                break
+        else:
+            raise LayerkitError(f"ComfyUI LoRA key '{key}' is not a lora_down/lora_up weight or an alpha.")
+    return lora, alphas

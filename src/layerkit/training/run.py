@@ -123,6 +123,8 @@ def train(overrides: Sequence[str], *, registry: Registry | None = None, callbac
         )
         exported = []
         for adapter in parts.adapters.values():
+            if not adapter.trainable_parameters():
+                continue  # frozen in this stage: its file came from an earlier one
             exported += adapter.export(parts.backbone, str(output_dir / "export"), cfg.export.formats)
         write_record(
             output_dir,
