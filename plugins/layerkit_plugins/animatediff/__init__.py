@@ -10,7 +10,8 @@ from layerkit import hookimpl
 def register_backbones(register):
     register("animatediff", "layerkit_plugins.animatediff.backbone:from_pretrained",
              description="SD 1.5 + AnimateDiff motion module (diffusers folder or original .safetensors/.ckpt) "
-                         "with optional LayerDiffuse transparent encoder/decoder")
+                         "with optional LayerDiffuse transparent encoder/decoder and SD 1.5 transparent attention "
+                         "(stage-1 images)")
     register("animatediff.tiny", "layerkit_plugins.animatediff.backbone:tiny",
              description="tiny AnimateDiff + LayerDiffuse built from configs on the spot (seeded), for tests")
 

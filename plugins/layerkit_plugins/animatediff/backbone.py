@@ -12,11 +12,19 @@ in [-1, 1]); latents [B, 4, F, H/8, W/8] scaled by the VAE's 0.18215; no tempora
 * ``predict`` calls ``UNetMotionModel(sample [B, C, F, h, w], t, prompt embeds repeated per
   frame)`` exactly as diffusers' ``AnimateDiffPipeline`` does; ``prepare_noise`` draws the
   pipeline's [B, C, F, h, w] noise so seeds match it.
+* Stage 1 (Layer-Animate's transparent image): :meth:`AnimateDiff.generate_images` runs the
+  SD 1.5 ``UNet2DConditionModel`` held inside the motion UNet (:func:`share_image_unet`: the
+  same modules, no second copy of the weights) with LayerDiffuse's transparent attention
+  (``transparent_attn``, see ``transparent_attn.py``) through layerkit's sampling loop, then
+  decodes RGBA with the transparent decoder. ``transparent_attn_video`` keeps that attention
+  on in the video UNet too (the "layer diffusion model + motion module" of the paper).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +35,59 @@ from layerkit.protocols import Backbone
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+#: UNetMotionModel block type -> the UNet2DConditionModel block it wraps
+_IMAGE_BLOCKS = {"CrossAttnDownBlockMotion": "CrossAttnDownBlock2D", "DownBlockMotion": "DownBlock2D",
+                 "CrossAttnUpBlockMotion": "CrossAttnUpBlock2D", "UpBlockMotion": "UpBlock2D",
+                 "UNetMidBlockCrossAttnMotion": "UNetMidBlock2DCrossAttn"}
+
+
+def image_unet_config(unet: nn.Module) -> dict[str, Any]:
+    """A ``UNet2DConditionModel`` config for the spatial part of a ``UNetMotionModel``."""
+    import inspect
+
+    from diffusers import UNet2DConditionModel
+
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    for key in ("down_block_types", "up_block_types"):
+        config[key] = tuple(_IMAGE_BLOCKS.get(t, t) for t in config[key])
+    if config.get("mid_block_type") in _IMAGE_BLOCKS:
+        config["mid_block_type"] = _IMAGE_BLOCKS[config["mid_block_type"]]
+    accepted = set(inspect.signature(UNet2DConditionModel.__init__).parameters)
+    return {k: v for k, v in config.items() if k in accepted}
+
+
+def share_image_unet(motion_unet: nn.Module, config: Mapping[str, Any]) -> nn.Module:
+    """A ``UNet2DConditionModel`` whose every module *is* the motion UNet's spatial module.
+
+    Built on the meta device, then each child (conv_in, time embedding, each block's
+    resnets/attentions/samplers, mid block, output head) is replaced by the motion UNet's
+    own: no weight is copied, and whatever moves, casts or patches the video UNet (devices,
+    dtypes, attention processors) applies to this view as well.
+    """
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        view = UNet2DConditionModel.from_config(dict(config))
+
+    def share(target: nn.Module, source: nn.Module, where: str) -> None:
+        for name, _ in list(target.named_children()):
+            if name in ("down_blocks", "up_blocks"):
+                for i, (t, s) in enumerate(zip(getattr(target, name), getattr(source, name), strict=True)):
+                    share(t, s, f"{where}{name}.{i}.")
+            elif name == "mid_block":
+                share(target.mid_block, source.mid_block, f"{where}mid_block.")
+            else:
+                child = getattr(source, name, None)
+                if child is None:
+                    raise LayerkitError(f"the motion UNet has no '{where}{name}' to share with the image UNet.")
+                setattr(target, name, child)
+
+    share(view, motion_unet, "")
+    left = [n for n, t in [*view.named_parameters(), *view.named_buffers()] if t.is_meta]
+    if left:
+        raise LayerkitError(f"the image UNet could not share {len(left)} tensors with the motion UNet (first {left[0]}).")
+    return view.eval()
+
 
 class AnimateDiff(Backbone):
     latent_channels = 4
@@ -36,15 +97,35 @@ class AnimateDiff(Backbone):
     def __init__(self, unet: nn.Module, motion_adapter: nn.Module | None, vae: nn.Module, text_encoder: nn.Module,
                  tokenizer: Any, scheduler_config: dict[str, Any], offset_encoder: nn.Module | None = None,
                  transparent_decoder: nn.Module | None = None, decoder_tta: bool = False, rgba_decode: bool = True,
-                 gradient_checkpointing: bool = False, vae_batch: int = 16) -> None:
+                 gradient_checkpointing: bool = False, vae_batch: int = 16,
+                 transparent_attn: str | Path | Mapping[str, torch.Tensor] | nn.Module | None = None,
+                 transparent_attn_video: bool = True, allow_pickle: bool = False) -> None:
         super().__init__()
         from diffusers import UNetMotionModel
+
+        from layerkit_plugins.animatediff.transparent_attn import (
+            TransparentAttention,
+            load_transparent_attention,
+        )
 
         if not isinstance(unet, UNetMotionModel):
             if motion_adapter is None:
                 raise LayerkitError("animatediff needs a motion adapter (motion_adapter=<folder or motion-module file>).")
+            image_config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
             unet = UNetMotionModel.from_unet2d(unet, motion_adapter)
+        else:
+            image_config = image_unet_config(unet)
         self.denoiser = unet
+        self.image_config = image_config
+        if transparent_attn is None or isinstance(transparent_attn, TransparentAttention):
+            attn = transparent_attn
+        else:  # a file path or a state dict with the published key names
+            attn = load_transparent_attention(unet, transparent_attn, allow_pickle=allow_pickle)
+        if attn is not None:
+            attn.install(unet)
+            attn.enabled = bool(transparent_attn_video)
+        self.transparent_attn = attn
+        self.transparent_attn_video = bool(transparent_attn_video)
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -128,15 +209,17 @@ class AnimateDiff(Backbone):
         offset = self.offset_encoder(torch.cat([alpha, padded], dim=1).to(x.dtype))
         return posterior.mean + posterior.std * offset
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """[B, 4, F, h, w] -> [B, F, 3, H, W] (or RGBA [B, F, 4, H, W]) in [-1, 1]."""
+    def decode_latents(self, latents: torch.Tensor, rgba: bool | None = None) -> torch.Tensor:
+        """[B, 4, F, h, w] -> [B, F, 3, H, W] (or RGBA [B, F, 4, H, W]) in [-1, 1]; ``rgba``
+        overrides the backbone's ``rgba_decode``."""
+        rgba = self.rgba_decode if rgba is None else bool(rgba)
         b, _, f = latents.shape[:3]
         z = (latents / self.scaling_factor).permute(0, 2, 1, 3, 4).flatten(0, 1)
         param = next(self.vae.parameters())
         out = []
         for chunk in self._frames(z.to(param.device, param.dtype)):
             pixel = self.vae.decode(chunk).sample
-            if self.rgba_decode and self.transparent_decoder is not None:
+            if rgba and self.transparent_decoder is not None:
                 y = self.transparent_decoder.decode((pixel.clamp(-1, 1) + 1) / 2, chunk, tta=self.decoder_tta)
                 pixel = torch.cat([y[:, 1:], y[:, :1]], dim=1) * 2 - 1  # [alpha, rgb] -> [rgb, alpha]
             out.append(pixel)
@@ -163,16 +246,114 @@ class AnimateDiff(Backbone):
     def attach_points(self) -> dict[str, nn.Module]:
         return {"denoiser": self.denoiser, "vae": self.vae}
 
+    # -- stage 1: the transparent image ----------------------------------------------------
+    def image_unet(self) -> nn.Module:
+        """The SD 1.5 ``UNet2DConditionModel`` inside the motion UNet (shared modules, built once)."""
+        view = self.__dict__.get("_image_unet")
+        if view is None:
+            view = share_image_unet(self.denoiser, self.image_config)
+            self.__dict__["_image_unet"] = view  # not a submodule: its weights are the denoiser's
+        return view
+
+    def image_stage(self) -> ImageStage:
+        stage = self.__dict__.get("_image_stage")
+        if stage is None:
+            stage = ImageStage(self)
+            self.__dict__["_image_stage"] = stage
+        return stage
+
+    @torch.no_grad()
+    def generate_images(self, prompts: Sequence[str], *, height: int, width: int, steps: int = 25,
+                        guidance_scale: float = 7.5, guidance_rescale: float = 0.0, negative_prompt: str = "",
+                        scheduler: str | None = None, generator: torch.Generator | None = None,
+                        progress: bool = False, require_transparent_attn: bool = True,
+                        return_latents: bool = False) -> torch.Tensor:
+        """Layer-Animate stage 1: prompts -> transparent images [B, 4, H, W], straight RGBA in [0, 1].
+
+        The SD 1.5 image UNet with LayerDiffuse's transparent attention samples transparent
+        latents through layerkit's loop (same schedulers and guidance as stage 2); the VAE and
+        then the transparent decoder turn them into RGBA. ``return_latents`` returns the
+        scaled latents [B, 4, h, w] instead (what diffusers' ``output_type="latent"`` gives).
+        """
+        from layerkit.pipeline import Parts
+        from layerkit.protocols import Packed, Segment, Task
+        from layerkit.sampling.loop import SamplerOptions, denoise
+
+        if self.transparent_attn is None and require_transparent_attn:
+            raise LayerkitError(
+                "stage 1 (prompt -> transparent image) needs LayerDiffuse's transparent attention: set "
+                "backbone.transparent_attn to layer_sd15_transparent_attn.safetensors."
+            )
+        if self.transparent_decoder is None and not return_latents:
+            raise LayerkitError(
+                "stage 1 decodes RGBA with the LayerDiffuse transparent decoder: set backbone.transparent_decoder "
+                "to layer_sd15_vae_transparent_decoder.safetensors."
+            )
+        packed = Packed([Segment("image", 1)], torch.zeros(len(prompts), 1, dtype=torch.bool),
+                        [[p] for p in prompts], int(height), int(width))
+        options = SamplerOptions(steps=int(steps), guidance_scale=float(guidance_scale),
+                                 guidance_rescale=float(guidance_rescale), scheduler=scheduler,
+                                 negative_prompt=negative_prompt, progress=progress)
+        switched = self.transparent_attn.switched(True) if self.transparent_attn is not None else nullcontext()
+        with switched:
+            latents = denoise(Parts(self.image_stage(), Task()), packed, options, generator=generator)
+        if return_latents:
+            return latents[:, :, 0]
+        rgba = self.decode_latents(latents, rgba=True)[:, 0]
+        return ((rgba.float() + 1) / 2).clamp(0, 1)
+
     # -- memory ----------------------------------------------------------------------------
     def components_for_offload(self) -> list[nn.Module]:
         order = [self.vae, self.offset_encoder, self.text_encoder, self.denoiser, self.transparent_decoder]
         return [m for m in order if m is not None]
+
+    def enable_memory_options(self, options: dict[str, bool], device: torch.device) -> None:
+        super().enable_memory_options(options, device)
+        if options.get("cpu_offload") and self.transparent_attn is not None:
+            # the units run inside the denoiser's attentions: keep them where the denoiser runs
+            self.transparent_attn.to(device)
 
     def enable_vae_tiling(self) -> None:
         self.vae.enable_tiling()
 
     def enable_vae_slicing(self) -> None:
         self.vae.enable_slicing()
+
+
+class ImageStage(Backbone):
+    """The SD 1.5 image model of an :class:`AnimateDiff` backbone as a layerkit backbone, so
+    stage 1 runs through the same sampling loop: one latent frame, ``UNet2DConditionModel``.
+    Everything but the view is the video backbone's (encoders, VAE, schedule)."""
+
+    latent_channels = 4
+
+    def __init__(self, video: AnimateDiff) -> None:
+        super().__init__()
+        self.__dict__["video"] = video  # not a submodule
+        self.denoiser = video.image_unet()
+
+    def make_scheduler(self, kind: str = "train", name: str | None = None) -> Any:
+        return self.video.make_scheduler(kind, name)
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        return self.video.latent_size(height, width)
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        return self.video.encode_video(video)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.video.decode_latents(latents)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.video.encode_prompts(prompts)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        if noisy.shape[2] != 1:
+            raise LayerkitError(f"the image stage samples one frame; got {noisy.shape[2]}.")
+        dtype = self.denoiser.dtype
+        text = cond["prompt_embeds"].to(noisy.device, dtype)
+        out = self.denoiser(noisy[:, :, 0].to(dtype), timesteps, encoder_hidden_states=text, return_dict=False)[0]
+        return out.unsqueeze(2).to(noisy.dtype)
 
 
 # ----------------------------------------------------------------------------------------
@@ -202,7 +383,8 @@ def from_pretrained(path: str | None = None, motion_adapter: str | None = None,
                     motion_adapter_config: dict[str, Any] | None = None, encoder_config: dict[str, Any] | None = None,
                     decoder_config: dict[str, Any] | None = None,
                     allow_pickle: bool = False, dtype: str = "fp32", gradient_checkpointing: bool = False,
-                    vae_batch: int = 16) -> AnimateDiff:
+                    vae_batch: int = 16, transparent_attn: str | None = None,
+                    transparent_attn_video: bool = True) -> AnimateDiff:
     """SD 1.5 diffusers folder (``path``) + motion adapter (diffusers folder or original file)
     + optional LayerDiffuse transparent encoder/decoder files (published sizes unless
     ``encoder_config``/``decoder_config`` say otherwise). ``scheduler`` overrides the folder's
@@ -222,15 +404,23 @@ def from_pretrained(path: str | None = None, motion_adapter: str | None = None,
     config = {**parts.pop("scheduler_config"), **(scheduler or {})}
     return AnimateDiff(motion_adapter=adapter, scheduler_config=config, decoder_tta=decoder_tta,
                        rgba_decode=rgba_decode, gradient_checkpointing=gradient_checkpointing, vae_batch=vae_batch,
-                       **parts, **_transparency(transparent_encoder, transparent_decoder, allow_pickle, encoder_config,
+                       transparent_attn=transparent_attn or None, transparent_attn_video=transparent_attn_video,
+                       allow_pickle=allow_pickle, **parts, **_transparency(transparent_encoder, transparent_decoder, allow_pickle, encoder_config,
                                      decoder_config))
 
 
 def tiny(seed: int = 0, text_tokens: int = 16, transparent: bool = True, decoder_tta: bool = False,
-         rgba_decode: bool = True, scheduler: dict[str, Any] | None = None, vae_batch: int = 16) -> AnimateDiff:
-    """The tiny AnimateDiff + LayerDiffuse, built from configs on the spot (seeded)."""
-    from layerkit_plugins.animatediff.tiny import tiny_components
+         rgba_decode: bool = True, scheduler: dict[str, Any] | None = None, vae_batch: int = 16,
+         transparent_attn: str | None = None, transparent_attn_video: bool = True) -> AnimateDiff:
+    """The tiny AnimateDiff + LayerDiffuse, built from configs on the spot (seeded).
+    ``transparent_attn``: a file with the published key names for the tiny UNet's attentions
+    (``tiny.save_tiny`` writes one), or ``"random"`` for seeded random units."""
+    from layerkit_plugins.animatediff.tiny import random_transparent_attn_state, tiny_components
 
     parts = tiny_components(seed, text_tokens, transparent)
     parts["scheduler_config"].update(scheduler or {})
-    return AnimateDiff(decoder_tta=decoder_tta, rgba_decode=rgba_decode, vae_batch=vae_batch, **parts)
+    if transparent_attn == "random":
+        transparent_attn = random_transparent_attn_state(parts["unet"], seed=seed)
+    return AnimateDiff(decoder_tta=decoder_tta, rgba_decode=rgba_decode, vae_batch=vae_batch,
+                       transparent_attn=transparent_attn or None, transparent_attn_video=transparent_attn_video,
+                       **parts)

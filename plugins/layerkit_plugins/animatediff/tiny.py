@@ -97,9 +97,31 @@ def tiny_components(seed: int = 0, text_tokens: int = 16, transparent: bool = Tr
     return parts
 
 
+def random_transparent_attn_state(unet: torch.nn.Module, seed: int = 0, rank: int = 256,
+                                  strength: float = 1.0) -> dict[str, torch.Tensor]:
+    """Seeded random weights for LayerDiffuse's transparent attention on ``unet``, under the
+    published key names (``hookers.layers.N.…``, see ``transparent_attn.py``) and the
+    published rank (256): the stand-in for ``layer_sd15_transparent_attn.safetensors``."""
+    from layerkit_plugins.animatediff.transparent_attn import TransparentAttention
+
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {k: tuple(v.shape) for k, v in TransparentAttention(unet, rank=rank).state_dict().items()}
+    state = {}
+    for key, shape in shapes.items():
+        if key.endswith("temporal_n.weight"):
+            state[key] = torch.ones(shape)
+        elif key.endswith("temporal_n.bias"):
+            state[key] = torch.zeros(shape)
+        else:
+            std = 0.05 if ("lora" in key or "temporal_o" in key) else shape[-1] ** -0.5
+            state[key] = torch.randn(shape, generator=generator) * std * strength
+    return state
+
+
 def save_tiny(directory: str | Path, seed: int = 0, text_tokens: int = 16) -> dict[str, Path]:
     """Write the tiny model the way users hold the real one: an SD 1.5 diffusers folder, a
-    MotionAdapter folder and the two LayerDiffuse safetensors. Returns their paths."""
+    MotionAdapter folder and the three LayerDiffuse safetensors (transparent encoder,
+    decoder and attention). Returns their paths."""
     from diffusers import DDIMScheduler
     from safetensors.torch import save_file
 
@@ -113,5 +135,7 @@ def save_tiny(directory: str | Path, seed: int = 0, text_tokens: int = 16) -> di
     enc, dec = root / "transparent_encoder.safetensors", root / "transparent_decoder.safetensors"
     save_file({k: v.contiguous() for k, v in parts["offset_encoder"].state_dict().items()}, str(enc))
     save_file({k: v.contiguous() for k, v in parts["transparent_decoder"].state_dict().items()}, str(dec))
+    attn = root / "transparent_attn.safetensors"
+    save_file(random_transparent_attn_state(parts["unet"], seed=seed), str(attn))
     return {"path": sd, "motion_adapter": root / "motion_adapter", "transparent_encoder": enc,
-            "transparent_decoder": dec}
+            "transparent_decoder": dec, "transparent_attn": attn}

@@ -1,5 +1,6 @@
-"""Layer-Animate's transparent video (seed 003): Inter-Frame Attention, the i2v/t2v tasks,
-and RGBA sprite clips from the shapes world. Pairs with the ``animatediff`` backbone."""
+"""Layer-Animate's transparent video (seed 003): Inter-Frame Attention, the i2v/t2v tasks with
+stage 1 (LayerDiffuse transparent image) for t2v, RGBA sprite clips from the shapes world and
+folders of real RGBA videos. Pairs with the ``animatediff`` backbone."""
 
 from __future__ import annotations
 
@@ -18,13 +19,24 @@ def register_tasks(register):
     register("transparent.i2v", "layerkit_plugins.transparent.task:i2v_task",
              description="RGBA image as the clean middle frame -> RGBA video")
     register("transparent.t2v", "layerkit_plugins.transparent.task:t2v_task",
-             description="prompt -> RGBA video (all frames generated)")
+             description="prompt -> transparent image (stage 1, LayerDiffuse) -> RGBA video around it (stage 2)")
+
+
+@hookimpl
+def register_controls(register):
+    register("transparent.stage1", "layerkit_plugins.transparent.stage1:TransparentStage1",
+             description="Layer-Animate stage 1 for t2v: the prompt's transparent middle frame from the backbone's "
+                         "SD 1.5 image UNet + LayerDiffuse transparent attention + transparent decoder")
 
 
 @hookimpl
 def register_datasets(register):
     register("shapes_rgba", "layerkit_plugins.transparent.data:RGBASpriteClips",
              description="shapes-world sprites on a transparent background: rgba [F, 4, H, W] + prompt")
+    register("transparent.rgba_folder", "layerkit_plugins.transparent.data:RGBAFolder",
+             description="a folder of RGBA videos (.mov ProRes 4444, .webm VP9 alpha, PNG folders) with captions")
+    register("transparent.sampling_only", "layerkit_plugins.transparent.data:SamplingOnly",
+             description="data of sampling-only experiments (the paper's baselines): refuses to train, saying why")
 
 
 @hookimpl

@@ -45,19 +45,34 @@ class InterFrameProcessor:
 
     A plain object (not an ``nn.Module``) so the trainable weights stay owned by the adapter
     and are not registered a second time inside the UNet.
+
+    When nothing needs gradients and W_O' is exactly zero (a freshly attached adapter, before
+    any training), Out' is exactly zero and is not computed; whether W_O' is zero is checked
+    once per change of the weight (its version counter), not per call.
     """
 
     def __init__(self, base: Any, to_q: nn.Linear, to_out: nn.Linear, adapter: InterFrameAttention,
                  context: StepContext) -> None:
         self.base, self.to_q, self.to_out, self.adapter, self.context = base, to_q, to_out, adapter, context
+        self._zero: tuple[tuple[int, int], bool] | None = None
 
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         ctx = self.context
-        if not ctx.active or encoder_hidden_states is not None or self.adapter.scale == 0:
+        if not ctx.active or encoder_hidden_states is not None or self.adapter.scale == 0 or self.output_is_zero():
             return out
         return out + self.inter_frame(attn, hidden_states).to(out.dtype)
+
+    def output_is_zero(self) -> bool:
+        """True when Out' is exactly zero and no gradient could flow through it."""
+        weight = self.to_out.weight
+        if torch.is_grad_enabled() and (weight.requires_grad or self.to_q.weight.requires_grad):
+            return False
+        stamp = (weight.data_ptr(), weight._version)
+        if self._zero is None or self._zero[0] != stamp:
+            self._zero = (stamp, not bool(weight.detach().any()))
+        return self._zero[1]
 
     def inter_frame(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x [B*F, L, D] -> Out' [B*F, L, D_out]."""
@@ -83,8 +98,9 @@ class InterFrameProcessor:
         o = self.to_out(o.transpose(1, 2).reshape(b * f, length, heads * d))
         scale = self.context.scale_for(self.adapter.name, b * f, default=1.0)
         if isinstance(scale, torch.Tensor):
-            scale = scale.to(o.dtype).view(-1, 1, 1)
-        return o * (scale * self.adapter.scale)
+            return o * (scale.to(o.dtype).view(-1, 1, 1) * self.adapter.scale)
+        scale = scale * self.adapter.scale
+        return o if scale == 1 else o * scale
 
 
 class InterFrameAttention(Adapter):

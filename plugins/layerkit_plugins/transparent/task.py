@@ -4,16 +4,27 @@ A sample is one RGBA clip ``rgba`` [B, F, 4, H, W] in [0, 1] (straight alpha) an
 Frames travel to the backbone as 4-channel segments (straight RGB and alpha, both in
 [-1, 1]); the backbone's LayerDiffuse offset encoder turns them into transparent latents.
 
-i2v packs the clip as three segments in time order, ``before`` (frames 0..m-1),
-``reference`` (frame m) and ``after`` (frames m+1..F-1), with only ``reference`` given. A
-Packed marks whole segments as given, so the cut puts exactly one frame in the given
-segment: it is never noised, re-imposed at every sampling step and left out of the loss,
-while the concatenated latents are still the whole clip in order (AnimateDiff has no
+Stage 2 (both tasks) packs the clip as three segments in time order, ``before`` (frames
+0..m-1), ``reference`` (frame m) and ``after`` (frames m+1..F-1), with only ``reference``
+given. A Packed marks whole segments as given, so the cut puts exactly one frame in the
+given segment: it is never noised, re-imposed at every sampling step and left out of the
+loss, while the concatenated latents are still the whole clip in order (AnimateDiff has no
 temporal compression, so encoding three pieces equals encoding the clip). ``extras``
-carries ``reference_frame`` = m for the Inter-Frame Attention adapter. At sampling the
-reference is the user's RGBA image (stage 1 of the paper, e.g. from LayerDiffuse).
+carries ``reference_frame`` = m for the Inter-Frame Attention adapter.
 
-t2v packs one generated segment; the adapter still reads the middle frame's keys.
+i2v: the reference is the user's RGBA image (``inputs.image``) or, without one, the middle
+frame of a held-out shapes-world clip.
+
+t2v = stage 1 then stage 2. Its sampling inputs carry ``stage1`` (and no reference); the
+``transparent.stage1`` control (added by the ``transparent_t2v`` task config) generates the
+transparent middle frame from the prompt with the backbone's SD 1.5 image UNet, LayerDiffuse
+transparent attention and transparent decoder, and stage 2 packs it as above. A t2v sample
+that still has no reference when packed is an error naming the missing control. Training a
+t2v config trains stage 2 exactly as i2v does (stage 1 is LayerDiffuse, trained elsewhere).
+
+``pack`` without ``stage1`` and without a reference (only called that way directly, e.g. by
+the equivalence tests) gives one generated segment ``video``: every frame sampled from noise
+by the video UNet, the adapter still reading frame m.
 """
 
 from __future__ import annotations
@@ -66,14 +77,19 @@ class TransparentTask(Task):
         m = self.reference_index(f)
         prompts = [[p] for p in self._prompts(batch, b)]
         extras = {"reference_frame": m}
-        if self.mode == "t2v":
-            seg = Segment("video", f, video if training else None)
-            return Packed([seg], torch.zeros(b, 1, dtype=torch.bool), prompts, h, w, extras=extras)
         ref = batch.get("reference")
-        if ref is not None:  # a user's RGBA image [B, 4, H, W] in [0, 1]
+        if ref is not None:  # an RGBA image [B, 4, H, W] in [0, 1]: the user's, or stage 1's
             reference = ref.float()[:, None] * 2 - 1
         elif video is not None:
             reference = video[:, m : m + 1]
+        elif self.mode == "t2v" and not _any(batch.get("stage1")):
+            seg = Segment("video", f, None)  # one stage: every frame from noise
+            return Packed([seg], torch.zeros(b, 1, dtype=torch.bool), prompts, h, w, extras=extras)
+        elif self.mode == "t2v":
+            raise LayerkitError(
+                "transparent.t2v generates its middle frame with stage 1 first, but no stage-1 image reached the "
+                "task: keep controls.stage1 (the transparent_stage1 control that task=transparent_t2v adds)."
+            )
         else:
             raise LayerkitError("transparent.i2v needs a reference RGBA image (inputs.image) or an 'rgba' clip.")
         pieces = [("before", 0, m), ("reference", m, m + 1), ("after", m + 1, f)]
@@ -98,9 +114,11 @@ class TransparentTask(Task):
     # -- sampling inputs ----------------------------------------------------------------------
     def sample_inputs(self, inputs: dict[str, Any], *, height: int, width: int,
                       num_frames: int) -> list[dict[str, Any]]:
-        """One sample per output. ``prompt`` and (i2v) ``image`` (an RGBA image file) come from
-        the user; without an image, held-out shapes-world sprite clips give the reference
-        frame, the prompt and the ground truth the evaluator scores against."""
+        """One sample per output. ``prompt`` and ``image`` (an RGBA image file) come from the
+        user. i2v without an image takes the reference frame, prompt and ground truth from
+        held-out shapes-world sprite clips. t2v marks each sample for stage 1 (``stage1``,
+        ``sample_index``); a t2v ``image`` skips stage 1. Without a user prompt the prompt (and
+        the ground truth the evaluator scores against) comes from a held-out sprite clip."""
         from layerkit.data.shapes import ShapesConfig, make_rgba_sprite_clip, seed_for
 
         n = int(inputs.get("num_samples", self.num_samples))
@@ -114,6 +132,11 @@ class TransparentTask(Task):
                                       "height": height, "width": width}
             if image is not None:
                 sample["reference"] = image
+            elif self.mode == "t2v":
+                sample["stage1"] = True
+                sample["sample_index"] = i
+                if not inputs.get("prompt"):
+                    sample["ground_truth"] = clip
             else:
                 sample["reference"] = clip["rgba"][self.reference_index(num_frames)]
                 sample["ground_truth"] = clip
@@ -141,6 +164,17 @@ class TransparentTask(Task):
         from layerkit.data.evaluate import evaluate_rgba_video, summarise
 
         return summarise([evaluate_rgba_video(out["foreground"], t) for out, t in zip(outputs, truth, strict=True)])
+
+
+def _any(value: Any) -> bool:
+    """True when a collated flag (bool, list or tensor [B]) is set for any sample."""
+    if value is None:
+        return False
+    if isinstance(value, torch.Tensor):
+        return bool(value.any())
+    if isinstance(value, list | tuple):
+        return any(bool(v) for v in value)
+    return bool(value)
 
 
 def _first(value: Any) -> int:
