@@ -50,7 +50,23 @@ def _register_resolvers() -> None:
 
 
 def compose(primary: str, overrides: Sequence[str], registry: Registry) -> DictConfig:
-    """Compose ``primary`` (``train`` or ``sample``) with command-line ``overrides``."""
+    """Compose ``primary`` (``train`` or ``sample``) with command-line ``overrides``.
+
+    A primary config may name a ``default_experiment``: it applies when the command line
+    names none (``layerkit sample`` alone runs the embedded default; ``+experiment=NAME``
+    replaces it).
+    """
+    overrides = list(overrides)
+    if not any(o.lstrip("+~").startswith("experiment=") for o in overrides):
+        head = _compose(primary, [o for o in overrides if o.startswith("default_experiment=")], registry)
+        if head.get("default_experiment"):
+            overrides.insert(0, f"+experiment={head.default_experiment}")
+    cfg = _compose(primary, overrides, registry)
+    validate(cfg, registry)
+    return cfg
+
+
+def _compose(primary: str, overrides: Sequence[str], registry: Registry) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -72,7 +88,6 @@ def compose(primary: str, overrides: Sequence[str], registry: Registry) -> DictC
     if "hydra" in cfg:
         with _writable(cfg):
             del cfg["hydra"]
-    validate(cfg, registry)
     return cfg
 
 
