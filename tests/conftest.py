@@ -32,7 +32,7 @@ TINY_SAMPLE = [
 
 @pytest.fixture(autouse=True)
 def _small_torch():
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("LAYERKIT_TEST_THREADS", "2")))
     yield
 
 

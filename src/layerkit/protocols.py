@@ -284,7 +284,9 @@ class Control(nn.Module):
     def prepare(self, sample: dict[str, Any]) -> dict[str, Any]:
         return sample
 
-    def forward(self, packed: Packed, backbone: Backbone, latents: torch.Tensor) -> Any:  # noqa: D401
+    def forward(self, packed: Packed, backbone: Backbone, noisy: torch.Tensor, timesteps: torch.Tensor) -> Any:
+        """Per call: noisy latents [B, C, f, h, w] and timesteps [B]; a control that ignores
+        them (LayerAnimate's Layer ControlNet) may compute its features from ``packed`` alone."""
         raise NotImplementedError
 
 
