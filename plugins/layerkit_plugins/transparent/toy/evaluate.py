@@ -1,0 +1,125 @@
+"""Score the toy transparent model and its ablations on held-out shapes-world sprites.
+
+Every row samples through ``layerkit.sampling.run.sample`` exactly as ``layerkit sample`` does
+(image-to-video: the middle frame of held-out test clip i is imposed clean, the prompt is
+the clip's) and reads the evaluator's figures from the run's record.json
+(``layerkit.data.evaluate.evaluate_rgba_video``, averaged over the clips). Two reference
+rows are scored directly: the ground-truth clips themselves and their round trip through
+the toy's latent space (offset encoder + VAE, then VAE + transparent decoder), the best any
+generator in that latent space can do.
+
+    python -m layerkit_plugins.transparent.toy.evaluate [--num-samples 16] [--out runs/toy_transparent_eval]
+
+Without ``--base``/``--weights-dir`` it scores the committed weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: (row label, experiment, what the row is)
+ROWS = (
+    ("base (no stage 2)", "toy_transparent_base",
+     "the toy base with the middle frame imposed, nothing trained for i2v"),
+    ("baseline: motion module, no IFA", "toy_transparent_baseline", "stage 2 trains the motion module"),
+    ("toy_transparent: Inter-Frame Attention", "toy_transparent", "stage 2 trains W_Q' and W_O' only"),
+)
+#: evaluator figures in the table: (key, header, better)
+COLUMNS = (
+    ("alpha_iou", "alpha IoU", "higher"),
+    ("alpha_temporal_error", "alpha temporal error", "lower"),
+    ("identity_drift", "identity drift", "lower"),
+    ("colour_correct", "colour correct", "higher"),
+    ("shape_correct", "shape correct", "higher"),
+    ("direction_correct", "direction correct", "higher"),
+)
+WEIGHT_FILES = {"toy_transparent": "inter_frame_attention.safetensors",
+                "toy_transparent_baseline": "baseline_motion_module.safetensors"}
+
+
+def sample_row(experiment: str, out: Path, *, num_samples: int, seed: int, base: str | None,
+               weights: str | None, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Sample ``num_samples`` held-out clips with ``experiment``; its record's metrics plus timing."""
+    from layerkit.sampling.run import sample
+
+    overrides = [f"+experiment={experiment}", f"output_dir={out}", "overwrite=true",
+                 f"+inputs.num_samples={num_samples}", f"+inputs.seed={seed}", "sampler.progress=false", *extra]
+    if base:
+        overrides.append(f"toy.base={base}")
+    if weights:
+        overrides.append(f"weights={weights}")
+    started = time.perf_counter()
+    path = sample(overrides)
+    record = json.loads((path / "record.json").read_text())
+    return {**record["metrics"], "seconds": round(time.perf_counter() - started, 2), "output_dir": str(path)}
+
+
+def truth_rows(num_samples: int, seed: int, base: str | None) -> dict[str, dict[str, float]]:
+    """The evaluator on the ground truth, and on the ground truth through the toy latent space."""
+    from layerkit.data.evaluate import evaluate_rgba_video, summarise
+    from layerkit.data.shapes import ShapesConfig, make_rgba_sprite_clip, seed_for
+    from layerkit_plugins.transparent.toy.model import FRAMES, SIZE, load_base, package_weights
+
+    backbone = load_base(base or package_weights() / "base").eval()
+    cfg = ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE)
+    truth, round_trip = [], []
+    for i in range(num_samples):
+        clip = make_rgba_sprite_clip(seed_for("test", seed, i), cfg)
+        truth.append(evaluate_rgba_video(clip["rgba"], clip))
+        with torch.no_grad():
+            video = backbone.decode_latents(backbone.encode_video(clip["rgba"][None] * 2 - 1))[0]
+        round_trip.append(evaluate_rgba_video(((video + 1) / 2).clamp(0, 1), clip))
+    return {"ground truth": summarise(truth), "ground truth through the latent space": summarise(round_trip)}
+
+
+def evaluate(out: str | Path, *, num_samples: int = 64, seed: int = 0, base: str | None = None,
+             weights_dir: str | None = None) -> dict[str, dict[str, Any]]:
+    """Every row of the comparison, label -> figures (``seconds``: sampling wall time)."""
+    out = Path(out)
+    results: dict[str, dict[str, Any]] = dict(truth_rows(num_samples, seed, base))
+    for label, experiment, _ in ROWS:
+        weights = str(Path(weights_dir) / WEIGHT_FILES[experiment]) if weights_dir and experiment in WEIGHT_FILES \
+            else None
+        results[label] = sample_row(experiment, out / experiment, num_samples=num_samples, seed=seed, base=base,
+                                    weights=weights)
+    return results
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table of the evaluator's figures."""
+    head = "| | " + " | ".join(f"{h} ({'↑' if b == 'higher' else '↓'})" for _, h, b in COLUMNS) + " |"
+    rule = "|---|" + "---:|" * len(COLUMNS)
+    lines = [head, rule]
+    for label, row in results.items():
+        cells = [f"{row[k]:.3f}" if k in row else "" for k, _, _ in COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/toy_transparent_eval", help="where the sampled runs go")
+    parser.add_argument("--num-samples", type=int, default=64, help="held-out test clips per row")
+    parser.add_argument("--seed", type=int, default=0, help="test-split seed of the clips (inputs.seed)")
+    parser.add_argument("--base", default=None, help="a base folder (default: the committed toy/weights/base)")
+    parser.add_argument("--weights-dir", default=None, help="folder with the stage-2 weight files (default: committed)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = evaluate(args.out, num_samples=args.num_samples, seed=args.seed, base=args.base,
+                       weights_dir=args.weights_dir)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

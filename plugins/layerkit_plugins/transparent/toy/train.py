@@ -1,0 +1,355 @@
+"""Train the toy transparent model from nothing on two CPU cores, then score it against the
+baseline without Inter-Frame Attention.
+
+No pretrained SD 1.5, AnimateDiff or LayerDiffuse weights are available offline, so the toy
+first trains its own base, then runs Layer-Animate's stage 2 twice from that same base:
+
+A. latent transparency (LayerDiffuse's role): the VAE, the offset encoder and the
+   transparent decoder, jointly, on single RGBA sprite frames: the VAE reconstructs the
+   sprite composited on mid-grey, the transparent decoder returns [alpha, straight RGB] from
+   the VAE's output and the adjusted latent (trained with a little latent noise so that
+   imperfect generated latents still decode). The VAE's ``scaling_factor`` is then set so
+   that the scaled latents have unit standard deviation, as SD 1.5's 0.18215 does.
+B. the text-to-video base (SD 1.5 + AnimateDiff's role): the whole UNet (spatial layers and
+   motion module) on transparent latents of 8-frame clips, every frame noised, prompts
+   dropped 10% of the time for classifier-free guidance, EMA of the weights kept.
+C. stage 2, image-to-video with the clean middle frame left out of the loss, twice with the
+   same data order, steps, batch, learning rate and seed, through ``layerkit train``:
+   ``toy_transparent`` (Inter-Frame Attention; only W_Q' and W_O' train) and
+   ``toy_transparent_baseline`` (no Inter-Frame Attention; the motion module trains).
+
+Then the files are written where the experiments read them (``--install``: toy/weights) and
+``evaluate.py`` prints the evaluator's table on held-out clips.
+
+    nice -n 5 python -m layerkit_plugins.transparent.toy.train --out runs/toy_transparent --install
+
+A stage whose output exists in ``--out`` is not run again (delete it to redo it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from layerkit_plugins.transparent.toy.model import (
+    FRAMES,
+    SIZE,
+    build_backbone,
+    load_base,
+    package_weights,
+    save_base,
+)
+
+
+class Clock:
+    """Wall and process CPU seconds per stage."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, float]] = {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = fn(*args, **kwargs)
+        self.stages[name] = {"wall_s": round(time.perf_counter() - wall, 1),
+                             "cpu_s": round(time.process_time() - cpu, 1)}
+        print(f"[toy] {name}: {self.stages[name]}", flush=True)
+        return out
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int = 50) -> float:
+    """Linear warm-up, then cosine decay to 5% of ``lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(steps - warmup, 1)
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------------------
+# data: a fixed pool of training clips (train split, the same seeds as data=shapes_rgba)
+# ----------------------------------------------------------------------------------------
+def make_pool(num_clips: int, seed: int) -> dict[str, Any]:
+    from layerkit.data.shapes import ShapesConfig, make_rgba_sprite_clip, seed_for
+
+    cfg = ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE)
+    clips = [make_rgba_sprite_clip(seed_for("train", seed, i), cfg) for i in range(num_clips)]
+    return {"rgba": torch.stack([c["rgba"] for c in clips]).half(), "prompt": [c["prompt"] for c in clips]}
+
+
+# ----------------------------------------------------------------------------------------
+# A. latent transparency: VAE + offset encoder + transparent decoder
+# ----------------------------------------------------------------------------------------
+def autoencoder_losses(backbone, x01: torch.Tensor, latent_noise: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """x01 [N, 4, H, W] straight RGBA in [0, 1] -> loss, parts."""
+    from layerkit_plugins.animatediff.layerdiffuse import pad_rgb
+
+    alpha = x01[:, 3:]
+    grey = (x01[:, :3] * 2 - 1) * alpha  # RGB over mid-grey, in [-1, 1]
+    posterior = backbone.vae.encode(grey).latent_dist
+    offset = backbone.offset_encoder(torch.cat([alpha, pad_rgb(x01[:, :3], alpha)], dim=1))
+    z = posterior.mean + posterior.std * offset
+    if latent_noise > 0:
+        z = z + latent_noise * z.detach().std() * torch.randn_like(z)
+    pixel = backbone.vae.decode(z).sample
+    y = backbone.transparent_decoder((pixel.clamp(-1, 1) + 1) / 2, z)
+    # the sprite covers a tenth of a frame: errors inside it are also averaged over its own
+    # alpha mass, or the trivial all-grey output is a strong local minimum for the colour
+    near = F.max_pool2d(alpha, 5, stride=1, padding=2)  # the sprite and a 2-pixel band around it
+
+    def inside(err: torch.Tensor, weight: torch.Tensor = alpha) -> torch.Tensor:
+        mass = weight.sum((1, 2, 3)).clamp_min(1.0)
+        return ((err.mean(1, keepdim=True) * weight).sum((1, 2, 3)) / mass).mean()
+
+    parts = {
+        "vae": F.mse_loss(pixel, grey),
+        "vae_sprite": inside((pixel - grey).pow(2)),
+        "alpha": F.mse_loss(y[:, :1], alpha),
+        "alpha_edge": inside((y[:, :1] - alpha).pow(2), near),
+        "colour": inside((y[:, 1:] - x01[:, :3]).pow(2)),
+        "latent": z.pow(2).mean(),
+    }
+    loss = (parts["vae"] + parts["vae_sprite"] + 4 * parts["alpha"] + parts["alpha_edge"] + parts["colour"]
+            + 1e-5 * parts["latent"])
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def train_autoencoder(backbone, frames: torch.Tensor, *, steps: int, batch: int, lr: float, seed: int,
+                      log_every: int = 100) -> dict[str, float]:
+    modules = [backbone.vae, backbone.offset_encoder, backbone.transparent_decoder]
+    params = [p for m in modules for p in m.parameters()]
+    for m in modules:
+        m.train().requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    parts: dict[str, float] = {}
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        x = frames[torch.randint(0, frames.shape[0], (batch,), generator=gen)].float()
+        if torch.rand((), generator=gen) < 0.5:  # flips: the sprites' shapes are symmetric enough
+            x = x.flip(-1)
+        if torch.rand((), generator=gen) < 0.5:
+            x = x.flip(-2)
+        loss, parts = autoencoder_losses(backbone, x, latent_noise=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % log_every == 0 or step == steps - 1:
+            print(f"[toy] A step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in parts.items()), flush=True)
+    for m in modules:
+        m.eval().requires_grad_(False)
+    return parts
+
+
+@torch.no_grad()
+def set_scaling_factor(backbone, frames: torch.Tensor) -> float:
+    """SD-style: scale the latents to unit standard deviation."""
+    backbone.vae.register_to_config(scaling_factor=1.0)
+    z = torch.cat([backbone.encode_rgba(x.float() * 2 - 1) for x in frames.split(256)])
+    factor = float(1.0 / z.std())
+    backbone.vae.register_to_config(scaling_factor=factor)
+    return factor
+
+
+@torch.no_grad()
+def round_trip(backbone, seed: int, num_clips: int = 32) -> dict[str, float]:
+    """The evaluator on held-out (val split) clips encoded and decoded by the backbone."""
+    from layerkit.data.evaluate import evaluate_rgba_video, summarise
+    from layerkit.data.shapes import ShapesConfig, make_rgba_sprite_clip, seed_for
+
+    cfg = ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE)
+    clips = [make_rgba_sprite_clip(seed_for("val", seed, i), cfg) for i in range(num_clips)]
+    video = backbone.decode_latents(backbone.encode_video(torch.stack([c["rgba"] for c in clips]) * 2 - 1))
+    return summarise([evaluate_rgba_video(((v + 1) / 2).clamp(0, 1), c) for v, c in zip(video, clips)])
+
+
+# ----------------------------------------------------------------------------------------
+# B. the text-to-video base: UNet + motion module on transparent latents, all frames noised
+# ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_pool(backbone, pool: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latents [N, 4, F, h, w], prompt embeddings of the distinct prompts [P, L, D] and the
+    index of each clip's prompt [N] (index 0 is the empty prompt)."""
+    latents = torch.cat([backbone.encode_video(x.float() * 2 - 1) for x in pool["rgba"].split(64)])
+    names = [""] + sorted(set(pool["prompt"]))
+    embeds = backbone.encode_prompts(names)["prompt_embeds"]
+    index = torch.tensor([names.index(p) for p in pool["prompt"]])
+    return latents, embeds, index
+
+
+def train_base(backbone, latents: torch.Tensor, embeds: torch.Tensor, index: torch.Tensor, *, steps: int,
+               batch: int, lr: float, seed: int, prompt_dropout: float = 0.1, ema: float = 0.995,
+               log_every: int = 200) -> float:
+    denoiser = backbone.denoiser
+    denoiser.train().requires_grad_(True)
+    params = list(denoiser.parameters())
+    shadow = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = backbone.make_scheduler("train")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    running = None
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup=100)
+        idx = torch.randint(0, latents.shape[0], (batch,), generator=gen)
+        x0 = latents[idx]
+        prompt = torch.where(torch.rand(batch, generator=gen) < prompt_dropout, 0, index[idx])
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        noisy = scheduler.add_noise(x0, noise, t)
+        out = backbone.predict(noisy, t, {"prompt_embeds": embeds[prompt]})
+        loss = F.mse_loss(out, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            decay = min(ema, (1 + step) / (10 + step))
+            for s, p in zip(shadow, params):
+                s.lerp_(p.detach(), 1 - decay)
+        running = float(loss) if running is None else 0.98 * running + 0.02 * float(loss)
+        if step % log_every == 0 or step == steps - 1:
+            print(f"[toy] B step {step}: loss {running:.4f}", flush=True)
+    with torch.no_grad():
+        for s, p in zip(shadow, params):
+            p.copy_(s)
+    denoiser.eval().requires_grad_(False)
+    return float(running or 0.0)
+
+
+# ----------------------------------------------------------------------------------------
+# C. stage 2 through layerkit train
+# ----------------------------------------------------------------------------------------
+def train_stage2(experiment: str, base: Path, out: Path, *, steps: int, seed: int) -> Path:
+    from layerkit.runs import RUN_DIR_ENV
+    from layerkit.training.run import WEIGHTS_NAME, train
+
+    overrides = [f"+experiment={experiment}", f"toy.base={base}", f"output_dir={out}", f"seed={seed}",
+                 f"trainer.max_steps={steps}", "train.checkpoint_every=100000",
+                 "export.formats=[]"]
+    try:
+        train(overrides)
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
+    return out / WEIGHTS_NAME
+
+
+def install(out: Path, target: Path, provenance: dict[str, Any]) -> None:
+    """Copy the base folder and the two stage-2 files where the experiments read them, with
+    metadata that names how they were made (not the run's absolute paths)."""
+    from layerkit.io.weights import load_weights, save_weights
+
+    target.mkdir(parents=True, exist_ok=True)
+    if (target / "base").exists():
+        shutil.rmtree(target / "base")
+    shutil.copytree(out / "base", target / "base")
+    for run, name in (("stage_c_inter_frame", "inter_frame_attention.safetensors"),
+                      ("stage_c_baseline", "baseline_motion_module.safetensors")):
+        state = load_weights(out / run / "weights.safetensors")
+        save_weights(target / name, state, metadata={"layerkit_toy": {**provenance, "stage": run}})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="train the toy transparent model and its baseline")
+    parser.add_argument("--out", default="runs/toy_transparent", help="run folder (stages resume from it)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pool", type=int, default=2048, help="training clips (train split) for stages A and B")
+    parser.add_argument("--steps-a", type=int, default=1500)
+    parser.add_argument("--batch-a", type=int, default=16, help="frames per step")
+    parser.add_argument("--lr-a", type=float, default=2e-3)
+    parser.add_argument("--steps-b", type=int, default=3000)
+    parser.add_argument("--batch-b", type=int, default=8, help="clips per step")
+    parser.add_argument("--lr-b", type=float, default=1e-3)
+    parser.add_argument("--steps-c", type=int, default=2000, help="stage-2 steps, each of the two runs")
+    parser.add_argument("--eval-samples", type=int, default=64, help="held-out test clips per row (0: skip)")
+    parser.add_argument("--install", action="store_true", help="write the weights into the package (toy/weights)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--until", choices=("A", "B", "C"), default="C", help="stop after this stage")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    clock = Clock()
+    summary_file = out / "summary.json"
+    summary: dict[str, Any] = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    summary["args"] = vars(args)
+    clock.stages = summary.setdefault("timings", {})
+
+    pool_file = out / "pool.pt"
+    if pool_file.is_file():
+        pool = torch.load(pool_file, weights_only=True)
+    else:
+        pool = clock.run("data", make_pool, args.pool, args.seed)
+        torch.save(pool, pool_file)
+
+    stage_a = out / "stage_a"
+    if not (stage_a / "sd15").is_dir():
+        backbone = build_backbone(args.seed)
+        frames = pool["rgba"].flatten(0, 1)
+        summary["stage_a_losses"] = clock.run("A latent transparency", train_autoencoder, backbone, frames,
+                                              steps=args.steps_a, batch=args.batch_a, lr=args.lr_a, seed=args.seed)
+        summary["scaling_factor"] = set_scaling_factor(backbone, frames)
+        summary["stage_a_val_round_trip"] = round_trip(backbone, args.seed)
+        print(f"[toy] A: scaling factor {summary['scaling_factor']:.4f}, val round trip "
+              f"{summary['stage_a_val_round_trip']}", flush=True)
+        save_base(stage_a, backbone)
+        summary_file.write_text(json.dumps(summary, indent=2, default=str))
+    if args.until == "A":
+        return 0
+
+    base = out / "base"
+    if not (base / "sd15").is_dir():
+        backbone = load_base(stage_a)
+        latents, embeds, index = clock.run("B encode", encode_pool, backbone, pool)
+        summary["stage_b_loss"] = clock.run("B text-to-video base", train_base, backbone, latents, embeds, index,
+                                            steps=args.steps_b, batch=args.batch_b, lr=args.lr_b, seed=args.seed)
+        save_base(base, backbone)
+        summary_file.write_text(json.dumps(summary, indent=2, default=str))
+    if args.until == "B":
+        return 0
+
+    for experiment, run in (("toy_transparent", "stage_c_inter_frame"),
+                            ("toy_transparent_baseline", "stage_c_baseline")):
+        if not (out / run / "weights.safetensors").is_file():
+            clock.run(f"C {experiment}", train_stage2, experiment, base.resolve(), out / run, steps=args.steps_c,
+                      seed=args.seed)
+
+    summary["timings"] = clock.stages
+    summary["train_cpu_s"] = round(sum(s["cpu_s"] for s in clock.stages.values()), 1)
+    summary["train_wall_s"] = round(sum(s["wall_s"] for s in clock.stages.values()), 1)
+    if args.install:
+        install(out, package_weights(), {"command": "python -m layerkit_plugins.transparent.toy.train --install",
+                                         "args": vars(args)})
+    if args.eval_samples > 0:
+        from layerkit_plugins.transparent.toy.evaluate import evaluate, table
+
+        weights_dir = None if args.install else str(out / "_weights")
+        if weights_dir:
+            Path(weights_dir).mkdir(exist_ok=True)
+            shutil.copy(out / "stage_c_inter_frame" / "weights.safetensors",
+                        Path(weights_dir) / "inter_frame_attention.safetensors")
+            shutil.copy(out / "stage_c_baseline" / "weights.safetensors",
+                        Path(weights_dir) / "baseline_motion_module.safetensors")
+        results = clock.run("evaluate", evaluate, out / "eval", num_samples=args.eval_samples, seed=0,
+                            base=None if args.install else str(base.resolve()), weights_dir=weights_dir)
+        summary["results"] = results
+        summary["table"] = table(results)
+        print(summary["table"])
+    summary_file.write_text(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

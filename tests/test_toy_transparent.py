@@ -1,0 +1,54 @@
+"""The committed toy transparent model (issue "Transparent video", point 6): its files are
+in the package, small, and `layerkit sample +experiment=toy_transparent output_dir=DIR`
+writes an RGBA ProRes 4444 .mov, a preview sheet and the JSON record with no other argument."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from layerkit_plugins.transparent.toy.model import FRAMES, SIZE, package_weights
+
+from layerkit.io.video import read_video
+
+WEIGHT_FILES = ("inter_frame_attention.safetensors", "baseline_motion_module.safetensors",
+                "base/transparent_encoder.safetensors", "base/transparent_decoder.safetensors",
+                "base/motion_adapter/diffusion_pytorch_model.safetensors",
+                "base/sd15/unet/diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture
+def one_thread():
+    """The toy is tiny: one thread samples it in seconds, where two threads on a CPU shared with
+    other jobs spin in OpenMP barriers for a minute."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_committed_weights_are_in_the_package_and_at_most_10_mb():
+    root = package_weights()
+    missing = [name for name in WEIGHT_FILES if not (root / name).is_file()]
+    assert not missing, f"committed toy weights missing: {missing}"
+    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert total <= 10 * 1024 * 1024, f"toy/weights holds {total / 2**20:.2f} MiB"
+
+
+@pytest.mark.timeout(120)
+def test_toy_transparent_samples_with_no_other_argument(tmp_path, one_thread):
+    from layerkit.sampling.run import sample
+
+    out = sample(["+experiment=toy_transparent", f"output_dir={tmp_path / 'toy'}"])
+    video = read_video(out / "foreground.mov")
+    assert video.frames.shape == (FRAMES, SIZE, SIZE, 4)  # RGBA survives ProRes 4444
+    alpha = video.frames[..., 3]
+    assert alpha.min() < 32 and alpha.max() > 224  # a sprite on a transparent background
+    assert (out / "preview.png").is_file()
+    record = json.loads((out / "record.json").read_text())
+    assert record["config"]["weights"].endswith("inter_frame_attention.safetensors")
+    metrics = record["metrics"]
+    assert {"alpha_iou", "alpha_temporal_error", "identity_drift"} <= set(metrics)
+    assert np.isfinite([metrics["alpha_iou"], metrics["alpha_temporal_error"], metrics["identity_drift"]]).all()
