@@ -1,0 +1,11 @@
+"""The toy LayerFlow: a tiny CogVideoX-shaped model trained on the shapes world on CPU, committed
+in ``weights/`` (a diffusers-format directory plus the three stages' weights), and the default
+of ``layerkit sample``.
+
+- ``model``: the toy components' configs (VAE, transformer, T5, scheduler);
+- ``train_vae``: trains the VAE on shapes-world clips and writes the base directory;
+- ``export``: copies the base directory and each stage's weights into ``weights/`` (fp16);
+- ``evaluate``: stage 1 alone vs all three stages on held-out shapes prompts (the table of the
+  model card);
+- ``reproduce.sh``: every command, in order.
+"""

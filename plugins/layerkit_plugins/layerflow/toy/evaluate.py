@@ -1,0 +1,167 @@
+"""Evaluate the toy LayerFlow on held-out shapes prompts: stage 1 alone vs all three stages.
+
+    nice -n 5 python -m layerkit_plugins.layerflow.toy.evaluate --num-samples 16 --seed 0
+
+Each model samples, in one batch, the held-out (``test`` split) shapes-world prompts that
+``layerkit sample +inputs.num_samples=N +inputs.seed=S`` samples, with the same code path
+(compose, build, load weights, the one denoising loop, decode, unpack), and is scored by the
+shapes-world evaluator (``LayeredTask.evaluate``: the figures ``layerkit sample`` writes into
+record.json). Two reference rows: the true layers after a VAE round trip (the best this VAE
+allows) and the true layers as they are (what a perfect model scores).
+
+For text-to-video the prompt fixes colour, shape and motion but not where the sprite is or the
+phase of the background texture, so two of the evaluator's figures (``alpha_iou`` and
+``background_leak``, both against the held-out clip's own pixels) measure luck of placement,
+not quality. Two generation figures stand beside them:
+
+- ``alpha_iou_self``: IoU of the generated alpha (>= 0.5) with the region where the generated
+  blended video differs from the generated background (mean |blended - background| >= 0.15):
+  does the matte cover exactly the sprite the scene shows;
+- ``fg_in_background``: share of the pixels under the generated alpha where the generated
+  background has the prompt's sprite colour (nearest palette colour): foreground left in the
+  background (background palettes never contain the sprite colour).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+
+from layerkit.data.shapes import BACKGROUND_COLOURS
+
+#: model name -> ``layerkit sample`` overrides
+MODELS: dict[str, list[str]] = {
+    "stage 1 alone": ["+experiment=toy_layerflow_stage1",
+                      "weights=${pkg:layerkit_plugins.layerflow.toy/weights/stage1.safetensors}"],
+    "stages 1+2+3": ["+experiment=toy_layerflow_stage3"],
+}
+COLUMNS = ("colour_correct", "shape_correct", "direction_correct", "compositing_error", "alpha_iou_self",
+           "fg_in_background", "alpha_iou", "background_leak")
+_NAMES = list(BACKGROUND_COLOURS)
+_TABLE = torch.tensor([BACKGROUND_COLOURS[c] for c in _NAMES])
+
+
+def generation_metrics(layers: dict[str, torch.Tensor], sprite_colour: str) -> dict[str, float]:
+    alpha = layers["alpha"][:, 0] >= 0.5                                           # [F, H, W]
+    shown = (layers["blended"] - layers["background"]).abs().mean(1) >= 0.15       # [F, H, W]
+    union = (alpha | shown).sum().item()
+    iou = 1.0 if union == 0 else (alpha & shown).sum().item() / union
+    bg = layers["background"].permute(0, 2, 3, 1)[alpha]                            # [P, 3]
+    if bg.shape[0] == 0:
+        leak = 0.0
+    else:
+        nearest = torch.cdist(bg.float(), _TABLE).argmin(1)
+        leak = (nearest == _NAMES.index(sprite_colour)).float().mean().item()
+    return {"alpha_iou_self": iou, "fg_in_background": leak}
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    from layerkit.data.evaluate import summarise
+
+    return summarise(rows)
+
+
+def sample_model(overrides: list[str], num_samples: int, seed: int, extra: list[str] = ()) -> dict[str, Any]:
+    """Sample and score one model; returns the evaluator's summary plus generation figures."""
+    from layerkit.config import compose, params
+    from layerkit.pipeline import build_parts, load_trainable_state
+    from layerkit.registry import get_registry
+    from layerkit.sampling.loop import SamplerOptions, denoise, split_segments
+    from layerkit.sampling.run import Container
+    from layerkit.training.data import default_collate
+
+    registry = get_registry()
+    cfg = compose("sample", [*overrides, f"+inputs.num_samples={num_samples}", f"+inputs.seed={seed}",
+                             "sampler.progress=false", *extra], registry)
+    started = time.perf_counter()
+    parts = build_parts(cfg, registry, training=False)
+    container = Container(parts)
+    if cfg.get("weights"):
+        load_trainable_state(container, cfg.weights)
+    s = cfg.sampler
+    samples = parts.task.sample_inputs(params(cfg.inputs), height=int(s.height), width=int(s.width),
+                                       num_frames=int(s.num_frames))
+    batch = default_collate(samples)
+    packed = parts.task.pack(batch, training=False)
+    container.eval()
+    options = SamplerOptions(steps=int(s.steps), guidance_scale=float(s.guidance_scale),
+                             guidance_rescale=float(s.guidance_rescale), dynamic_cfg=bool(s.dynamic_cfg),
+                             scheduler=s.get("scheduler"), negative_prompt=str(s.negative_prompt), progress=False)
+    latents = denoise(parts, packed, options, generator=torch.Generator("cpu").manual_seed(int(cfg.seed)))
+    lengths = [parts.backbone.latent_frames(seg.num_frames) for seg in packed.segments]
+    with torch.no_grad():
+        decoded = {k: parts.backbone.decode_latents(v).float().cpu()
+                   for k, v in split_segments(latents, packed, lengths).items()}
+    outputs = parts.task.unpack(decoded, batch)
+    summary = parts.task.evaluate(outputs, batch)
+    rows = [generation_metrics(out, truth["meta"]["sprites"][0]["colour"])
+            for out, truth in zip(outputs, batch["ground_truth"], strict=True)]
+    return {**summary, **_mean(rows), "seconds": time.perf_counter() - started,
+            "steps": int(s.steps), "guidance_scale": float(s.guidance_scale)}
+
+
+def vae_ceiling(num_samples: int, seed: int, round_trip: bool = True) -> dict[str, Any]:
+    """The true layers of the same held-out clips after a VAE round trip (no denoiser), or as
+    they are (``round_trip=False``: what a perfect model would score)."""
+    from layerkit.config import compose, params
+    from layerkit.pipeline import build_parts
+    from layerkit.registry import get_registry
+    from layerkit.training.data import default_collate
+
+    registry = get_registry()
+    cfg = compose("sample", ["+experiment=toy_layerflow_stage3", f"+inputs.num_samples={num_samples}",
+                             f"+inputs.seed={seed}"], registry)
+    parts = build_parts(cfg, registry, training=False)
+    parts.backbone.eval()
+    s = cfg.sampler
+    samples = parts.task.sample_inputs(params(cfg.inputs), height=int(s.height), width=int(s.width),
+                                       num_frames=int(s.num_frames))
+    batch = default_collate(samples)
+    packed = parts.task.pack(batch, training=True)
+    with torch.no_grad():
+        decoded = {seg.name: (parts.backbone.decode_latents(parts.backbone.encode_video(seg.video)).float()
+                              if round_trip else seg.video.float()) for seg in packed.segments}
+    outputs = parts.task.unpack(decoded, batch)
+    summary = parts.task.evaluate(outputs, batch)
+    rows = [generation_metrics(out, truth["meta"]["sprites"][0]["colour"])
+            for out, truth in zip(outputs, batch["ground_truth"], strict=True)]
+    return {**summary, **_mean(rows)}
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    head = "| model | " + " | ".join(COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for name, row in results.items():
+        cells = [f"{row[c]:.3f}" if isinstance(row.get(c), float) else "-" for c in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-samples", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0, help="inputs.seed: which held-out (test split) clips")
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("overrides", nargs="*", help="extra sample overrides for both models (e.g. sampler.steps=50)")
+    args = parser.parse_args(argv)
+    results = {}
+    for name, overrides in MODELS.items():
+        results[name] = sample_model(overrides, args.num_samples, args.seed, args.overrides)
+        print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results[name].items()}),
+              flush=True)
+    results["VAE ceiling (true layers, VAE round trip)"] = vae_ceiling(args.num_samples, args.seed)
+    results["true layers (no VAE)"] = vae_ceiling(args.num_samples, args.seed, round_trip=False)
+    print()
+    print(f"held-out shapes prompts: test split, inputs.seed={args.seed}, {args.num_samples} samples")
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

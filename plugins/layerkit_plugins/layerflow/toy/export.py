@@ -1,0 +1,88 @@
+"""Copy toy LayerFlow files into the committed model directory, stored in fp16 (run in fp32).
+
+    python -m layerkit_plugins.layerflow.toy.export base runs/toy_layerflow/base
+    python -m layerkit_plugins.layerflow.toy.export stage1 runs/toy_layerflow/stage1
+
+``base``: a diffusers-format directory written by ``toy.train_vae`` (transformer/ vae/
+text_encoder/ tokenizer/ scheduler/) -> ``toy/weights/``, every safetensors tensor in fp16.
+``stageN``: a ``layerkit train`` run directory -> ``toy/weights/stageN.safetensors`` (its
+``weights.safetensors`` in fp16, metadata kept) and ``toy/weights/stageN.json`` (steps, loss,
+seconds, the resolved config) for the model card. Later stages train from these committed
+files, so what is committed is exactly what was trained and evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+
+
+def to_fp16(src: Path, dst: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        metadata = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    state = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(dst), metadata=metadata)
+    dst.chmod(0o644)
+
+
+def export_base(src: Path, dst: Path) -> None:
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if (dst / sub).exists():
+            shutil.rmtree(dst / sub)
+        for path in sorted((src / sub).rglob("*")):
+            if path.is_dir():
+                continue
+            target = dst / sub / path.relative_to(src / sub)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if path.suffix == ".safetensors":
+                to_fp16(path, target)
+            else:
+                shutil.copy2(path, target)
+    if (src / "vae_training.json").is_file():
+        shutil.copy2(src / "vae_training.json", dst / "vae_training.json")
+
+
+def export_stage(name: str, run: Path, dst: Path) -> None:
+    to_fp16(run / "weights.safetensors", dst / f"{name}.safetensors")
+    record = json.loads((run / "record.json").read_text())
+    metrics = run / "logs" / "metrics.csv"
+    losses = []
+    if metrics.is_file():
+        import csv
+
+        with metrics.open() as f:
+            losses = [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
+    keep = {k: record.get(k) for k in ("global_step", "final_loss", "trainable_parameters", "seed", "versions", "time")}
+    # wall time of the fit: the logger's directory appears when fitting starts, the weights at the end
+    keep["wall_seconds"] = round((run / "weights.safetensors").stat().st_mtime - (run / "logs").stat().st_ctime, 1)
+    keep["loss_every_25_steps"] = losses
+    keep["config"] = record.get("config")
+    (dst / f"{name}.json").write_text(json.dumps(keep, indent=1, default=str))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["base", "stage1", "stage2", "stage3"])
+    parser.add_argument("source", type=Path)
+    parser.add_argument("--to", type=Path, default=WEIGHTS)
+    args = parser.parse_args(argv)
+    if args.what == "base":
+        export_base(args.source, args.to)
+    else:
+        export_stage(args.what, args.source, args.to)
+    print(f"wrote {args.what} into {args.to}")
+
+
+if __name__ == "__main__":
+    main()

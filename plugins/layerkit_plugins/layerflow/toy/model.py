@@ -1,0 +1,65 @@
+"""The toy LayerFlow model: a tiny CogVideoX-shaped set of diffusers components for 32x32 clips.
+
+Same classes as CogVideoX-2B (``CogVideoXTransformer3DModel``, ``AutoencoderKLCogVideoX``, a T5
+encoder, ``CogVideoXDDIMScheduler``), scaled down so that the whole pipeline trains on two CPU
+cores:
+
+- VAE: three CogVideoX down/up blocks (8, 16, 32 channels), 8 latent channels, 4x spatial and
+  4x temporal compression: a 9-frame 32x32 clip -> 3 x 8 x 8 latents ((F - 1) // 4 + 1 frames);
+- transformer: 6 blocks, 4 heads of 16 (width 64), patch 2 (16 tokens per latent frame),
+  sincos positions (CogVideoX-2B style), 16 text tokens per prompt block;
+- text encoder: a 2-layer T5 (width 64) over the offline shapes-world tokenizer of the cogvideox
+  backbone (random and frozen: the shapes vocabulary is small and the denoiser learns to read it);
+- scheduler: CogVideoX-2B's (v-prediction, zero terminal SNR, SNR shift 3).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+FRAMES = 9            # per layer: (9 - 1) // 4 + 1 = 3 latent frames (an odd count: the decoder
+                      # doubles frames after the first, so 8k + 1 frames round-trip)
+SIZE = 32             # height = width
+TEXT_TOKENS = 16      # per prompt block ("0, ...", "1, ...", "2, ...")
+
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 3,
+    up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 16, 32), latent_channels=8,
+    layers_per_block=1, norm_num_groups=4, temporal_compression_ratio=4, sample_height=SIZE, sample_width=SIZE,
+)
+TRANSFORMER_CONFIG = dict(
+    num_attention_heads=4, attention_head_dim=16, in_channels=8, out_channels=8, time_embed_dim=32,
+    text_embed_dim=64, num_layers=6, sample_width=SIZE // 4, sample_height=SIZE // 4, sample_frames=FRAMES,
+    patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT_TOKENS,
+    use_rotary_positional_embeddings=False,
+)
+T5_CONFIG = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                 dropout_rate=0.0, is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
+                 decoder_start_token_id=0)
+
+
+def build_vae(seed: int = 0, **changes: Any):
+    from diffusers import AutoencoderKLCogVideoX
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKLCogVideoX(**{**VAE_CONFIG, **changes})
+
+
+def build_components(seed: int = 0, vae: Any = None) -> dict[str, Any]:
+    """Seeded toy components (the VAE given, e.g. trained by ``toy.train_vae``, or a fresh one)."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from layerkit_plugins.cogvideox.backbone import SCHEDULER_CONFIG, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        transformer = CogVideoXTransformer3DModel(**TRANSFORMER_CONFIG)
+        text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **T5_CONFIG))
+    return {"transformer": transformer.eval(), "vae": (vae if vae is not None else build_vae(seed)).eval(),
+            "text_encoder": text_encoder.eval(), "tokenizer": tokenizer,
+            "scheduler": CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)}
