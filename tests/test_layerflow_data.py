@@ -16,23 +16,6 @@ from layerkit.io.video import write_video
 F, H, W = 8, 32, 32
 
 
-@pytest.fixture
-def lf_registry():
-    """Entry-point plugins plus cogvideox and layerflow (added in-process until their entry points exist)."""
-    import layerkit_plugins.cogvideox as cogvideox
-    import layerkit_plugins.layerflow as layerflow
-
-    from layerkit.registry import Registry, set_registry
-
-    reg = Registry().load_entry_points()
-    for module, name in ((cogvideox, "cogvideox"), (layerflow, "layerflow")):
-        if name not in reg.plugins:
-            reg.add_plugin(module, name)
-    set_registry(reg)
-    yield reg
-    set_registry(None)
-
-
 def frames(seed: int, n: int = F, h: int = H, w: int = W, channels: int = 3) -> np.ndarray:
     """uint8 [n, h, w, channels]; pixel (0, 0) of frame i holds 10 * i in every channel (frame tag)."""
     rng = np.random.default_rng(seed)
@@ -305,7 +288,7 @@ def test_copy_paste_composes_static_and_dynamic_samples(tmp_path):
 # ----------------------------------------------------------------------------------------
 # layerflow.mix
 # ----------------------------------------------------------------------------------------
-def test_mix_draws_named_datasets_by_weight_with_a_seed(tmp_path, lf_registry):
+def test_mix_draws_named_datasets_by_weight_with_a_seed(tmp_path, registry):
     from layerkit_plugins.layerflow.folder import Mix
 
     for i in range(2):
@@ -335,7 +318,7 @@ def test_mix_draws_named_datasets_by_weight_with_a_seed(tmp_path, lf_registry):
         Mix(wrong, num_frames=4)[0]
 
 
-def test_stage3_trains_two_steps_on_files_and_exports(lf_registry, tmp_path):
+def test_stage3_trains_two_steps_on_files_and_exports(registry, tmp_path):
     """+experiment=layerflow_stage3 on layerflow.mix: multi-layer images 0.8, copy-paste videos 0.2."""
     import json as _json
 
@@ -355,7 +338,7 @@ def test_stage3_trains_two_steps_on_files_and_exports(lf_registry, tmp_path):
                  "data=layerflow_mix", "data.name=layerflow.mix", "data.size=8", f"data.datasets.images.root={images}",
                  f"data.datasets.copy_paste.foregrounds={fgs}", f"data.datasets.copy_paste.backgrounds={bgs}",
                  "trainer.max_steps=2", "export.formats=[diffusers,comfyui]", f"output_dir={tmp_path / 'run'}"],
-                registry=lf_registry)
+                registry=registry)
     record = _json.loads((out / "record.json").read_text())
     assert record["global_step"] == 2 and record["final_loss"] is not None
     assert record["config"]["data"]["name"] == "layerflow.mix"

@@ -15,23 +15,6 @@ LAYERS = 6  # blocks 0..5: the every-sixth-block LoRAs sit on block 5
 QKVO = ("q", "k", "v", "attn_out")
 
 
-@pytest.fixture
-def lf_registry():
-    """Entry-point plugins plus cogvideox and layerflow (added in-process until their entry points exist)."""
-    import layerkit_plugins.cogvideox as cogvideox
-    import layerkit_plugins.layerflow as layerflow
-
-    from layerkit.registry import Registry, set_registry
-
-    reg = Registry().load_entry_points()
-    for module, name in ((cogvideox, "cogvideox"), (layerflow, "layerflow")):
-        if name not in reg.plugins:
-            reg.add_plugin(module, name)
-    set_registry(reg)
-    yield reg
-    set_registry(None)
-
-
 def lora(name: str, rank: int):
     """LayerFlow's LoRA placement (q, k, v, out of blocks i % 6 == 5), alpha 1, weights perturbed."""
     from layerkit_plugins.lora.adapter import LoRAAdapter
@@ -165,7 +148,7 @@ def test_export_formats_are_checked_and_unknown_models_skip_comfyui(tmp_path):
     assert any("not exported for ComfyUI" in str(w.message) for w in caught)
 
 
-def test_export_from_a_stage_weights_file_matches_the_training_export(lf_registry, tmp_path):
+def test_export_from_a_stage_weights_file_matches_the_training_export(registry, tmp_path):
     from layerkit_plugins.layerflow.export import export_lora, main
 
     from layerkit.config import compose, to_plain
@@ -173,8 +156,8 @@ def test_export_from_a_stage_weights_file_matches_the_training_export(lf_registr
     from layerkit.pipeline import build_parts
     from layerkit.training.module import LayerkitModule
 
-    cfg = compose("train", ["+experiment=layerflow_stage3", "backbone=cogvideox_tiny"], lf_registry)
-    parts = build_parts(cfg, lf_registry, training=True)
+    cfg = compose("train", ["+experiment=layerflow_stage3", "backbone=cogvideox_tiny"], registry)
+    parts = build_parts(cfg, registry, training=True)
     content = parts.adapters["content_lora"]
     perturb(content, 5)
     module = LayerkitModule(parts, to_plain(cfg))

@@ -262,13 +262,13 @@ class RGBAFolder(torch.utils.data.Dataset):
         """uint8 [F, H, W, 4] of the clip's frames, the source fps, the start actually used."""
         import numpy as np
 
-        from layerkit.io.video import DEFAULT_FPS, read_video
+        from layerkit.io.video import DEFAULT_FPS, read_images, read_video
 
         if item.kind == "png":
             picks = item.pngs[start : start + self.span : self.stride]
             if len(picks) < self.num_frames:
                 raise LayerkitError(f"'{item.path}' has {len(item.pngs)} frames; a clip needs {self.span}.")
-            frames, fps = _read_pngs(picks, item.path), DEFAULT_FPS
+            frames, fps = read_images(picks, item.path), DEFAULT_FPS
         else:
             video = read_video(item.path, max_frames=start + self.span)
             if video.num_frames < start + self.span:  # the container's count was an estimate
@@ -306,24 +306,6 @@ class RGBAFolder(torch.utils.data.Dataset):
         else:
             top, left = top // 2, left // 2
         return rgba[..., top : top + self.height, left : left + self.width].contiguous()
-
-
-def _read_pngs(files: list[Path], source: Path):
-    import numpy as np
-    from PIL import Image
-
-    images = []
-    for file in files:
-        try:
-            with Image.open(file) as im:
-                im.load()
-                alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
-                images.append(np.asarray(im.convert("RGBA" if alpha else "RGB")))
-        except (OSError, ValueError) as exc:
-            raise LayerkitError(f"could not read image '{file}' of '{source}': {exc}.") from None
-    if len({im.shape for im in images}) > 1:
-        raise LayerkitError(f"PNG sequence '{source}' mixes frames of different sizes or with and without alpha.")
-    return np.stack(images)
 
 
 def _verb(names: list[str], one: str, many: str) -> str:

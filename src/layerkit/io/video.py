@@ -78,13 +78,14 @@ def read_video(path: str | os.PathLike, *, max_frames: int | None = None) -> Vid
         files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and p.is_file())
         if not files:
             raise LayerkitError(f"PNG sequence directory '{path}' contains no .png files.")
-        return Video(_read_images(files[:max_frames], path), DEFAULT_FPS)
+        return Video(read_images(files[:max_frames], path), DEFAULT_FPS)
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return Video(_read_images([path], path), DEFAULT_FPS)
+        return Video(read_images([path], path), DEFAULT_FPS)
     return _read_av(path, max_frames)
 
 
-def _read_images(files: list[Path], source: Path) -> np.ndarray:
+def read_images(files: list[Path], source: Path) -> np.ndarray:
+    """Image files as one clip: uint8 [F, H, W, 3|4] (RGBA when any frame has alpha)."""
     images = []
     for file in files:
         try:
