@@ -112,6 +112,25 @@ def test_task_packs_four_sub_clips_with_indexed_prompts_and_motion_scale(registr
     assert packed.scales["motion_lora"].tolist() == [float(s) for s in batch["is_static"].tolist()]
 
 
+def test_train_modes_give_each_sample_its_own_task(registry):
+    import random
+
+    from layerkit_plugins.layerflow.data import LayerFlowMixture
+
+    from layerkit.errors import LayerkitError
+    from layerkit.training.data import default_collate
+
+    data = LayerFlowMixture(size=32, static_fraction=0.5, num_frames=4, height=16, width=16)
+    batch = default_collate([data[i] for i in range(32)])
+    task = registry.build("task", "layerflow.generate", train_modes={"decompose": 1, "bg2fg": 1, "fg2bg": 0})
+    random.seed(0)
+    rows = {tuple(r) for r in task.pack(batch, training=True).given.tolist()}
+    assert rows == {(False, False, False, True), (False, False, True, False)}  # decompose, bg2fg; fg2bg weight 0
+    assert task.pack(batch, training=False).given.tolist()[0] == [False] * 4  # sampling: the task's own mode
+    with pytest.raises(LayerkitError, match="train_modes must map modes"):
+        registry.build("task", "layerflow.generate", train_modes={"inpaint": 1})
+
+
 def test_stage3_trains_two_steps_on_cpu(registry, tmp_path):
     from layerkit.training.run import train
 

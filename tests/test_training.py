@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from conftest import TINY, run_cli
 from safetensors.torch import load_file
@@ -51,6 +52,45 @@ def test_optimizer_sees_trainable_parameters_only(registry, tmp_path):
     trainable = {id(p) for p in module.parameters() if p.requires_grad}
     assert in_optimizer == trainable
     assert len(trainable) < sum(1 for _ in module.parameters())
+
+
+def test_learning_rate_schedule_warms_up_decays_and_is_checkpointed(registry, tmp_path):
+    out = train(["+experiment=toy_layered", *TINY, *LORA_ONLY, "trainer.max_steps=4", "optim.lr=1e-3",
+                 "optim.scheduler=cosine", "optim.warmup_steps=2", "train.checkpoint_every=1",
+                 f"output_dir={tmp_path / 'run'}"], registry=registry)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    (schedule,) = ckpt["lr_schedulers"]
+    assert schedule["last_epoch"] == 4
+    assert schedule["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)  # cosine reaches 0 at max_steps
+
+    import lightning as L
+
+    from layerkit.config import compose, to_plain
+    from layerkit.pipeline import build_parts
+    from layerkit.training.module import LayerkitModule
+
+    cfg = compose("train", ["+experiment=toy_layered", *TINY, *LORA_ONLY, "optim.lr=1e-3",
+                            "optim.scheduler=cosine", "optim.warmup_steps=2"], registry)
+    module = LayerkitModule(build_parts(cfg, registry, training=True), to_plain(cfg))
+    module.trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    found = module.configure_optimizers()
+    optimizer, scheduler = found["optimizer"], found["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:3] == pytest.approx([0.0, 5e-4, 1e-3])
+    assert lrs[2] > lrs[3] > lrs[4] > lrs[5] > 0.0
+
+
+def test_unknown_learning_rate_schedule_is_one_sentence(registry, tmp_path):
+    from layerkit.errors import LayerkitError
+
+    with pytest.raises(LayerkitError, match="optim.scheduler is 'wavy'; expected one of: linear, cosine"):
+        train(["+experiment=toy_layered", *TINY, *LORA_ONLY, "trainer.max_steps=1", "optim.scheduler=wavy",
+               f"output_dir={tmp_path / 'run'}"], registry=registry)
+    assert not (tmp_path / "run" / "weights.safetensors").exists()
 
 
 def test_kill_and_resume_continues_the_same_run(tmp_path):

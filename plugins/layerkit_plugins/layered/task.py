@@ -4,13 +4,17 @@ RGBA layout: [foreground, alpha, background, blended]; RGB layout: [foreground, 
 blended]. The foreground is composited over mid-grey (fg * alpha in [-1, 1]), the alpha matte
 is repeated to three channels and scaled to [-1, 1]. Layer-wise prompts carry an index prefix
 ("0, " foreground, "1, " background, "2, " blended). Conditional variants keep one part given:
-decomposition (blended), fg2bg (foreground and alpha), bg2fg (background).
+decomposition (blended), fg2bg (foreground and alpha), bg2fg (background). ``train_modes``
+trains one model for all of them: each training sample draws its mode, so its given parts are
+kept clean and out of the loss (LayerFlow's conditional variants, sec. 3.2).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import random
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +32,8 @@ class LayeredTask(Task):
     sample_keys = ("foreground_rgb", "foreground_alpha", "background", "blended", *PROMPT_KEYS)
 
     def __init__(self, mode: str = "generate", layout: str = "rgba", index_prefix: bool = True,
-                 scale_from: dict[str, str] | None = None, default_seed: int = 0, num_samples: int = 1) -> None:
+                 scale_from: dict[str, str] | None = None, default_seed: int = 0, num_samples: int = 1,
+                 train_modes: dict[str, float] | None = None) -> None:
         if mode not in GIVEN:
             raise LayerkitError(f"unknown layered mode '{mode}'; modes are {sorted(GIVEN)}.")
         if layout not in LAYOUTS:
@@ -38,6 +43,10 @@ class LayeredTask(Task):
         self.scale_from = dict(scale_from or {})  # adapter name -> boolean sample key (e.g. is_static)
         self.default_seed, self.num_samples = default_seed, num_samples
         self.given_names = [n for n in GIVEN[mode] if n in LAYOUTS[layout]]
+        self.train_modes = {str(k): float(v) for k, v in (train_modes or {}).items() if float(v) > 0}
+        unknown = sorted(set(self.train_modes) - set(GIVEN))
+        if unknown or any(float(v) < 0 for v in (train_modes or {}).values()):
+            raise LayerkitError(f"train_modes must map modes {sorted(GIVEN)} to weights >= 0; got {dict(train_modes or {})}.")
 
     # -- packing ----------------------------------------------------------------------------
     def layer_videos(self, batch: dict[str, Any]) -> dict[str, torch.Tensor | None]:
@@ -76,6 +85,9 @@ class LayeredTask(Task):
                 raise LayerkitError(f"task '{self.name}' needs the given layer(s) {missing} as input.")
         segments = [Segment(n, f, videos[n] if (training or n in self.given_names) else None) for n in names]
         given = torch.tensor([[n in self.given_names for n in names]] * b, dtype=torch.bool)
+        if training and self.train_modes:
+            modes = random.choices(list(self.train_modes), weights=list(self.train_modes.values()), k=b)
+            given = torch.tensor([[n in GIVEN[m] for n in names] for m in modes], dtype=torch.bool)
         prompts = [self.prompt_blocks(batch, i) for i in range(b)]
         scales = {adapter: torch.as_tensor(batch[key], dtype=torch.float32).reshape(b)
                   for adapter, key in self.scale_from.items() if key in batch}

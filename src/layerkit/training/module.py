@@ -82,12 +82,34 @@ class LayerkitModule(L.LightningModule):
             raise LayerkitError(
                 "nothing to train: set 'trainable' patterns or add an adapter or control with weights."
             )
-        return torch.optim.AdamW(
+        optimizer = torch.optim.AdamW(
             trainable,
             lr=float(optim.get("lr", 1e-4)),
             weight_decay=float(optim.get("weight_decay", 0.0)),
             betas=tuple(optim.get("betas", (0.9, 0.999))),
         )
+        name = str(optim.get("scheduler", "constant") or "constant")
+        warmup = int(optim.get("warmup_steps", 0) or 0)
+        if name == "constant" and warmup == 0:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self._lr_schedule(optimizer, name, warmup), "interval": "step"}}
+
+    def _lr_schedule(self, optimizer: torch.optim.Optimizer, name: str, warmup: int) -> Any:
+        """diffusers' schedules (``diffusers.optimization``) over ``trainer.max_steps`` steps."""
+        from diffusers.optimization import SchedulerType, get_scheduler
+
+        from layerkit.errors import LayerkitError
+
+        names = [s.value for s in SchedulerType]
+        if name not in names:
+            raise LayerkitError(f"optim.scheduler is '{name}'; expected one of: {', '.join(names)}.")
+        total = int(getattr(self.trainer, "max_steps", -1) or -1) if self._trainer is not None else -1
+        if total <= 0 and name not in ("constant", "constant_with_warmup"):
+            raise LayerkitError(f"optim.scheduler={name} decays over trainer.max_steps; set trainer.max_steps.")
+        if name == "constant" and warmup:
+            name = "constant_with_warmup"
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total, 1))
 
     # -- checkpoints hold the trainable weights, never the frozen base -----------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
