@@ -84,6 +84,17 @@ def test_learning_rate_schedule_warms_up_decays_and_is_checkpointed(registry, tm
     assert lrs[2] > lrs[3] > lrs[4] > lrs[5] > 0.0
 
 
+def test_schedule_added_on_resume_starts_at_the_step_reached(registry, tmp_path):
+    run = tmp_path / "run"
+    common = ["+experiment=toy_layered", *TINY, *LORA_ONLY, "optim.lr=1e-3", "train.checkpoint_every=1",
+              f"output_dir={run}"]
+    train([*common, "trainer.max_steps=2"], registry=registry)  # no schedule: none saved
+    out = train([*common, "trainer.max_steps=4", "optim.scheduler=linear"], registry=registry)
+    (schedule,) = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["lr_schedulers"]
+    assert schedule["last_epoch"] == 4
+    assert schedule["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)  # linear: 0 at step 4, not 5e-4
+
+
 def test_unknown_learning_rate_schedule_is_one_sentence(registry, tmp_path):
     from layerkit.errors import LayerkitError
 

@@ -6,6 +6,7 @@ generated parts only: given segments are never noised and never enter the loss.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -63,6 +64,7 @@ class LayerkitModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         """Trainable parts in train mode, fully frozen parts (VAE, text encoder) in eval mode."""
+        self._catch_up_lr_schedule()
         self.train()
         for module in self.backbone.children():
             if not any(p.requires_grad for p in module.parameters()):
@@ -96,20 +98,46 @@ class LayerkitModule(L.LightningModule):
                 "lr_scheduler": {"scheduler": self._lr_schedule(optimizer, name, warmup), "interval": "step"}}
 
     def _lr_schedule(self, optimizer: torch.optim.Optimizer, name: str, warmup: int) -> Any:
-        """diffusers' schedules (``diffusers.optimization``) over ``trainer.max_steps`` steps."""
+        """diffusers' schedules (``diffusers.optimization``) over the run's optimiser steps
+        (``trainer.max_steps``, or what ``trainer.max_epochs`` comes to)."""
         from diffusers.optimization import SchedulerType, get_scheduler
 
         from layerkit.errors import LayerkitError
 
-        names = [s.value for s in SchedulerType]
+        names = [s.value for s in SchedulerType if s.value != "piecewise_constant"]  # needs step rules
         if name not in names:
             raise LayerkitError(f"optim.scheduler is '{name}'; expected one of: {', '.join(names)}.")
-        total = int(getattr(self.trainer, "max_steps", -1) or -1) if self._trainer is not None else -1
+        total = -1
+        if self._trainer is not None:
+            total = int(self.trainer.max_steps or -1)
+            if total <= 0:
+                try:
+                    estimate = self.trainer.estimated_stepping_batches
+                    total = int(estimate) if math.isfinite(estimate) else -1
+                except Exception:  # no data attached yet (a module used outside fit)
+                    total = -1
         if total <= 0 and name not in ("constant", "constant_with_warmup"):
-            raise LayerkitError(f"optim.scheduler={name} decays over trainer.max_steps; set trainer.max_steps.")
+            raise LayerkitError(
+                f"optim.scheduler={name} decays over the run's length; set trainer.max_steps or trainer.max_epochs."
+            )
         if name == "constant" and warmup:
             name = "constant_with_warmup"
         return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total, 1))
+
+    def _catch_up_lr_schedule(self) -> None:
+        """A run resumed from a checkpoint written without this schedule starts it at the step the
+        run has reached, not at step 0 (Lightning restores no state for a scheduler it never saved)."""
+        schedule = self.lr_schedulers() if self._trainer is not None else None
+        if schedule is None or isinstance(schedule, list):
+            return
+        step = int(self.trainer.global_step)
+        if step > 0 and schedule.last_epoch < step:
+            import warnings
+
+            schedule.last_epoch = step - 1
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "step() before optimizer.step()": intended here
+                schedule.step()
 
     # -- checkpoints hold the trainable weights, never the frozen base -----------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
