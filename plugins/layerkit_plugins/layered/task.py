@@ -11,10 +11,9 @@ kept clean and out of the loss (LayerFlow's conditional variants, sec. 3.2).
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
-
-import random
 
 import torch
 import torch.nn.functional as F

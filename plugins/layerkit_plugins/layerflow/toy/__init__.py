@@ -5,7 +5,7 @@ of ``layerkit sample``.
 - ``model``: the toy components' configs (VAE, transformer, T5, scheduler);
 - ``train_vae``: trains the VAE on shapes-world clips and writes the base directory;
 - ``export``: copies the base directory and each stage's weights into ``weights/`` (fp16);
-- ``evaluate``: stage 1 alone vs all three stages on held-out shapes prompts (the table of the
-  model card);
+- ``evaluate``: stage 1 alone vs all three stages, generation and the conditional tasks, on
+  held-out shapes clips (the table of the model card);
 - ``reproduce.sh``: every command, in order.
 """

@@ -1,4 +1,4 @@
-"""Evaluate the toy LayerFlow on held-out shapes prompts: stage 1 alone vs all three stages.
+"""Evaluate the toy LayerFlow on held-out shapes clips: stage 1 alone vs all three stages, four tasks.
 
     nice -n 5 python -m layerkit_plugins.layerflow.toy.evaluate --num-samples 16 --seed 0
 
@@ -33,11 +33,19 @@ import torch
 
 from layerkit.data.shapes import BACKGROUND_COLOURS
 
-#: model name -> ``layerkit sample`` overrides
+_STAGE1 = ["+experiment=toy_layerflow_stage1", "weights=${pkg:layerkit_plugins.layerflow.toy/weights/stage1.safetensors}"]
+_STAGE3 = ["+experiment=toy_layerflow_stage3"]
+#: row name -> ``layerkit sample`` overrides: text-to-video (generate) for both models, then the
+#: conditional tasks (the given part from the held-out clip: blended for decompose, foreground +
+#: alpha for fg2bg, background for bg2fg). For decompose, alpha_iou and background_leak compare
+#: with the very clip that was given, so there they measure quality, not placement luck.
 MODELS: dict[str, list[str]] = {
-    "stage 1 alone": ["+experiment=toy_layerflow_stage1",
-                      "weights=${pkg:layerkit_plugins.layerflow.toy/weights/stage1.safetensors}"],
-    "stages 1+2+3": ["+experiment=toy_layerflow_stage3"],
+    "stage 1 alone, generate": _STAGE1,
+    "stages 1+2+3, generate": _STAGE3,
+    "stage 1 alone, decompose": [*_STAGE1, "task=layerflow_decompose"],
+    "stages 1+2+3, decompose": [*_STAGE3, "task=layerflow_decompose"],
+    "stages 1+2+3, fg2bg": [*_STAGE3, "task=layerflow_fg2bg"],
+    "stages 1+2+3, bg2fg": [*_STAGE3, "task=layerflow_bg2fg"],
 }
 COLUMNS = ("colour_correct", "shape_correct", "direction_correct", "compositing_error", "alpha_iou_self",
            "fg_in_background", "alpha_iou", "background_leak")
@@ -133,7 +141,7 @@ def vae_ceiling(num_samples: int, seed: int, round_trip: bool = True) -> dict[st
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    head = "| model | " + " | ".join(COLUMNS) + " |"
+    head = "| model, task | " + " | ".join(COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
     for name, row in results.items():
         cells = [f"{row[c]:.3f}" if isinstance(row.get(c), float) else "-" for c in COLUMNS]

@@ -3,8 +3,8 @@
     nice -n 5 python -m layerkit_plugins.layerflow.toy.train_vae --out runs/toy_layerflow/base
 
 The VAE (``AutoencoderKLCogVideoX``, see ``toy.model``) is trained as a deterministic
-reconstruction autoencoder (L1 on the decoded posterior mode + a small L2 on the latents; the
-log-variance head is then zeroed to std ~3e-7, so training and sampling encode alike) on exactly the clips LayerFlow encodes: the foreground over
+reconstruction autoencoder (L1 + MSE on the decoded posterior mode + a small L2 on the latents;
+the log-variance head is then zeroed to std ~3e-7, so training and sampling encode alike) on exactly the clips LayerFlow encodes: the foreground over
 mid-grey, the alpha matte as RGB, the background and the blended video, 9 frames of 32x32, a
 share of them frozen (one frame repeated, as stages 2-3 feed them). Its ``scaling_factor`` is
 set to 1 / std of the latents, as CogVideoX's is. The directory then gets the seeded (untrained)
@@ -60,8 +60,8 @@ def make_deterministic(vae) -> None:
 
 
 def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_weight: float,
-          static_prob: float, max_minutes: float, norm_groups: int = 4, mse_weight: float = 0.0,
-          layer_weights: tuple[float, ...] = (3, 3, 2, 2)) -> dict:
+          static_prob: float, max_minutes: float, norm_groups: int = 4, mse_weight: float = 1.0,
+          layer_weights: tuple[float, ...] = (3, 3, 1, 1)) -> dict:
     torch.manual_seed(seed)
     rng = random.Random(seed)
     config = ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE)
@@ -117,19 +117,20 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/toy_layerflow/base"))
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--clips-per-step", type=int, default=8)
     parser.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the latent L2 term")
     parser.add_argument("--static-prob", type=float, default=0.3)
     parser.add_argument("--max-minutes", type=float, default=30.0, help="stop early past this wall time")
     parser.add_argument("--norm-groups", type=int, default=4, help="GroupNorm groups of the VAE")
-    parser.add_argument("--mse-weight", type=float, default=0.0, help="weight of an MSE term beside the L1")
-    parser.add_argument("--layer-weights", type=float, nargs=4, default=[3, 3, 2, 2],
+    parser.add_argument("--mse-weight", type=float, default=1.0, help="weight of an MSE term beside the L1")
+    parser.add_argument("--layer-weights", type=float, nargs=4, default=[3, 3, 1, 1],
                         help="how often each layer is drawn: foreground, alpha, background, blended")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: on a shared 2-core machine two threads thrash, 5-8x slower)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (2 on an otherwise idle 2-core machine; use 1 when other jobs run:"
+                             " two threads on a busy machine thrash, 5-8x slower)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     info = train(args.out, args.steps, args.seed, args.lr, args.clips_per_step, args.kl_weight,
