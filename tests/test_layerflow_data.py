@@ -335,7 +335,7 @@ def test_stage3_trains_two_steps_on_files_and_exports(registry, tmp_path):
         write_prompts(folder, foreground="a red circle", background="blue stripes")
     fgs, bgs = make_pools(tmp_path)
     out = train(["+experiment=layerflow_stage3", "backbone=cogvideox_tiny", "train.batch_size=1",
-                 "data=layerflow_mix", "data.name=layerflow.mix", "data.size=8", f"data.datasets.images.root={images}",
+                 "data=layerflow_mix", "data.size=8", f"data.datasets.images.root={images}",
                  f"data.datasets.copy_paste.foregrounds={fgs}", f"data.datasets.copy_paste.backgrounds={bgs}",
                  "trainer.max_steps=2", "export.formats=[diffusers,comfyui]", f"output_dir={tmp_path / 'run'}"],
                 registry=registry)
