@@ -131,6 +131,26 @@ def test_train_modes_give_each_sample_its_own_task(registry):
         registry.build("task", "layerflow.generate", train_modes={"inpaint": 1})
 
 
+def test_rgb_layout_packs_three_sub_clips_and_trains(registry, tmp_path):
+    """LayerFlow's RGB setting: [foreground over mid-grey, background, blended], no alpha clip."""
+    from layerkit_plugins.layerflow.data import LayerFlowMixture
+
+    from layerkit.training.data import default_collate
+    from layerkit.training.run import train
+
+    data = LayerFlowMixture(size=2, static_fraction=0.5, num_frames=4, height=16, width=16)
+    batch = default_collate([data[i] for i in range(2)])
+    task = registry.build("task", "layerflow.fg2bg", layout="rgb")
+    packed = task.pack(batch, training=True)
+    assert [s.name for s in packed.segments] == ["foreground", "background", "blended"]
+    assert packed.given[0].tolist() == [True, False, False]
+    expected = (batch["foreground_rgb"] * 2 - 1) * batch["foreground_alpha"]  # 0 (mid-grey) where alpha is 0
+    assert torch.allclose(packed.segments[0].video, expected)
+    out = train(["+experiment=layerflow_stage1", *TINY, "task.layout=rgb", "trainer.max_steps=1",
+                 f"output_dir={tmp_path / 'rgb'}"], registry=registry)
+    assert json.loads((out / "record.json").read_text())["global_step"] == 1
+
+
 def test_stage3_trains_two_steps_on_cpu(registry, tmp_path):
     from layerkit.training.run import train
 

@@ -78,6 +78,7 @@ def encode_packed(backbone: Backbone, packed: Packed) -> tuple[torch.Tensor, tor
     h, w = backbone.latent_size(packed.height, packed.width)
     chunks, lengths = [], []
     param = next(backbone.parameters())
+    device = backbone.execution_device
     for seg in packed.segments:
         f = backbone.latent_frames(seg.num_frames)
         if seg.video is not None:
@@ -85,9 +86,9 @@ def encode_packed(backbone: Backbone, packed: Packed) -> tuple[torch.Tensor, tor
                 raise LayerkitError(
                     f"segment '{seg.name}' has {seg.video.shape[1]} frames, expected {seg.num_frames}."
                 )
-            lat = backbone.encode_video(seg.video.to(param.device))
+            lat = backbone.encode_video(seg.video.to(device))
         else:
-            lat = torch.zeros(b, backbone.latent_channels, f, h, w, device=param.device, dtype=param.dtype)
+            lat = torch.zeros(b, backbone.latent_channels, f, h, w, device=device, dtype=param.dtype)
         chunks.append(lat)
         lengths.append(lat.shape[2])
     latents = torch.cat(chunks, dim=2)

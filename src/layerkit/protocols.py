@@ -227,6 +227,13 @@ class Backbone(nn.Module):
         """Sub-models in the order they run, for model CPU offload."""
         return [self.denoiser]
 
+    @property
+    def execution_device(self) -> torch.device:
+        """Where the computation runs: the offload device under model CPU offload (the weights
+        wait on the CPU between uses), otherwise where the weights are."""
+        offload = self.__dict__.get("_offload_device")
+        return offload if offload is not None else next(self.parameters()).device
+
     def enable_memory_options(self, options: dict[str, bool], device: torch.device) -> None:
         wanted = {k for k, v in options.items() if v}
         unsupported = wanted - set(self.memory_options)
@@ -241,6 +248,7 @@ class Backbone(nn.Module):
             hook = None
             for module in self.components_for_offload():
                 _, hook = cpu_offload_with_hook(module, device, prev_module_hook=hook)
+            self._offload_device = torch.device(device)
         if "vae_tiling" in wanted:
             self.enable_vae_tiling()
         if "vae_slicing" in wanted:

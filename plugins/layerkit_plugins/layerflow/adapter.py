@@ -92,10 +92,11 @@ class LayerEmbedding(Adapter):
         context = backbone.context
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            emb = self.layer_embedding(self.block_index(backbone, output.shape[1], output.device)).to(output.dtype)
+            emb = self.layer_embedding(self.block_index(backbone, output.shape[1], output.device))
+            emb = emb.to(output.device, output.dtype)  # under CPU offload the embedding may sit elsewhere
             s = context.scale_for(self.name, output.shape[0], default=self.scale) if context.active else self.scale
             if isinstance(s, torch.Tensor):
-                s = s.to(output.dtype).view(-1, 1, 1)
+                s = s.to(output.device, output.dtype).view(-1, 1, 1)
             return output + s * emb
 
         return hook

@@ -55,7 +55,7 @@ def denoise(
     """
     backbone = parts.backbone
     scheduler = backbone.make_scheduler("sample", options.scheduler)
-    device = next(backbone.parameters()).device
+    device = backbone.execution_device
     given_latents, given, _ = encode_packed(backbone, packed)
     keep = frame_mask(given, given_latents)
 

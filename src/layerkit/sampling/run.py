@@ -30,6 +30,17 @@ class Container(nn.Module):
         self.adapters = nn.ModuleDict(parts.adapters)
 
 
+def _move_own_modules(parts: Any, device: torch.device) -> None:
+    """Under model CPU offload the backbone's components move on use; controls and adapters with
+    weights of their own (a layer embedding, a ControlNet) go to the device once. Adapters whose
+    weights live inside the backbone (LoRA) move with it."""
+    backbone_params = {id(p) for p in parts.backbone.parameters()}
+    for module in [*parts.controls.values(), *parts.adapters.values()]:
+        own = list(module.parameters())
+        if own and not any(id(p) in backbone_params for p in own):
+            module.to(device)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -78,6 +89,7 @@ def sample(overrides: Sequence[str], *, registry: Registry | None = None) -> Pat
     memory = {k: bool(v) for k, v in params(cfg.memory).items()}
     if memory.get("cpu_offload"):
         parts.backbone.enable_memory_options(memory, device)
+        _move_own_modules(parts, device)
     else:
         container.to(device)
         parts.backbone.enable_memory_options(memory, device)
