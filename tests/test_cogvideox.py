@@ -40,6 +40,11 @@ def test_tiny_model_saves_and_loads_through_the_directory_loader(tiny_dir, regis
     assert embeds["prompt_block_index"].tolist() == [0] * 16 + [1] * 16 + [2] * 16
 
 
+def test_unset_stage_weights_warn_that_training_starts_from_the_base(tiny_dir, registry):
+    with pytest.warns(UserWarning, match="starts from the base model"):
+        registry.build("backbone", "cogvideox", path=str(tiny_dir), denoiser_weights=[None])
+
+
 def test_missing_directory_or_subfolder_is_a_clear_error(tiny_dir, tmp_path):
     import shutil
 

@@ -143,7 +143,13 @@ class CogVideoX(Backbone):
         self.setup(parts, max_text_tokens=max_text_tokens, sampler=sampler)
         if gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
-        self.load_denoiser_weights([w for w in (denoiser_weights or []) if w])
+        given = [w for w in (denoiser_weights or []) if w]
+        if not tiny and len(given) < len(denoiser_weights or []):
+            import warnings
+
+            warnings.warn("backbone.denoiser_weights has an empty entry (layerflow.stage1_weights not set?): the "
+                          "transformer starts from the base model, not from an earlier stage.", stacklevel=2)
+        self.load_denoiser_weights(given)
 
     def setup(self, parts: dict[str, Any], *, max_text_tokens: int | None = None, sampler: str = "dpm") -> None:
         transformer = parts["transformer"]
