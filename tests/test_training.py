@@ -94,6 +94,11 @@ def test_schedule_added_on_resume_starts_at_the_step_reached(registry, tmp_path)
     assert schedule["last_epoch"] == 4
     assert schedule["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)  # linear: 0 at step 4, not 5e-4
 
+    out = train([*common, "trainer.max_steps=5"], registry=registry)  # and back to a constant rate
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["lr_schedulers"] == [] and ckpt["global_step"] == 5
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-3)
+
 
 def test_unknown_learning_rate_schedule_is_one_sentence(registry, tmp_path):
     from layerkit.errors import LayerkitError

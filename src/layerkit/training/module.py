@@ -126,9 +126,17 @@ class LayerkitModule(L.LightningModule):
 
     def _catch_up_lr_schedule(self) -> None:
         """A run resumed from a checkpoint written without this schedule starts it at the step the
-        run has reached, not at step 0 (Lightning restores no state for a scheduler it never saved)."""
+        run has reached, not at step 0 (Lightning restores no state for a scheduler it never saved);
+        one resumed without a schedule runs at ``optim.lr``, not at the last scheduled rate."""
         schedule = self.lr_schedulers() if self._trainer is not None else None
-        if schedule is None or isinstance(schedule, list):
+        if schedule is None:  # constant: the configured rate, even over a resumed scheduled run's last one
+            lr = float(self.config.get("optim", {}).get("lr", 1e-4))
+            optimizers = self.optimizers(use_pl_optimizer=False)
+            for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            return
+        if isinstance(schedule, list):
             return
         step = int(self.trainer.global_step)
         if step > 0 and schedule.last_epoch < step:
