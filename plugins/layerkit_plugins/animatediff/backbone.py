@@ -182,8 +182,8 @@ class AnimateDiff(Backbone):
         b, f, c = video.shape[:3]
         if c not in (3, 4):
             raise LayerkitError(f"animatediff encodes RGB or RGBA frames; got {c} channels.")
-        param = next(self.vae.parameters())
-        frames = video.flatten(0, 1).to(param.device, param.dtype)
+        dtype = next(self.vae.parameters()).dtype
+        frames = video.flatten(0, 1).to(self.execution_device, dtype)  # not the VAE's: under offload it waits on the CPU
         out = []
         for x in self._frames(frames):
             if c == 3:
@@ -215,9 +215,9 @@ class AnimateDiff(Backbone):
         rgba = self.rgba_decode if rgba is None else bool(rgba)
         b, _, f = latents.shape[:3]
         z = (latents / self.scaling_factor).permute(0, 2, 1, 3, 4).flatten(0, 1)
-        param = next(self.vae.parameters())
+        dtype = next(self.vae.parameters()).dtype
         out = []
-        for chunk in self._frames(z.to(param.device, param.dtype)):
+        for chunk in self._frames(z.to(self.execution_device, dtype)):
             pixel = self.vae.decode(chunk).sample
             if rgba and self.transparent_decoder is not None:
                 y = self.transparent_decoder.decode((pixel.clamp(-1, 1) + 1) / 2, chunk, tta=self.decoder_tta)
