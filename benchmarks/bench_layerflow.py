@@ -50,7 +50,6 @@ def small_parts() -> dict[str, Any]:
 
 def cpu_case(name: str, parts: dict[str, Any] | None, size: int, frames: int, steps: int, repeats: int,
              dynamic_cfg: bool = True) -> dict[str, Any]:
-    from diffusers import CogVideoXPipeline
     from layerkit_plugins.cogvideox.backbone import CogVideoX
 
     from layerkit.pipeline import Parts
@@ -64,9 +63,7 @@ def cpu_case(name: str, parts: dict[str, Any] | None, size: int, frames: int, st
     with torch.no_grad():
         prompt = backbone.encode_prompts(["2, a red circle moving left over blue and white stripes"])["prompt_embeds"]
         negative = backbone.encode_prompts([""])["prompt_embeds"]
-    pipe = CogVideoXPipeline(tokenizer=backbone.tokenizer, text_encoder=backbone.text_encoder, vae=backbone.vae,
-                             transformer=backbone.denoiser, scheduler=backbone.make_scheduler("sample"))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = backbone.diffusers_pipeline()
     packed = Packed([Segment("video", frames)], torch.zeros(1, 1, dtype=torch.bool), [["unused"]], size, size)
     options = SamplerOptions(steps=steps, guidance_scale=6.0, dynamic_cfg=dynamic_cfg, progress=False)
     lk_parts = Parts(backbone, task=None)  # type: ignore[arg-type]

@@ -66,7 +66,6 @@ def test_missing_directory_or_subfolder_is_a_clear_error(tiny_dir, tmp_path):
                                                                 ("dpm", True, False)])
 def test_sampler_reproduces_cogvideox_pipeline(tiny_dir, sampler, rotary, dynamic_cfg):
     """One clip, no layer embedding, no LoRA: layerkit's loop == CogVideoXPipeline(output_type="latent")."""
-    from diffusers import CogVideoXPipeline
     from layerkit_plugins.cogvideox.backbone import CogVideoX
 
     from layerkit.pipeline import Parts
@@ -81,9 +80,7 @@ def test_sampler_reproduces_cogvideox_pipeline(tiny_dir, sampler, rotary, dynami
     with torch.no_grad():
         prompt = backbone.encode_prompts(["2, a red circle moving left over blue and white stripes"])["prompt_embeds"]
         negative = backbone.encode_prompts([""])["prompt_embeds"]
-    pipe = CogVideoXPipeline(tokenizer=backbone.tokenizer, text_encoder=backbone.text_encoder, vae=backbone.vae,
-                             transformer=backbone.denoiser, scheduler=backbone.make_scheduler("sample"))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = backbone.diffusers_pipeline()
     reference = pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, height=32, width=32, num_frames=9,
                      num_inference_steps=4, guidance_scale=6.0, use_dynamic_cfg=dynamic_cfg,
                      generator=torch.Generator().manual_seed(0), output_type="latent").frames  # [B, F, C, H, W]

@@ -188,6 +188,16 @@ class CogVideoX(Backbone):
                                     f"not have (first: {unknown[0]}).")
             self.denoiser.load_state_dict(state, strict=False)
 
+    def diffusers_pipeline(self):
+        """diffusers' ``CogVideoXPipeline`` over this backbone's own components and sampling
+        scheduler (progress bar off): the reference layerkit's loop is checked and timed against."""
+        from diffusers import CogVideoXPipeline
+
+        pipe = CogVideoXPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
+                                 transformer=self.denoiser, scheduler=self.make_scheduler("sample"))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
     # -- schedule --------------------------------------------------------------------------
     def make_scheduler(self, kind: str = "train", name: str | None = None):
         from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
