@@ -42,10 +42,10 @@ class LayeredTask(Task):
         self.scale_from = dict(scale_from or {})  # adapter name -> boolean sample key (e.g. is_static)
         self.default_seed, self.num_samples = default_seed, num_samples
         self.given_names = [n for n in GIVEN[mode] if n in LAYOUTS[layout]]
-        self.train_modes = {str(k): float(v) for k, v in (train_modes or {}).items() if float(v) > 0}
-        unknown = sorted(set(self.train_modes) - set(GIVEN))
-        if unknown or any(float(v) < 0 for v in (train_modes or {}).values()):
-            raise LayerkitError(f"train_modes must map modes {sorted(GIVEN)} to weights >= 0; got {dict(train_modes or {})}.")
+        weights = {str(k): float(v) for k, v in (train_modes or {}).items()}
+        if set(weights) - set(GIVEN) or any(v < 0 for v in weights.values()):
+            raise LayerkitError(f"train_modes must map modes {sorted(GIVEN)} to weights >= 0; got {weights}.")
+        self.train_modes = {k: v for k, v in weights.items() if v > 0}
 
     # -- packing ----------------------------------------------------------------------------
     def layer_videos(self, batch: dict[str, Any]) -> dict[str, torch.Tensor | None]:

@@ -64,7 +64,7 @@ class LayerkitModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         """Trainable parts in train mode, fully frozen parts (VAE, text encoder) in eval mode."""
-        self._catch_up_lr_schedule()
+        self._align_lr_with_resumed_run()
         self.train()
         for module in self.backbone.children():
             if not any(p.requires_grad for p in module.parameters()):
@@ -124,7 +124,7 @@ class LayerkitModule(L.LightningModule):
             name = "constant_with_warmup"
         return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total, 1))
 
-    def _catch_up_lr_schedule(self) -> None:
+    def _align_lr_with_resumed_run(self) -> None:
         """A run resumed from a checkpoint written without this schedule starts it at the step the
         run has reached, not at step 0 (Lightning restores no state for a scheduler it never saved);
         one resumed without a schedule runs at ``optim.lr``, not at the last scheduled rate."""
