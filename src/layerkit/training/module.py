@@ -128,7 +128,9 @@ class LayerkitModule(L.LightningModule):
         """A run resumed from a checkpoint written without this schedule starts it at the step the
         run has reached, not at step 0 (Lightning restores no state for a scheduler it never saved);
         one resumed without a schedule runs at ``optim.lr``, not at the last scheduled rate."""
-        schedule = self.lr_schedulers() if self._trainer is not None else None
+        if self._trainer is None:  # used outside a fit: nothing was resumed
+            return
+        schedule = self.lr_schedulers()
         if schedule is None:  # constant: the configured rate, even over a resumed scheduled run's last one
             lr = float(self.config.get("optim", {}).get("lr", 1e-4))
             optimizers = self.optimizers(use_pl_optimizer=False)

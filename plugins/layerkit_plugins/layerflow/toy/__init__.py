@@ -7,5 +7,6 @@ of ``layerkit sample``.
 - ``export``: copies the base directory and each stage's weights into ``weights/`` (fp16);
 - ``evaluate``: stage 1 alone vs all three stages, generation and the conditional tasks, on
   held-out shapes clips (the table of the model card);
+- ``diagnose``: the figures behind the model card's "Why" section;
 - ``reproduce.sh``: every command, in order.
 """

@@ -1,0 +1,149 @@
+"""Diagnostics behind the "Why" section of the toy LayerFlow's model card (committed weights).
+
+    python -m layerkit_plugins.layerflow.toy.diagnose colours     # what the VAE does to sprite colours
+    python -m layerkit_plugins.layerflow.toy.diagnose given       # does decomposition read the given clip?
+    python -m layerkit_plugins.layerflow.toy.diagnose step-time   # VAE encoding's share of a stage-1 step
+
+- ``colours``: the foreground layer (sprite over mid-grey) of held-out test clips through the
+  committed VAE; per true sprite colour, the mean decoded RGB where the true alpha is > 0.9.
+- ``given``: stage-1 weights, decomposition inputs (the blended clip given) of held-out clips; the
+  v-prediction loss on the generated parts at fixed timesteps with the right blended clip, with
+  another sample's, and with it noised like the rest (nothing given).
+- ``step-time``: one stage-1 training step of the toy (batch 8) against the VAE encoding inside
+  it, median of a few repeats, with the torch threads of ``--threads``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+STAGE1 = ["+experiment=toy_layerflow_stage1", "weights=${pkg:layerkit_plugins.layerflow.toy/weights/stage1.safetensors}"]
+
+
+def colours(num: int) -> dict[str, list[float]]:
+    from layerkit.config import compose
+    from layerkit.data.shapes import ShapesConfig, make_sample, seed_for
+    from layerkit.pipeline import build_parts
+    from layerkit.registry import get_registry
+    from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
+    from layerkit_plugins.layerflow.toy.train_vae import layer_clips
+
+    registry = get_registry()
+    backbone = build_parts(compose("sample", [], registry), registry, training=False).backbone.eval()
+    config = ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE)
+    sums: dict[str, list] = {}
+    with torch.no_grad():
+        for i in range(num):
+            sample = make_sample(seed_for("test", 0, i), config)
+            fg = layer_clips(sample)[0].permute(1, 0, 2, 3)[None]                 # [1, F, 3, H, W] in [-1, 1]
+            decoded = backbone.decode_latents(backbone.encode_video(fg))[0].float()
+            inside = (sample["foreground_alpha"][:, 0] > 0.9).float()               # [F, H, W]
+            rgb = ((decoded.clamp(-1, 1) + 1) / 2 * inside[:, None]).sum((0, 2, 3)) / inside.sum()
+            entry = sums.setdefault(sample["meta"]["sprites"][0]["colour"], [torch.zeros(3), 0])
+            entry[0] += rgb
+            entry[1] += 1
+    return {name: [round(v, 2) for v in (total / n).tolist()] + [n] for name, (total, n) in sorted(sums.items())}
+
+
+def given(num: int, timesteps: list[int]) -> dict[int, dict[str, float]]:
+    from layerkit.config import compose, params
+    from layerkit.pipeline import build_parts, encode_packed, frame_mask, load_trainable_state, predict
+    from layerkit.registry import get_registry
+    from layerkit.sampling.run import Container
+    from layerkit.training.data import default_collate
+
+    registry = get_registry()
+    cfg = compose("sample", [*STAGE1, "task=layerflow_decompose", f"+inputs.num_samples={num}", "+inputs.seed=0"],
+                  registry)
+    parts = build_parts(cfg, registry, training=False)
+    container = Container(parts)
+    load_trainable_state(container, cfg.weights)
+    container.eval()
+    s = cfg.sampler
+    batch = default_collate(parts.task.sample_inputs(params(cfg.inputs), height=int(s.height), width=int(s.width),
+                                                     num_frames=int(s.num_frames)))
+    scheduler = parts.backbone.make_scheduler("train")
+    torch.manual_seed(0)
+    out: dict[int, dict[str, float]] = {}
+    with torch.no_grad():
+        packed = parts.task.pack(batch, training=True)
+        latents, mask, lengths = encode_packed(parts.backbone, packed)
+        cond = parts.backbone.encode_prompt_blocks(packed.prompts)
+        keep = frame_mask(mask, latents)
+        given_frames = slice(sum(lengths[:-1]), None)                          # the blended sub-clip
+        wrong = latents.clone()
+        wrong[:, :, given_frames] = latents.roll(1, dims=0)[:, :, given_frames]
+        weight = (~keep).float().expand_as(latents)
+        for t in timesteps:
+            ts = torch.full((num,), t)
+            noise = torch.randn_like(latents)
+            noisy = scheduler.add_noise(latents, noise, ts)
+            target = scheduler.get_velocity(latents, noise, ts)
+            row = {}
+            for name, clean in (("right blended", latents), ("another sample's blended", wrong),
+                                ("blended noised (nothing given)", None)):
+                x = noisy if clean is None else torch.where(keep, clean, noisy)
+                pred = predict(parts, packed, x, ts, cond)
+                row[name] = round((((pred - target) ** 2) * weight).sum().item() / weight.sum().item(), 4)
+            out[t] = row
+    return out
+
+
+def step_time(repeats: int) -> dict[str, float]:
+    from layerkit.config import compose, to_plain
+    from layerkit.pipeline import build_parts, encode_packed
+    from layerkit.registry import get_registry
+    from layerkit.training.data import LayerkitDataModule, default_collate
+    from layerkit.training.module import LayerkitModule
+
+    registry = get_registry()
+    cfg = compose("train", ["+experiment=toy_layerflow_stage1"], registry)
+    module = LayerkitModule(build_parts(cfg, registry, training=True), to_plain(cfg))
+    module.on_train_start()
+    dataset = LayerkitDataModule(cfg, registry).dataset
+    size = int(cfg.train.batch_size)
+    steps, encodes = [], []
+    for r in range(repeats + 1):
+        batch = default_collate([dataset[r * size + i] for i in range(size)])
+        start = time.perf_counter()
+        with torch.no_grad():
+            encode_packed(module.backbone, module.task.pack(batch, training=True))
+        encode = time.perf_counter() - start
+        start = time.perf_counter()
+        module.diffusion_loss(batch).backward()
+        step = time.perf_counter() - start
+        if r:  # the first is a warm-up
+            encodes.append(encode)
+            steps.append(step)
+    e, s = statistics.median(encodes), statistics.median(steps)
+    return {"vae_encode_ms": round(e * 1e3, 1), "training_step_ms": round(s * 1e3, 1), "encode_share": round(e / s, 2)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["colours", "given", "step-time"])
+    parser.add_argument("--num", type=int, default=16, help="held-out clips (colours, given)")
+    parser.add_argument("--timesteps", type=int, nargs="+", default=[200, 500, 800, 950])
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps (step-time)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.what == "colours":
+        print("true colour -> mean decoded RGB inside the sprite, clips")
+        for name, row in colours(args.num).items():
+            print(f"{name:8s} {row[:3]}  ({row[3]} clips)")
+    elif args.what == "given":
+        print("timestep -> v-loss on the generated parts (stage 1, decomposition inputs)")
+        for t, row in given(args.num, args.timesteps).items():
+            print(t, json.dumps(row))
+    else:
+        print(json.dumps(step_time(args.repeats)))
+
+
+if __name__ == "__main__":
+    main()
