@@ -111,3 +111,15 @@ def test_bf16_sampling_follows_fp32(registry, tmp_path):
     assert json.loads((outs["bf16"] / "record.json").read_text())["config"]["dtype"] == "bf16"
     print(f"bf16 vs fp32 background: mean abs difference {np.abs(a - b).mean() / 255:.4f}")
     assert np.abs(a - b).mean() / 255 < 0.03  # 0.0046 measured
+
+
+@needs_weights
+def test_diagnostics_behind_the_model_card_run():
+    from layerkit_plugins.layerflow.toy.diagnose import colours, given, step_time
+
+    rows = colours(2)
+    assert rows and all(len(r) == 4 and all(0.0 <= v <= 1.0 for v in r[:3]) for r in rows.values())
+    (losses,) = given(2, [500]).values()
+    assert set(losses) == {"right blended", "another sample's blended", "blended noised (nothing given)"}
+    timing = step_time(1)
+    assert 0.0 < timing["encode_share"] < 1.0
