@@ -1,8 +1,10 @@
 """Tiny mock plugins that prove the protocols carry the three method families.
 
 - ``mock.layer_controlnet`` + ``mock.layer_fusion``: a ControlNet-like control giving
-  per-layer features [B, N, f, D, h, w] (each layer its own sample, LayerAnimate sec. 4.3),
-  fused into the denoiser by cross-attention over layers with a validity mask.
+  per-layer features [B, N, f, D, h, w] (each layer its own sample, LayerAnimate sec. 4.3;
+  like a ControlNet it reads the timestep and the text conditioning of each guidance row),
+  fused into the denoiser by cross-attention over layers with a validity mask; the control
+  ``provides`` "layer_features", the adapter ``reads`` it.
 - ``mock.inter_frame``: an attention processor that reads the keys and values of the
   middle frame (Layer-Animate RGBA's Inter-Frame Attention), zero-initialised output.
 - a per-sample-scale peft LoRA is the real ``lora`` adapter, not a mock.
@@ -18,13 +20,16 @@ from torch import nn
 
 from layerkit import hookimpl
 from layerkit.layers import pad_layers
-from layerkit.protocols import Adapter, Backbone, Control, Packed
+from layerkit.protocols import Adapter, Backbone, Control, Step
 
 
 class LayerControlNet(Control):
-    """Layer masks -> per-layer features at the denoiser's token grid, one sample per layer."""
+    """Layer masks -> per-layer features at the denoiser's token grid, one sample per layer,
+    modulated (as a ControlNet's blocks are) by the timestep and by cross-attention to the text
+    conditioning of its own guidance row."""
 
     inputs = ("layer_masks_padded", "layer_validity")
+    provides = ("layer_features",)
 
     def __init__(self, backbone: Backbone, capacity: int = 4, channels: int = 8) -> None:
         super().__init__()
@@ -33,23 +38,34 @@ class LayerControlNet(Control):
         self.capacity = capacity
         self.encoder = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.SiLU(),
                                      nn.Conv2d(channels, channels, 3, stride=2, padding=1))
+        text_dim = backbone.denoiser.config.text_embed_dim
+        self.time = nn.Linear(1, channels)
+        self.text_k = nn.Linear(text_dim, channels)
+        self.text_v = nn.Linear(text_dim, channels)
 
     def prepare(self, sample: dict[str, Any]) -> dict[str, Any]:
         masks, validity = pad_layers(sample["layer_masks"], self.capacity, name="layer_masks")
         return {**sample, "layer_masks_padded": masks, "layer_validity": validity}
 
-    def forward(self, packed: Packed, backbone: Backbone, noisy: torch.Tensor, timesteps: torch.Tensor) -> Any:
-        masks = packed.extras["layer_masks_padded"]  # [B, N, F, 1, H, W]
-        b, n, f = masks.shape[:3]
+    def forward(self, step: Step, backbone: Backbone) -> dict[str, Any]:
+        masks = step.extras["layer_masks_padded"]  # [R, N, F, 1, H, W]
+        r, n, f, _, height, width = masks.shape
         feats = self.encoder(masks.flatten(0, 2).float() * 2 - 1)  # each layer (and frame) its own sample
-        feats = F.adaptive_avg_pool2d(feats, self.grid(packed.height, packed.width))
-        feats = feats.unflatten(0, (b, n, f))  # [B, N, F, D, h, w]
-        return {"features": feats, "validity": packed.extras["layer_validity"]}
+        feats = F.adaptive_avg_pool2d(feats, self.grid(height, width)).unflatten(0, (r, n, f))  # [R, N, F, D, h, w]
+        text = step.cond["prompt_embeds"].to(feats.dtype)  # [R, L, E]: each row its own (guidance) text
+        query = feats.mean(dim=(2, 4, 5))  # [R, N, D]: each layer its own sample
+        weights = torch.einsum("rnd,rld->rnl", query, self.text_k(text)).softmax(-1)
+        context = torch.einsum("rnl,rld->rnd", weights, self.text_v(text))  # [R, N, D]
+        temb = self.time((step.timesteps.float() / 1000).unsqueeze(-1))  # [R, D]
+        feats = feats + (context + temb[:, None])[:, :, None, :, None, None]
+        return {"layer_features": {"features": feats, "validity": step.extras["layer_validity"]}}
 
 
 class LayerFusion(Adapter):
     """Cross-attention from each video token to the N layer features at its pixel, with padded
     layers masked out; a zero-initialised projection adds the result to the block output."""
+
+    reads = ("layer_features",)
 
     def __init__(self, channels: int = 8, block: int = 0) -> None:
         super().__init__()
@@ -68,10 +84,10 @@ class LayerFusion(Adapter):
         block = denoiser.transformer_blocks[self.block]
 
         def hook(module: nn.Module, args: tuple, output: tuple) -> tuple:
-            if not context.active or self.name not in context.controls:
+            if not context.active:
                 return output
             hidden_states, encoder_states = output
-            ctl = context.controls[self.name]
+            ctl = context.controls["layer_features"]
             feats, validity = ctl["features"], ctl["validity"]  # [B, N, F, D, h, w], [B, N]
             b, n, f, d, h, w = feats.shape
             keys = feats.permute(0, 2, 4, 5, 1, 3).reshape(b, f * h * w, n, d)  # per token: N layer features

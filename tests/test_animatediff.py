@@ -40,9 +40,9 @@ def reference_latents(backbone: AnimateDiff, prompts: list[str], frames: int, st
 def test_sampler_reproduces_animatediff_pipeline(backbone):
     prompts = ["a red circle moving right", "a blue square"]
     ref = reference_latents(backbone, prompts, frames=8, steps=3, guidance=7.5, seed=3)
-    packed = Packed([Segment("video", 8)], torch.zeros(2, 1, dtype=torch.bool), [[p] for p in prompts], 32, 32)
+    packed = Packed([Segment("video", 8)], torch.zeros(2, 8, dtype=torch.bool), [[p] for p in prompts], 32, 32)
     out = denoise(Parts(backbone, Task()), packed, SamplerOptions(steps=3, guidance_scale=7.5, progress=False),
-                  generator=torch.Generator().manual_seed(3))
+                  generator=torch.Generator().manual_seed(3)).latents
     assert out.shape == ref.shape == (2, 4, 8, 4, 4)
     assert (out - ref).abs().max().item() <= 1e-5
 

@@ -68,8 +68,9 @@ def test_motion_and_content_lora_sit_on_every_sixth_block_only(registry):
         layer = denoiser.transformer_blocks[5].attn1.to_q
         assert layer.r[name] == rank and layer.scaling[name] == pytest.approx(1 / rank)  # alpha 1
     trainable = {n for n, p in denoiser.named_parameters() if p.requires_grad}
-    assert trainable and all(".content_lora." in n for n in trainable), "stage 3 trains the Content LoRA only"
-    assert not any(p.requires_grad for p in parts.adapters["layer_embedding"].parameters())
+    assert trainable and all(".content_lora." in n for n in trainable), "stage 3 trains the Content LoRA ..."
+    # ... and the layer embedding, as the released stage-3 configs do
+    assert all(p.requires_grad for p in parts.adapters["layer_embedding"].parameters())
 
     sampling = build_parts(compose("sample", ["+experiment=layerflow_stage3", "backbone=cogvideox_tiny"], registry),
                            registry, training=False)
@@ -101,18 +102,17 @@ def test_task_packs_four_sub_clips_with_indexed_prompts_and_motion_scale(registr
 
     from layerkit.training.data import default_collate
 
-    task = registry.build("task", "layerflow.fg2bg", scale_from={"motion_lora": "is_static"})
+    task = registry.build("task", "layered", mode="fg2bg", scale_from={"motion_lora": "is_static"})
     data = LayerFlowMixture(size=6, static_fraction=0.5, num_frames=4, height=16, width=16)
     batch = default_collate([data[i] for i in range(6)])
     packed = task.pack(batch, training=True)
-    assert task.name == "layerflow.fg2bg"
     assert [s.name for s in packed.segments] == ["foreground", "alpha", "background", "blended"]
-    assert packed.given[0].tolist() == [True, True, False, False]
+    assert packed.given[0].tolist() == [True] * 8 + [False] * 8  # per frame: foreground and alpha given
     assert [p.split(",")[0] for p in packed.prompts[0]] == ["0", "1", "2"]
     assert packed.scales["motion_lora"].tolist() == [float(s) for s in batch["is_static"].tolist()]
 
 
-def test_train_modes_give_each_sample_its_own_task(registry):
+def test_train_modes_give_each_batch_its_own_task(registry):
     import random
 
     from layerkit_plugins.layerflow.data import LayerFlowMixture
@@ -120,15 +120,44 @@ def test_train_modes_give_each_sample_its_own_task(registry):
     from layerkit.errors import LayerkitError
     from layerkit.training.data import default_collate
 
-    data = LayerFlowMixture(size=32, static_fraction=0.5, num_frames=4, height=16, width=16)
-    batch = default_collate([data[i] for i in range(32)])
-    task = registry.build("task", "layerflow.generate", train_modes={"decompose": 1, "bg2fg": 1, "fg2bg": 0})
+    data = LayerFlowMixture(size=4, static_fraction=0.5, num_frames=4, height=16, width=16)
+    batch = default_collate([data[i] for i in range(4)])
+    task = registry.build("task", "layered", mode="generate", train_modes={"decompose": 1, "bg2fg": 1, "fg2bg": 0})
     random.seed(0)
-    rows = {tuple(r) for r in task.pack(batch, training=True).given.tolist()}
-    assert rows == {(False, False, False, True), (False, False, True, False)}  # decompose, bg2fg; fg2bg weight 0
-    assert task.pack(batch, training=False).given.tolist()[0] == [False] * 4  # sampling: the task's own mode
+    seen = set()
+    for _ in range(20):
+        rows = {tuple(r) for r in task.pack(batch, training=True).given.tolist()}
+        assert len(rows) == 1, "one mode per batch"
+        seen |= rows
+    decompose, bg2fg = (False,) * 12 + (True,) * 4, (False,) * 8 + (True,) * 4 + (False,) * 4
+    assert seen == {decompose, bg2fg}  # fg2bg has weight 0
+    assert task.pack(batch, training=False).given.tolist()[0] == [False] * 16  # sampling: the task's own mode
     with pytest.raises(LayerkitError, match="train_modes must map modes"):
-        registry.build("task", "layerflow.generate", train_modes={"inpaint": 1})
+        registry.build("task", "layered", train_modes={"inpaint": 1})
+
+
+def test_layerflow_packs_the_condition_first_with_frame_zero_before_it(registry):
+    """The released code's packing for its one-pass causal VAE: given layers first; for fg2bg/bg2fg a
+    copy of the first given frame in front (so a 3-D VAE's condition latents never see generated frames)."""
+    from layerkit_plugins.layerflow.data import LayerFlowMixture
+
+    from layerkit.config import compose
+    from layerkit.training.data import default_collate
+
+    data = LayerFlowMixture(size=2, static_fraction=0.0, num_frames=8, height=16, width=16)
+    batch = default_collate([data[i] for i in range(2)])
+    for mode, order, first in (("decompose", ["blended", "foreground", "alpha", "background"], False),
+                               ("bg2fg", ["first_frame", "background", "foreground", "alpha", "blended"], True),
+                               ("generate", ["foreground", "alpha", "background", "blended"], False)):
+        cfg = compose("train", ["+experiment=layerflow_stage1", *TINY, f"task.mode={mode}"], registry)
+        task = registry.build("task", "layered", **{k: v for k, v in cfg.task.items() if k != "name"})
+        packed = task.pack(batch, training=True)
+        assert [s.name for s in packed.segments] == order, mode
+        given = packed.given[0].tolist()
+        n_given = (1 + 8) if first else (8 if mode != "generate" else 0)
+        assert given == [True] * n_given + [False] * (len(given) - n_given), mode
+        if first:
+            assert torch.equal(packed.segments[0].video, packed.segments[1].video[:, :1])
 
 
 def test_rgb_layout_packs_three_sub_clips_and_trains(registry, tmp_path):
@@ -140,10 +169,10 @@ def test_rgb_layout_packs_three_sub_clips_and_trains(registry, tmp_path):
 
     data = LayerFlowMixture(size=2, static_fraction=0.5, num_frames=4, height=16, width=16)
     batch = default_collate([data[i] for i in range(2)])
-    task = registry.build("task", "layerflow.fg2bg", layout="rgb")
+    task = registry.build("task", "layered", mode="fg2bg", layout="rgb")
     packed = task.pack(batch, training=True)
     assert [s.name for s in packed.segments] == ["foreground", "background", "blended"]
-    assert packed.given[0].tolist() == [True, False, False]
+    assert packed.given[0].tolist() == [True] * 4 + [False] * 8
     expected = (batch["foreground_rgb"] * 2 - 1) * batch["foreground_alpha"]  # 0 (mid-grey) where alpha is 0
     assert torch.allclose(packed.segments[0].video, expected)
     out = train(["+experiment=layerflow_stage1", *TINY, "task.layout=rgb", "trainer.max_steps=1",
@@ -169,7 +198,7 @@ def test_stages_chain_through_their_weights_files(registry, tmp_path):
     """Stage 1 trains blocks 5/11 + layer embedding, stage 2 the Motion LoRA: stage 3 starts from both."""
     from layerkit.config import compose
     from layerkit.io.weights import load_weights
-    from layerkit.pipeline import build_parts, load_trainable_state
+    from layerkit.pipeline import build_parts, load_trainable_state, weight_files
     from layerkit.training.module import LayerkitModule
     from layerkit.training.run import train
 
@@ -185,8 +214,10 @@ def test_stages_chain_through_their_weights_files(registry, tmp_path):
 
     cfg = compose("train", ["+experiment=layerflow_stage3", *TINY, f"layerflow.stage1_weights={w1}",
                             f"layerflow.stage2_weights={w2}"], registry)
-    module = LayerkitModule(build_parts(cfg, registry, training=True), {})
-    load_trainable_state(module, cfg.init_from)
+    parts = build_parts(cfg, registry, training=True)
+    module = LayerkitModule(parts, {})
+    for path in weight_files(cfg.init_from):
+        load_trainable_state(module, path, parts=parts)
     state = module.state_dict()
     block = "backbone.denoiser.transformer_blocks.5.attn1.to_q."
     assert torch.equal(state[block + "base_layer.weight"], s1[block + "weight"]), "stage-1 block under the LoRAs"

@@ -414,7 +414,7 @@ def installed_registry() -> Registry:
     ("overrides", "head", "names"),
     [
         (["backbone.name=nope"], "unknown backbone 'nope'; available backbones: ", ["toy.dit"]),
-        (["task.name=nope"], "unknown task 'nope'; available tasks: ", ["layered.decompose", "layered.generate"]),
+        (["task.name=nope"], "unknown task 'nope'; available tasks: ", ["layered", "transparent.i2v"]),
         (["data.name=nope"], "unknown dataset 'nope'; available datasets: ", ["shapes"]),
         (["+adapters.a.name=nope"], "unknown adapter 'nope'; available adapters: ", ["lora"]),
         (["backbone=nope"], "Could not find 'backbone/nope'; available: ", ["toy_dit"]),

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from layerkit_plugins.layered.evaluate import evaluate_layered
+from layerkit_plugins.transparent.data import make_rgba_sprite_clip
+from layerkit_plugins.transparent.evaluate import evaluate_rgba_video
 
 from layerkit.data.evaluate import (
     alpha_iou,
@@ -12,8 +15,6 @@ from layerkit.data.evaluate import (
     classify_shape,
     compositing_error,
     estimate_direction,
-    evaluate_layered,
-    evaluate_rgba_video,
     foreground_leak,
     static_drift,
     summarise,
@@ -25,7 +26,6 @@ from layerkit.data.shapes import (
     ShapesConfig,
     ShapesDataset,
     collate_layered,
-    make_rgba_sprite_clip,
     make_sample,
     seed_for,
     shape_area,

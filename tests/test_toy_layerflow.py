@@ -26,7 +26,7 @@ def test_committed_toy_model_fits_the_size_budget():
 
 def test_sample_without_arguments_composes_the_toy_layerflow(registry):
     cfg = compose("sample", [], registry)
-    assert cfg.backbone.name == "cogvideox" and cfg.task.name == "layerflow.generate"
+    assert cfg.backbone.name == "cogvideox" and cfg.task.name == "layered" and cfg.task.mode == "auto"
     assert Path(cfg.backbone.path).resolve() == WEIGHTS.resolve()
     assert Path(cfg.weights).resolve() == (WEIGHTS / "stage3.safetensors").resolve()
     assert "motion_lora" in cfg.adapters and cfg.adapters.motion_lora.inference is False

@@ -172,7 +172,8 @@ def test_stages_chain_through_init_from_even_under_a_lora(registry, tmp_path):
 
     cfg = compose("train", ["+experiment=toy_layered", *TINY, *LORA_ONLY,
                             f"init_from=[{first / 'weights.safetensors'}]"], registry)
-    module = LayerkitModule(build_parts(cfg, registry, training=True), to_plain(cfg))
-    loaded = load_trainable_state(module, first / "weights.safetensors")
+    parts = build_parts(cfg, registry, training=True)
+    module = LayerkitModule(parts, to_plain(cfg))
+    loaded = load_trainable_state(module, first / "weights.safetensors", parts=parts)
     wrapped = key.replace("to_q.weight", "to_q.base_layer.weight")
     assert wrapped in loaded and torch.equal(module.state_dict()[wrapped], stage1[key])

@@ -52,18 +52,18 @@ def test_zero_init_inter_frame_attention_reproduces_animatediff_pipeline(backbon
     prompt = "a red circle moving right"
     ref = pipe(prompt, num_frames=8, height=32, width=32, num_inference_steps=3, guidance_scale=7.5,
                generator=torch.Generator().manual_seed(0), output_type="latent").frames
-    task = TransparentTask(mode="t2v")
+    task = TransparentTask(mode="t2v", given_reference=False)  # every frame from noise, as the pipeline
     packed = task.pack({"prompt": [prompt], "num_frames": 8, "height": 32, "width": 32}, training=False)
     options = SamplerOptions(steps=3, guidance_scale=7.5, progress=False)
     parts = Parts(backbone, task, adapters={"inter_frame": adapter})
-    out = denoise(parts, packed, options, generator=torch.Generator().manual_seed(0))
+    out = denoise(parts, packed, options, generator=torch.Generator().manual_seed(0)).latents
     diff = (out - ref).abs().max().item()
     assert diff <= 1e-5, diff
     # the adapter does run: once W_O' is non-zero the samples move
     with torch.no_grad():
         for layer in adapter.layers.values():
             layer["to_out"].weight.normal_(0, 0.5)
-    moved = denoise(parts, packed, options, generator=torch.Generator().manual_seed(0))
+    moved = denoise(parts, packed, options, generator=torch.Generator().manual_seed(0)).latents
     for layer in adapter.layers.values():
         torch.nn.init.zeros_(layer["to_out"].weight)
     assert (moved - ref).abs().max().item() > 1e-3
@@ -127,20 +127,20 @@ def test_inter_frame_output_is_attention_to_the_reference_frame(backbone, adapte
 
 def test_i2v_packs_the_middle_frame_as_the_only_given_frame(backbone):
     data = RGBASpriteClips(size=2, num_frames=8, height=32, width=32)
-    batch = data.collate([data[0], data[1]])
-    assert batch["rgba"].shape == (2, 8, 4, 32, 32)
     task = TransparentTask(mode="i2v")
+    batch = task.collate([data[0], data[1]])
+    assert batch["rgba"].shape == (2, 8, 4, 32, 32)
     packed = task.pack(batch, training=True)
-    assert [(s.name, s.num_frames) for s in packed.segments] == [("before", 3), ("reference", 1), ("after", 4)]
-    assert packed.given.tolist() == [[False, True, False]] * 2 and packed.extras["reference_frame"] == 3
-    assert torch.equal(packed.segment("reference").video[:, 0], batch["rgba"][:, 3] * 2 - 1)
+    assert [(s.name, s.num_frames) for s in packed.segments] == [("video", 8)]
+    assert packed.given.tolist() == [[i == 3 for i in range(8)]] * 2 and packed.extras["reference_frame"] == 3
+    assert torch.equal(packed.segments[0].video[:, 3], batch["rgba"][:, 3] * 2 - 1)
     with torch.no_grad():
-        latents, given, lengths = encode_packed(backbone, packed)
+        latents, layout = encode_packed(backbone, packed, training=True)
         whole = backbone.encode_video(batch["rgba"] * 2 - 1)
-    assert lengths == [3, 1, 4] and given[0].tolist() == [i == 3 for i in range(8)]
-    assert torch.allclose(latents, whole, atol=1e-5)  # no temporal compression: pieces == whole clip
+    assert layout.lengths == [8] and layout.given[0].tolist() == [i == 3 for i in range(8)]
+    assert torch.allclose(latents, whole, atol=1e-5)
     short = task.pack({"rgba": batch["rgba"][:, :2], "prompt": batch["prompt"]}, training=True)
-    assert [s.name for s in short.segments] == ["reference", "after"]
+    assert short.given[0].tolist() == [True, False]  # a 2-frame clip: frame 0 is the middle
     with pytest.raises(LayerkitError, match="rgba"):
         task.pack({"prompt": ["x"]}, training=True)
 
@@ -151,17 +151,19 @@ def test_i2v_sampling_keeps_the_reference_frame_and_returns_rgba(backbone, adapt
     task = TransparentTask(mode="i2v")
     batch = default_collate(task.sample_inputs({"num_samples": 1}, height=32, width=32, num_frames=4))
     packed = task.pack(batch, training=False)
-    assert [s.video is None for s in packed.segments] == [True, False, True]
+    assert packed.given[0].tolist() == [False, True, False, False]
     parts = Parts(backbone, task, adapters={"inter_frame": adapter})
-    latents = denoise(parts, packed, SamplerOptions(steps=2, guidance_scale=2.0, progress=False),
-                      generator=torch.Generator().manual_seed(0))
+    result = denoise(parts, packed, SamplerOptions(steps=2, guidance_scale=2.0, progress=False),
+                     generator=torch.Generator().manual_seed(0))
+    latents = result.latents
     with torch.no_grad():
-        given_latents, given, lengths = encode_packed(backbone, packed)
+        given_latents, layout = encode_packed(backbone, packed)
     assert torch.equal(latents[:, :, 1], given_latents[:, :, 1])
-    from layerkit.sampling.loop import split_segments
+    assert not given_latents[:, :, [0, 2, 3]].any(), "only the given frame is encoded at sampling"
+    from layerkit.pipeline import decode_packed
 
     with torch.no_grad():
-        decoded = {k: backbone.decode_latents(v) for k, v in split_segments(latents, packed, lengths).items()}
+        decoded = decode_packed(backbone, latents, packed, layout)
     outputs = task.unpack(decoded, batch)
     assert outputs[0]["foreground"].shape == (4, 4, 32, 32) and outputs[0]["alpha"].shape == (4, 1, 32, 32)
     metrics = task.evaluate(outputs, batch)

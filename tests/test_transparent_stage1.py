@@ -244,14 +244,14 @@ def test_t2v_runs_stage1_then_stage2_and_writes_rgba_prores(tmp_path):
     assert np.abs(got[..., 3] - expected[..., 3]).max() <= 2.0
 
 
-def test_t2v_without_its_stage1_control_or_weights_fails_with_a_sentence(tmp_path):
+def test_t2v_without_its_stage1_stage_or_weights_fails_with_a_sentence(tmp_path):
     from layerkit.sampling.run import sample
 
     common = ["backbone=animatediff_tiny", "sampler.num_frames=2", "sampler.height=32", "sampler.width=32",
               "sampler.steps=1", "sampler.progress=false", "device=cpu"]
     t2v = sample_experiment("transparent_t2v")
     with pytest.raises(LayerkitError, match="stage 1"):
-        sample([t2v, "~controls.stage1", "backbone.transparent_attn=random", *common, f"output_dir={tmp_path / 'a'}"])
+        sample([t2v, "~stages.image", "backbone.transparent_attn=random", *common, f"output_dir={tmp_path / 'a'}"])
     with pytest.raises(LayerkitError, match="transparent_attn"):
         sample([t2v, *common, f"output_dir={tmp_path / 'b'}"])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -265,7 +265,7 @@ def test_baseline_is_a_sampling_only_experiment_without_inter_frame_attention(tm
     registry = get_registry()
     cfg = compose("sample", [sample_experiment("transparent_baseline"), "backbone=animatediff_tiny"], registry)
     assert dict(cfg.adapters) == {} and list(cfg.trainable) == []
-    assert cfg.task.name == "transparent.t2v" and cfg.controls.stage1.name == "transparent.stage1"
+    assert cfg.task.name == "transparent.t2v" and cfg.stages.image.name == "transparent.image"
     full = compose("sample", [sample_experiment("transparent_t2v"), "backbone=animatediff_tiny"], registry)
     assert full.adapters.inter_frame.name == "transparent.inter_frame_attention"
     with pytest.raises(LayerkitError, match="sampling-only.*trains nothing"):

@@ -87,8 +87,54 @@ def _convert(source: str, target: str) -> int:
     return 0
 
 
+BUILTIN = ("train", "sample", "demo", "plugins", "config", "convert")
+
+
+def _plugin_command(argv: Sequence[str]) -> int | None:
+    """Run a subcommand a plugin registered (``register_commands``), or None when ``argv``
+    names none. A plugin command's ``main(argv)`` receives the arguments after its name."""
+    if not argv or argv[0].startswith("-") or argv[0] in BUILTIN:
+        return None
+    from layerkit.registry import get_registry
+
+    registry = get_registry()
+    if argv[0] not in registry.components["command"]:
+        return None
+    main = registry.get("command", argv[0]).resolve()
+    return int(main(list(argv[1:])) or 0)
+
+
+def _plugin_commands_help() -> str:
+    try:
+        from layerkit.registry import get_registry
+
+        commands = get_registry().components["command"]
+    except Exception:  # a broken plugin never breaks --help
+        return ""
+    if not commands:
+        return ""
+    width = max(len(n) for n in commands)
+    rows = [f"  {name:<{width}}  {c.description}".rstrip() for name, c in sorted(commands.items())]
+    return "plugin commands:\n" + "\n".join(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        ran = _plugin_command(argv)
+    except LayerkitError as exc:
+        print(f"layerkit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("layerkit: interrupted", file=sys.stderr)
+        return 130
+    if ran is not None:
+        return ran
+    parser = _parser()
+    if any(a in ("-h", "--help") for a in argv[:1]) or not argv:
+        parser.epilog = _plugin_commands_help() or None
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    args = parser.parse_args(argv)
     try:
         if args.command == "plugins":
             return _plugins(args.json)
@@ -114,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "convert":
             return _convert(args.source, args.target)
-        _parser().print_help()
+        parser.print_help()
         return 0
     except LayerkitError as exc:
         print(f"layerkit: error: {exc}", file=sys.stderr)

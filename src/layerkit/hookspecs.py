@@ -43,5 +43,22 @@ def register_datasets(register: Register) -> None:
 
 
 @hookspec
+def register_stages(register: Register) -> None:
+    """Register sampling stages: steps that run before the denoising loop with the run's parts,
+    device and dtype (e.g. Layer-Animate's transparent image before its animation)."""
+
+
+@hookspec
+def register_curation_steps(register: Register) -> None:
+    """Register curation steps (segmenter, optical flow, tracker, sketch extractor, cut detector)."""
+
+
+@hookspec
+def register_commands(register: Register) -> None:
+    """Register ``layerkit`` subcommands: ``register(name, "pkg.module:main", description)``;
+    ``main(argv: list[str]) -> int`` receives the arguments after the command name."""
+
+
+@hookspec
 def register_config_dirs(register: Register) -> None:
     """Register Hydra config directories (a filesystem path or ``pkg://package.subdir``)."""

@@ -1,9 +1,9 @@
-"""The steps training and sampling share: build the parts, encode a packed batch, run
-controls, call the denoiser inside the step context. One ``pack``, one ``predict``."""
+"""The steps training and sampling share: build the parts, encode a packed batch, map what is
+given to latent frames, run the controls, call the denoiser inside the step context.
+One ``pack``, one ``predict``."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from torch import nn
 
 from layerkit.config import params
 from layerkit.errors import LayerkitError
-from layerkit.protocols import Adapter, Backbone, Control, Packed, Task
+from layerkit.protocols import Adapter, Backbone, Control, Packed, Stage, Step, Task, repeat_rows
 from layerkit.registry import Registry
 
 
@@ -24,10 +24,15 @@ class Parts:
     task: Task
     controls: dict[str, Control] = field(default_factory=dict)
     adapters: dict[str, Adapter] = field(default_factory=dict)
+    #: sampling stages run before the loop, in order
+    stages: dict[str, Stage] = field(default_factory=dict)
+    #: adapters built but not attached (``inference: false`` at sampling): their weights are skipped on load
+    dormant: dict[str, Adapter] = field(default_factory=dict)
 
 
 def build_parts(cfg: DictConfig, registry: Registry, *, training: bool) -> Parts:
-    """Backbone, task, controls and adapters from a composed config; adapters attached."""
+    """Backbone, task, controls, adapters (attached) and, for sampling, stages from a composed
+    config; the wiring between controls and adapters is checked."""
     backbone = registry.build("backbone", cfg.backbone.name, **params(cfg.backbone))
     if not isinstance(backbone, Backbone):
         raise LayerkitError(f"backbone '{cfg.backbone.name}' did not build a layerkit Backbone.")
@@ -38,20 +43,57 @@ def build_parts(cfg: DictConfig, registry: Registry, *, training: bool) -> Parts
             control = registry.build("control", node.name, backbone=backbone, **params(node))
             control.name = key
             controls[key] = control
+    check_wiring_controls(controls)
     backbone.set_trainable(list(cfg.get("trainable") or []) if training else [])
     adapters: dict[str, Adapter] = {}
+    dormant: dict[str, Adapter] = {}
     for key, node in (cfg.get("adapters") or {}).items():
         if node is None:
             continue
         kwargs = params(node)
-        if not training and kwargs.pop("inference", True) is False:
-            continue  # e.g. LayerFlow's Motion LoRA is removed at inference
+        keep = training or kwargs.get("inference", True) is not False  # e.g. LayerFlow's Motion LoRA
         kwargs.pop("inference", None)
         adapter = registry.build("adapter", node.name, **kwargs)
         adapter.name = key
+        if keep:
+            adapters[key] = adapter
+        else:
+            dormant[key] = adapter
+    check_wiring(controls, adapters)
+    for adapter in adapters.values():
         adapter.attach(backbone)
-        adapters[key] = adapter
-    return Parts(backbone, task, controls, adapters)
+    stages: dict[str, Stage] = {}
+    if not training:
+        for key, node in (cfg.get("stages") or {}).items():
+            if node is not None:
+                stage = registry.build("stage", node.name, **params(node))
+                stage.name = key
+                stages[key] = stage
+    return Parts(backbone, task, controls, adapters, stages, dormant)
+
+
+def check_wiring_controls(controls: dict[str, Control]) -> dict[str, str]:
+    """Each published name comes from one control; returns name -> control key."""
+    provided: dict[str, str] = {}
+    for key, control in controls.items():
+        for name in control.provides:
+            if name in provided:
+                raise LayerkitError(f"controls '{provided[name]}' and '{key}' both provide '{name}'; keep one of them.")
+            provided[name] = key
+    return provided
+
+
+def check_wiring(controls: dict[str, Control], adapters: dict[str, Adapter]) -> None:
+    """An adapter that reads what no control provides would silently do nothing: refuse it."""
+    provided = check_wiring_controls(controls)
+    for key, adapter in adapters.items():
+        missing = [name for name in adapter.reads if name not in provided]
+        if missing:
+            have = ", ".join(f"'{n}' ({c})" for n, c in provided.items()) or "nothing"
+            raise LayerkitError(
+                f"adapter '{key}' reads {', '.join(repr(m) for m in missing)}, which no control provides; "
+                f"the controls provide {have}."
+            )
 
 
 def add_control_inputs(packed: Packed, batch: dict[str, Any], controls: dict[str, Control]) -> Packed:
@@ -68,34 +110,137 @@ def trainable_names(root: nn.Module) -> list[str]:
     return [n for n, p in root.named_parameters() if p.requires_grad]
 
 
-def encode_packed(backbone: Backbone, packed: Packed) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Encode each segment on its own and concatenate along latent frames.
+# ----------------------------------------------------------------------------------------
+# latent layout: segments and given frames in latent time
+# ----------------------------------------------------------------------------------------
+@dataclass
+class Layout:
+    """Where each segment and each given frame sits in latent time.
 
-    Returns latents [B, C, f, h, w] (zeros where a segment has no video), the per-frame
-    given mask [B, f] and the latent length of each segment.
+    windows: the pixel frames [start, stop) behind each latent frame of the packed clip;
+    lengths: latent frames per segment; given: [B, f] latent frames whose every pixel frame
+    is given.
     """
-    b = packed.batch_size
+
+    windows: list[tuple[int, int]]
+    lengths: list[int]
+    given: torch.Tensor
+
+
+def latent_layout(backbone: Backbone, packed: Packed) -> Layout:
+    """Map the segments and the per-frame given mask [B, F] to latent frames.
+
+    With ``vae_pass="clip"`` the windows come from the whole clip, else from each segment.
+    A latent frame is given when all its pixel frames are; one that mixes given and generated
+    frames cannot be expressed (the temporal compression groups them) and is an error.
+    """
+    frames = packed.segment_frames()
+    if backbone.vae_pass == "clip":
+        windows = backbone.frame_windows(sum(frames))
+    else:
+        windows, start = [], 0
+        for n in frames:
+            windows += [(start + a, start + b) for a, b in backbone.frame_windows(n)]
+            start += n
+    bounds, start = [], 0
+    for n in frames:
+        bounds.append((start, start + n))
+        start += n
+    lengths = [0] * len(frames)
+    for a, b in windows:
+        owner = [i for i, (s, e) in enumerate(bounds) if s <= a and b <= e]
+        if not owner:
+            names = [s.name for s in packed.segments]
+            raise LayerkitError(
+                f"the backbone's temporal compression groups frames {a}..{b - 1} into one latent frame across the "
+                f"segments {names} of {frames} frames; give each segment a frame count the compression divides."
+            )
+        lengths[owner[0]] += 1
+    given = packed.given
+    rows = []
+    for a, b in windows:
+        window = given[:, a:b]
+        mixed = window.any(dim=1) & ~window.all(dim=1)
+        if bool(mixed.any()):
+            raise LayerkitError(
+                f"frames {a}..{b - 1} share one latent frame of this backbone, so frame(s) "
+                f"{[a + int(i) for i in torch.nonzero(window[mixed.nonzero()[0, 0]]).flatten()]} cannot be given "
+                f"without the others."
+            )
+        rows.append(window.all(dim=1))
+    return Layout(windows, lengths, torch.stack(rows, dim=1))
+
+
+def packed_video(packed: Packed, device: torch.device | None = None) -> torch.Tensor | None:
+    """The segments' videos concatenated in time [B, F, C, H, W] (zeros where a segment has no
+    video), or None when no segment has one."""
+    videos = [s.video for s in packed.segments]
+    ref = next((v for v in videos if v is not None), None)
+    if ref is None:
+        return None
+    out = []
+    for seg, video in zip(packed.segments, videos, strict=True):
+        if video is None:
+            video = ref.new_zeros(ref.shape[0], seg.num_frames, *ref.shape[2:])
+        elif video.shape[1] != seg.num_frames:
+            raise LayerkitError(f"segment '{seg.name}' has {video.shape[1]} frames, expected {seg.num_frames}.")
+        out.append(video)
+    clip = torch.cat(out, dim=1)
+    return clip.to(device) if device is not None else clip
+
+
+def encode_packed(backbone: Backbone, packed: Packed, *, training: bool = False) -> tuple[torch.Tensor, Layout]:
+    """Encode the packed clip: latents [B, C, f, h, w] and its :class:`Layout`.
+
+    Training encodes every frame. At sampling only the given frames matter: with no given
+    frame nothing is encoded (zeros), a backbone without temporal compression encodes just the
+    given frames, any other encodes the clip with zeros where nothing is known.
+    """
+    layout = latent_layout(backbone, packed)
+    b, f = packed.batch_size, len(layout.windows)
     h, w = backbone.latent_size(packed.height, packed.width)
-    chunks, lengths = [], []
-    param = next(backbone.parameters())
     device = backbone.execution_device
-    for seg in packed.segments:
-        f = backbone.latent_frames(seg.num_frames)
-        if seg.video is not None:
-            if seg.video.shape[1] != seg.num_frames:
-                raise LayerkitError(
-                    f"segment '{seg.name}' has {seg.video.shape[1]} frames, expected {seg.num_frames}."
-                )
-            lat = backbone.encode_video(seg.video.to(device))
-        else:
-            lat = torch.zeros(b, backbone.latent_channels, f, h, w, device=device, dtype=param.dtype)
-        chunks.append(lat)
-        lengths.append(lat.shape[2])
-    latents = torch.cat(chunks, dim=2)
-    given = torch.cat(
-        [packed.given[:, i : i + 1].expand(b, n) for i, n in enumerate(lengths)], dim=1
-    ).to(latents.device)
-    return latents, given, lengths
+    param = next(backbone.parameters())
+    zeros = torch.zeros(b, backbone.latent_channels, f, h, w, device=device, dtype=param.dtype)
+    needed = layout.given.any(dim=0) if not training else torch.ones(f, dtype=torch.bool)
+    if not bool(needed.any()):
+        return zeros, layout
+    video = packed_video(packed, device)
+    if video is None:
+        raise LayerkitError("the task marks frames as given but packed no video for them.")
+    per_frame = all(bb - a == 1 for a, bb in layout.windows) and len(layout.windows) == video.shape[1]
+    if per_frame and not bool(needed.all()):
+        index = torch.nonzero(needed).flatten()
+        latents = zeros.clone()
+        latents[:, :, index.to(device)] = backbone.encode_video(video[:, index.to(video.device)]).to(zeros.dtype)
+        return latents, layout
+    if backbone.vae_pass == "clip":
+        latents = backbone.encode_video(video)
+    else:
+        chunks, start = [], 0
+        for seg in packed.segments:
+            chunks.append(backbone.encode_video(video[:, start : start + seg.num_frames]))
+            start += seg.num_frames
+        latents = torch.cat(chunks, dim=2)
+    if latents.shape[2] != f:
+        raise LayerkitError(f"the backbone encoded {video.shape[1]} frames into {latents.shape[2]} latent frames; "
+                            f"its frame_windows promise {f}.")
+    return latents, layout
+
+
+def decode_packed(backbone: Backbone, latents: torch.Tensor, packed: Packed, layout: Layout) -> dict[str, torch.Tensor]:
+    """Latents [B, C, f, h, w] -> segment name -> [B, F_s, C', H, W] in [-1, 1] (one decoder pass
+    over the clip, or one per segment, as the backbone encodes)."""
+    frames = packed.segment_frames()
+    if backbone.vae_pass == "clip":
+        video = backbone.decode_latents(latents)
+        if video.shape[1] != sum(frames):
+            raise LayerkitError(f"the backbone decoded {latents.shape[2]} latent frames into {video.shape[1]} frames, "
+                                f"not the packed clip's {sum(frames)}.")
+        chunks = torch.split(video, frames, dim=1)
+    else:
+        chunks = [backbone.decode_latents(z) for z in torch.split(latents, layout.lengths, dim=2)]
+    return {seg.name: chunk for seg, chunk in zip(packed.segments, chunks, strict=True)}
 
 
 def frame_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -103,72 +248,90 @@ def frame_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask[:, None, :, None, None].to(like.device)
 
 
-def expand_rows(tree: Any, copies: int, rows: int) -> Any:
-    """Repeat every tensor whose leading dimension is ``rows`` ``copies`` times (for CFG)."""
-    if copies == 1:
-        return tree
-    if isinstance(tree, torch.Tensor):
-        return torch.cat([tree] * copies, dim=0) if tree.dim() > 0 and tree.shape[0] == rows else tree
-    if isinstance(tree, Mapping):
-        return {k: expand_rows(v, copies, rows) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return type(tree)(expand_rows(v, copies, rows) for v in tree)
-    return tree
+def reimposed(backbone: Backbone, layout: Layout) -> torch.Tensor:
+    """[B, f] latent frames kept clean every step and left out of the loss."""
+    return layout.given if backbone.given_mode == "reimpose" else torch.zeros_like(layout.given)
 
 
-def predict(
-    parts: Parts,
-    packed: Packed,
-    noisy: torch.Tensor,
-    timesteps: torch.Tensor,
-    cond: dict[str, Any],
-    *,
-    copies: int = 1,
-) -> torch.Tensor:
-    """Run the controls, then the denoiser with adapters reading the step context.
+# ----------------------------------------------------------------------------------------
+# one denoiser call
+# ----------------------------------------------------------------------------------------
+def make_step(packed: Packed, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any],
+              copies: int = 1) -> Step:
+    return Step(noisy, timesteps, cond, repeat_rows(packed.extras, copies, packed.batch_size), copies)
 
-    ``copies`` > 1 when ``noisy`` stacks classifier-free-guidance copies ([uncond; cond]).
-    """
+
+def run_controls(parts: Parts, step: Step) -> dict[str, Any]:
+    """Every control on the call (or, guidance-independent ones, on the conditional rows and
+    repeated); their outputs under the names they declare."""
+    published: dict[str, Any] = {}
+    for key, control in parts.controls.items():
+        if control.guidance_independent and step.copies > 1:
+            half = step.half(step.copies - 1)
+            out = repeat_rows(control(half, parts.backbone), step.copies, half.rows)
+        else:
+            out = control(step, parts.backbone)
+        out = dict(out or {})
+        if set(out) != set(control.provides):
+            raise LayerkitError(f"control '{key}' returned {sorted(out)} but declares it provides "
+                                f"{sorted(control.provides)}.")
+        published.update(out)
+    return published
+
+
+def predict(parts: Parts, packed: Packed, step: Step) -> torch.Tensor:
+    """Run the controls, then the denoiser with adapters reading the step context."""
     b = packed.batch_size
-    control_out = {
-        name: control(packed, parts.backbone, noisy[:b], timesteps[:b]) for name, control in parts.controls.items()
-    }
-    scales = {k: v.to(noisy.device, noisy.dtype) for k, v in packed.scales.items()}
-    with parts.backbone.context.use(
-        batch_size=noisy.shape[0],
-        num_frames=noisy.shape[2],
-        scales=expand_rows(scales, copies, b),
-        controls=expand_rows(control_out, copies, b),
-        extras=expand_rows(packed.extras, copies, b),
-    ):
-        return parts.backbone.predict(noisy, timesteps, cond)
+    controls = run_controls(parts, step)
+    scales = {k: v.to(step.noisy.device, step.noisy.dtype) for k, v in packed.scales.items()}
+    with parts.backbone.context.use(batch_size=step.rows, num_frames=step.noisy.shape[2],
+                                    scales=repeat_rows(scales, step.copies, b), controls=controls, extras=step.extras):
+        return parts.backbone.predict(step.noisy, step.timesteps, step.cond)
 
 
-def _base_layer_key(key: str, own: dict[str, torch.Tensor]) -> str:
-    stem, _, leaf = key.rpartition(".")
-    wrapped = f"{stem}.base_layer.{leaf}"
-    return wrapped if wrapped in own else key
+# ----------------------------------------------------------------------------------------
+# weights of earlier stages
+# ----------------------------------------------------------------------------------------
+def load_trainable_state(module: nn.Module, path: str | Path, *, parts: Parts | None = None,
+                         allow_pickle: bool = False) -> list[str]:
+    """Load trainable weights (a ``weights.safetensors`` of an earlier stage) into ``module``.
 
-
-def load_trainable_state(module: nn.Module, path: str | Path, *, allow_pickle: bool = False) -> list[str]:
-    """Load trainable weights into ``module``; every key in the file must exist in it."""
+    Every key must exist in the model, or be placed by an attached adapter (:meth:`Adapter.map_key`:
+    a LoRA-wrapped layer keeps its weight under another name), or belong to an adapter left out
+    at sampling (skipped).
+    """
     from layerkit.io.weights import load_weights
 
     state = load_weights(path, allow_pickle=allow_pickle)
     own = module.state_dict()
-    # a layer a LoRA wraps keeps its weight under ``base_layer`` (peft): map earlier stages onto it
-    state = {(k if k in own else _base_layer_key(k, own)): v for k, v in state.items()}
-    unexpected = [k for k in state if k not in own]
+    attached = list(parts.adapters.values()) if parts else []
+    dormant = list(parts.dormant.values()) if parts else []
+    placed: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for key, value in state.items():
+        target = key if key in own else next((m for a in attached if (m := a.map_key(key, own)) is not None), None)
+        if target is not None and target in own:
+            placed[target] = value
+        elif not any(a.owns_key(key) for a in dormant):
+            unexpected.append(key)
     if unexpected:
         raise LayerkitError(
             f"weights file '{path}' has {len(unexpected)} keys this model does not have "
             f"(first: {unexpected[0]}), so it was trained with another backbone or adapter set."
         )
-    wrong = [k for k, v in state.items() if tuple(own[k].shape) != tuple(v.shape)]
+    wrong = [k for k, v in placed.items() if tuple(own[k].shape) != tuple(v.shape)]
     if wrong:
         k = wrong[0]
         raise LayerkitError(
-            f"weights file '{path}' holds {k} with shape {tuple(state[k].shape)}, expected {tuple(own[k].shape)}."
+            f"weights file '{path}' holds {k} with shape {tuple(placed[k].shape)}, expected {tuple(own[k].shape)}."
         )
-    module.load_state_dict(state, strict=False)
-    return list(state)
+    module.load_state_dict(placed, strict=False)
+    return list(placed)
+
+
+def weight_files(value: Any) -> list[str]:
+    """``init_from``/``weights`` as a list of paths (a path, a list, null entries dropped)."""
+    if value in (None, ""):
+        return []
+    items = [value] if isinstance(value, str | Path) else list(value)
+    return [str(v) for v in items if v not in (None, "", "None")]

@@ -1,12 +1,20 @@
-"""The contracts between the core and the plugins: backbone, control, adapter, task.
+"""The contracts between the core and the plugins: backbone, control, adapter, task, stage.
 
 Shapes use the papers' letters: B batch, N layers, S sub-clips (segments), F frames,
-C channels, H x W pixels; lower-case f, h, w are latent sizes.
+C channels, H x W pixels; lower-case f, h, w are latent sizes; R rows of one denoiser call
+(R = copies x B: classifier-free guidance stacks ``[uncond; cond]``).
 
 Data flow (training and sampling share it up to the loss)::
 
-    batch --task.pack--> Packed --backbone.encode_video per segment--> latents [B, C, f, h, w]
-          --controls--> StepContext.controls --backbone.predict (+ adapters)--> model output
+    batch --task.pack--> Packed --backbone.encode_video (one pass or per segment)--> latents [B, C, f, h, w]
+          --backbone.encode_conditions--> cond (prompt embeddings, image tokens, ...)
+          --controls(Step)--> StepContext.controls --backbone.predict (+ adapters)--> model output [R, C, f, h, w]
+
+What a task gives is marked per pixel frame (``Packed.given`` [B, F]); the backbone maps it to
+latent frames (:meth:`Backbone.latent_given`) and decides how given frames enter: re-imposed
+clean at every step and left out of the loss (``given_mode = "reimpose"``: LayerFlow's given
+clips, Layer-Animate's middle frame) or as concatenated conditioning while every frame is
+denoised (``given_mode = "condition"``: ToonCrafter's image latent).
 """
 
 from __future__ import annotations
@@ -21,6 +29,20 @@ from torch import nn
 
 from layerkit.errors import LayerkitError
 
+#: the one dtype table: config names -> torch dtypes
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+
+def dtype_of(name: str, *, key: str = "dtype") -> torch.dtype:
+    """``"bf16"`` -> ``torch.bfloat16``; an unknown name is one sentence naming ``key``."""
+    try:
+        return DTYPES[str(name)]
+    except KeyError:
+        raise LayerkitError(f"{key} '{name}' is not one of {', '.join(DTYPES)}.") from None
+
 
 # ----------------------------------------------------------------------------------------
 # what a task hands to the core
@@ -29,8 +51,9 @@ from layerkit.errors import LayerkitError
 class Segment:
     """One sub-clip of the packed sequence (LayerFlow concatenates layers along time).
 
-    ``video`` is [B, F, 3, H, W] in [-1, 1]; at sampling time a generated segment may carry
-    ``video=None`` and only its ``num_frames``.
+    ``video`` is [B, F_s, C, H, W] in [-1, 1] (C = 3, or 4 for RGBA backbones); at sampling a
+    segment nothing of which is given may carry ``video=None`` and only its ``num_frames``.
+    Frames of a segment that are not given may hold anything (zeros) at sampling.
     """
 
     name: str
@@ -42,13 +65,17 @@ class Segment:
 class Packed:
     """A batch as the backbone sees it.
 
-    segments: sub-clips in time order; their latents are concatenated along frames.
-    given: [B, S] bool; a given segment is never noised, is re-imposed at every sampling
-        step, takes part in attention and is left out of the loss.
+    segments: sub-clips in time order; their frames are concatenated (F = sum of F_s).
+    given: [B, F] bool per pixel frame: frames the task gives (a clean LayerFlow clip, the
+        middle frame of Layer-Animate, the first/last frame of image-to-video/interpolation).
+        The backbone maps it to latent frames and decides how given frames enter (see module doc).
     prompts: per sample, one prompt per prompt block ([B][K]); each block is encoded on its
         own and the blocks are concatenated along tokens (LayerFlow's layer-wise prompts).
     scales: per-sample adapter scales, name -> [B] (e.g. Motion LoRA 1 static / 0 dynamic).
-    extras: anything a control or adapter of this task needs (masks, validity, indices).
+    extras: per-sample inputs of controls and adapters (masks, validity, indices); tensors with
+        a leading B are repeated for classifier-free guidance rows.
+    conditions: inputs of the backbone's own conditioning (e.g. ``fps`` [B]); read by
+        :meth:`Backbone.encode_conditions`.
     """
 
     segments: list[Segment]
@@ -58,10 +85,23 @@ class Packed:
     width: int
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    conditions: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        total = sum(s.num_frames for s in self.segments)
+        if self.given.dim() != 2 or self.given.shape[1] != total:
+            raise LayerkitError(
+                f"Packed.given must be [B, F] over the {total} frames of the segments; got {tuple(self.given.shape)}."
+            )
+        self.given = self.given.bool()
 
     @property
     def batch_size(self) -> int:
         return self.given.shape[0]
+
+    @property
+    def num_frames(self) -> int:
+        return self.given.shape[1]
 
     def segment(self, name: str) -> Segment:
         for seg in self.segments:
@@ -69,17 +109,85 @@ class Packed:
                 return seg
         raise LayerkitError(f"the packed batch has no segment '{name}'; it has {[s.name for s in self.segments]}.")
 
+    def segment_frames(self) -> list[int]:
+        return [s.num_frames for s in self.segments]
+
+    def given_segment(self, name: str) -> torch.Tensor:
+        """[B] True where every frame of segment ``name`` is given."""
+        start = 0
+        for seg in self.segments:
+            if seg.name == name:
+                return self.given[:, start : start + seg.num_frames].all(dim=1)
+            start += seg.num_frames
+        raise LayerkitError(f"the packed batch has no segment '{name}'.")
+
+
+def given_per_frame(segment_given: torch.Tensor, frames: Sequence[int]) -> torch.Tensor:
+    """[B, S] bool per segment -> [B, F] per frame (every frame of a given segment given)."""
+    return torch.cat([segment_given[:, i : i + 1].expand(-1, n) for i, n in enumerate(frames)], dim=1)
+
 
 # ----------------------------------------------------------------------------------------
-# per-step state shared by the core with controls and adapters
+# one denoiser call, as controls see it; per-call state adapters read
 # ----------------------------------------------------------------------------------------
+@dataclass
+class Step:
+    """The inputs of one denoiser call (a training step or one sampling step).
+
+    noisy: [R, C, f, h, w]; timesteps: [R]; cond: the conditioning of every row (under
+    classifier-free guidance ``[uncond; cond]``: the unconditional half has its own text and
+    image conditioning); extras: ``Packed.extras`` with per-sample tensors repeated to R;
+    copies: R // B.
+    """
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    cond: dict[str, Any]
+    extras: dict[str, Any]
+    copies: int = 1
+
+    @property
+    def rows(self) -> int:
+        return self.noisy.shape[0]
+
+    def half(self, index: int) -> Step:
+        """The rows of one guidance copy (0 = unconditional under CFG, copies-1 = conditional)."""
+        b = self.rows // self.copies
+        return Step(self.noisy[index * b:(index + 1) * b], self.timesteps[index * b:(index + 1) * b],
+                    slice_rows(self.cond, index, b, self.rows), slice_rows(self.extras, index, b, self.rows), 1)
+
+
+def repeat_rows(tree: Any, copies: int, rows: int) -> Any:
+    """Repeat every tensor whose leading dimension is ``rows`` ``copies`` times (CFG rows)."""
+    if copies == 1:
+        return tree
+    if isinstance(tree, torch.Tensor):
+        return torch.cat([tree] * copies, dim=0) if tree.dim() > 0 and tree.shape[0] == rows else tree
+    if isinstance(tree, dict):
+        return {k: repeat_rows(v, copies, rows) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(repeat_rows(v, copies, rows) for v in tree)
+    return tree
+
+
+def slice_rows(tree: Any, index: int, b: int, rows: int) -> Any:
+    """Rows ``[index*b, (index+1)*b)`` of every tensor whose leading dimension is ``rows``."""
+    if isinstance(tree, torch.Tensor):
+        return tree[index * b:(index + 1) * b] if tree.dim() > 0 and tree.shape[0] == rows else tree
+    if isinstance(tree, dict):
+        return {k: slice_rows(v, index, b, rows) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(slice_rows(v, index, b, rows) for v in tree)
+    return tree
+
+
 class StepContext:
     """What adapters may read while the backbone runs one forward pass.
 
-    The core fills it before each ``backbone.predict`` (training step or sampling step):
-    ``batch_size`` (B of the call, after classifier-free-guidance doubling),
-    ``num_frames`` (latent frames f in the call), ``scales`` (adapter name -> [B]),
-    ``controls`` (control name -> whatever the control produced), ``extras`` (task extras).
+    The core fills it before each ``backbone.predict``: ``batch_size`` (R, the rows of the
+    call), ``num_frames`` (latent frames f), ``scales`` (adapter name -> [R]), ``controls``
+    (what the controls provide, by the names they declare in ``provides``), ``extras``
+    (task extras, rows repeated to R).
     """
 
     def __init__(self) -> None:
@@ -91,15 +199,8 @@ class StepContext:
         self.active = False
 
     @contextlib.contextmanager
-    def use(
-        self,
-        *,
-        batch_size: int,
-        num_frames: int,
-        scales: dict[str, torch.Tensor] | None = None,
-        controls: dict[str, Any] | None = None,
-        extras: dict[str, Any] | None = None,
-    ) -> Iterator[StepContext]:
+    def use(self, *, batch_size: int, num_frames: int, scales: dict[str, torch.Tensor] | None = None,
+            controls: dict[str, Any] | None = None, extras: dict[str, Any] | None = None) -> Iterator[StepContext]:
         saved = (self.batch_size, self.num_frames, self.scales, self.controls, self.extras, self.active)
         self.batch_size, self.num_frames = batch_size, num_frames
         self.scales, self.controls, self.extras = scales or {}, controls or {}, extras or {}
@@ -112,8 +213,8 @@ class StepContext:
     def scale_for(self, name: str, rows: int, default: float = 1.0) -> torch.Tensor | float:
         """The per-sample scale of adapter ``name`` broadcast to ``rows`` leading rows.
 
-        Backbones fold frames or layers into the batch ([B*F, L, D]); a scale given per
-        sample [B] is repeated to match (``rows`` must be a multiple of B).
+        Backbones fold frames or layers into the batch ([R*F, L, D]); a scale given per row
+        [R] is repeated to match (``rows`` must be a multiple of R).
         """
         scale = self.scales.get(name)
         if scale is None:
@@ -125,26 +226,26 @@ class StepContext:
         return scale.repeat_interleave(rows // scale.shape[0])
 
 
-def expand_for_cfg(values: dict[str, torch.Tensor], copies: int) -> dict[str, torch.Tensor]:
-    """Repeat per-sample tensors for classifier-free guidance (``[uncond; cond]`` batches)."""
-    return {k: torch.cat([v] * copies, dim=0) for k, v in values.items()}
-
-
 # ----------------------------------------------------------------------------------------
 # backbone
 # ----------------------------------------------------------------------------------------
 class Backbone(nn.Module):
-    """A denoiser family: denoiser, VAE, text encoder, noise schedule, attach points.
+    """A denoiser family: denoiser, VAE, encoders, noise schedule, checkpoint loaders.
 
     Subclasses set ``denoiser`` (the module adapters attach to) and implement the
     encode/decode/predict verbs. Everything is frozen by default; ``trainable`` patterns
     from the config (matched against ``denoiser`` parameter names) open parts for training.
     """
 
-    #: "epsilon" | "v_prediction" | "sample"; read from the scheduler when one exists
     latent_channels: int = 4
     #: memory options this backbone honours (subset of: cpu_offload, vae_tiling, vae_slicing)
     memory_options: frozenset[str] = frozenset()
+    #: how given frames enter: "reimpose" (kept clean every step, out of the loss) or
+    #: "condition" (the backbone's conditioning carries them; every frame is denoised and in the loss)
+    given_mode: str = "reimpose"
+    #: how a packed clip meets the VAE: "clip" (one pass over all segments in time order) or
+    #: "segment" (each sub-clip on its own); the same for a per-frame (2-D) VAE
+    vae_pass: str = "clip"
     denoiser: nn.Module
 
     def __init__(self) -> None:
@@ -175,19 +276,24 @@ class Backbone(nn.Module):
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
     # -- latent space ----------------------------------------------------------------------
+    def frame_windows(self, num_frames: int) -> list[tuple[int, int]]:
+        """The pixel frames ``[start, stop)`` behind each latent frame of a clip of
+        ``num_frames`` encoded in one pass (no temporal compression: one frame each)."""
+        return [(i, i + 1) for i in range(num_frames)]
+
     def latent_frames(self, num_frames: int) -> int:
-        """Latent frames for a clip of ``num_frames`` (temporal compression)."""
-        return num_frames
+        """Latent frames for a clip of ``num_frames`` encoded in one pass."""
+        return len(self.frame_windows(num_frames))
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         return height, width
 
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
-        """[B, F, 3, H, W] in [-1, 1] -> latents [B, C, f, h, w] (scaled for the denoiser)."""
+        """[B, F, C, H, W] in [-1, 1] -> latents [B, C', f, h, w] (scaled for the denoiser)."""
         raise NotImplementedError
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """[B, C, f, h, w] -> [B, F, 3, H, W] in [-1, 1]."""
+        """[B, C, f, h, w] -> [B, F, C', H, W] in [-1, 1]."""
         raise NotImplementedError
 
     # -- conditioning ----------------------------------------------------------------------
@@ -198,8 +304,8 @@ class Backbone(nn.Module):
     def encode_prompt_blocks(self, prompts: Sequence[Sequence[str]]) -> dict[str, torch.Tensor]:
         """Encode K prompt blocks per sample, each on its own, concatenated along tokens.
 
-        Returns ``prompt_embeds`` [B, K*L, D] and ``prompt_block_index`` [K*L] (the block of
-        each token), which LayerFlow's layer embedding reads.
+        Returns ``prompt_embeds`` [B, K*L, D] and ``prompt_block_index`` [1, K*L] (the block of
+        each token, the same for every sample), which LayerFlow's layer embedding reads.
         """
         counts = {len(p) for p in prompts}
         if len(counts) != 1:
@@ -210,17 +316,32 @@ class Backbone(nn.Module):
         for key in blocks[0]:
             out[key] = torch.cat([b[key] for b in blocks], dim=1) if blocks[0][key].dim() >= 2 else blocks[0][key]
         length = blocks[0]["prompt_embeds"].shape[1]
-        out["prompt_block_index"] = torch.arange(k, device=out["prompt_embeds"].device).repeat_interleave(length)
+        out["prompt_block_index"] = torch.arange(k, device=out["prompt_embeds"].device).repeat_interleave(length)[None]
         return out
+
+    def encode_conditions(self, packed: Packed, latents: torch.Tensor | None = None,
+                          drop: torch.Tensor | None = None) -> dict[str, Any]:
+        """The denoiser's conditioning for the B samples of ``packed``: prompt embeddings and
+        whatever else the backbone needs (image tokens, concatenated image latents, fps).
+
+        ``latents`` [B, C, f, h, w] are the packed clip's latents where the caller has them
+        (given frames are valid). ``drop`` [B] bool marks samples whose conditioning is
+        replaced by the unconditional one (prompt dropout for classifier-free guidance).
+        """
+        prompts = packed.prompts
+        if drop is not None and bool(drop.any()):
+            prompts = [[""] * len(row) if bool(d) else row for row, d in zip(prompts, drop.tolist(), strict=True)]
+        return self.encode_prompt_blocks(prompts)
+
+    def negative_conditions(self, packed: Packed, cond: dict[str, Any], negative_prompt: str = "",
+                            latents: torch.Tensor | None = None) -> dict[str, Any]:
+        """The unconditional half of classifier-free guidance, shaped like ``cond``."""
+        return self.encode_prompt_blocks([[negative_prompt] * len(row) for row in packed.prompts])
 
     # -- the denoiser ----------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-        """Model output for noisy latents [B, C, f, h, w] at ``timesteps`` [B]."""
+        """Model output for noisy latents [R, C, f, h, w] at ``timesteps`` [R]."""
         raise NotImplementedError
-
-    def attach_points(self) -> dict[str, nn.Module]:
-        """Named places where adapters and controls may attach (default: the denoiser)."""
-        return {"denoiser": self.denoiser}
 
     # -- memory ----------------------------------------------------------------------------
     def components_for_offload(self) -> list[nn.Module]:
@@ -282,19 +403,27 @@ class Backbone(nn.Module):
 # ----------------------------------------------------------------------------------------
 class Control(nn.Module):
     """One per-layer control signal: ``prepare`` (non-learned, runs in the data loader on one
-    sample) and ``forward`` (learned, runs on the packed batch and returns what the adapters
-    fusing it read from ``StepContext.controls[name]``)."""
+    sample) and ``forward`` (learned, runs on each denoiser call).
+
+    ``forward(step, backbone)`` receives the whole call (:class:`Step`: every guidance row with
+    its own conditioning, as diffusers' ControlNet pipelines give a ControlNet) and returns a
+    mapping from the names in ``provides`` to what adapters read from
+    ``StepContext.controls``. A control whose output does not depend on the guidance half sets
+    ``guidance_independent = True``: the core then runs it on the conditional rows only and
+    repeats the result.
+    """
 
     name: str = "control"
     #: batch keys (after ``prepare``) the core copies into ``Packed.extras`` for ``forward``
     inputs: tuple[str, ...] = ()
+    #: the names this control's output is published under (adapters declare them in ``reads``)
+    provides: tuple[str, ...] = ()
+    guidance_independent: bool = False
 
     def prepare(self, sample: dict[str, Any]) -> dict[str, Any]:
         return sample
 
-    def forward(self, packed: Packed, backbone: Backbone, noisy: torch.Tensor, timesteps: torch.Tensor) -> Any:
-        """Per call: noisy latents [B, C, f, h, w] and timesteps [B]; a control that ignores
-        them (LayerAnimate's Layer ControlNet) may compute its features from ``packed`` alone."""
+    def forward(self, step: Step, backbone: Backbone) -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -304,10 +433,12 @@ class Adapter(nn.Module):
     ``attach`` installs it (attention processors, peft layers, hooks) and ``detach`` removes
     it, restoring the backbone exactly. Parameters registered on the adapter itself (or
     returned by ``trainable_parameters``) are trained; ``state_dict``/``load_state_dict`` save
-    and load them; ``export`` writes formats other tools read.
+    and load them; ``export`` writes formats other tools read. ``reads`` names the control
+    outputs it fuses (checked against the controls' ``provides`` when the parts are built).
     """
 
     name: str = "adapter"
+    reads: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -335,34 +466,66 @@ class Adapter(nn.Module):
                 f"unexpected {list(unexpected)[:5]}."
             )
 
+    def owns_key(self, key: str) -> bool:
+        """True when a trainable-state key (as ``weights.safetensors`` names it) belongs to this
+        adapter; keys of an adapter left out at sampling (``inference: false``) are skipped."""
+        return key.startswith(f"adapters.{self.name}.")
+
+    def map_key(self, key: str, own: Any) -> str | None:
+        """Where a weight of an earlier stage goes once this adapter is attached (e.g. a layer a
+        LoRA wraps keeps its weight under ``base_layer``); None when this adapter has no say.
+        ``own`` is the container of the model's current key names."""
+        return None
+
     def export(self, backbone: Backbone, directory: str, formats: Sequence[str]) -> list[str]:
         return []
 
 
 # ----------------------------------------------------------------------------------------
-# task
+# task and stage
 # ----------------------------------------------------------------------------------------
 class Task:
-    """What a sample means: its schema, how it is packed, how outputs are unpacked and written."""
+    """What a sample means: how it is packed, which inputs it takes, how outputs are unpacked,
+    collated and (in the shapes world) evaluated."""
 
     name: str = "task"
-    #: keys a training sample must carry
-    sample_keys: tuple[str, ...] = ()
+    #: the ``inputs.*`` keys ``sample_inputs`` understands (anything else is refused)
+    input_keys: tuple[str, ...] = ("num_samples", "seed", "prompt")
 
     def pack(self, batch: dict[str, Any], *, training: bool) -> Packed:
         raise NotImplementedError
 
     def sample_inputs(self, inputs: dict[str, Any], *, height: int, width: int, num_frames: int) -> list[dict[str, Any]]:
         """Samples for sampling, built from user inputs (prompts, files); the core runs the
-        controls' ``prepare`` on each and collates them like training samples."""
+        controls' ``prepare`` on each and collates them like training samples. When the user
+        gives any input, nothing of the shapes world is mixed in."""
         raise NotImplementedError
 
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """A batch from samples (training and sampling alike)."""
+        from layerkit.training.data import default_collate
+
+        return default_collate(samples)
+
     def unpack(self, decoded: dict[str, torch.Tensor], batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
-        """Decoded segments (name -> [B, F, 3, H, W] in [-1, 1]) -> per sample, layer name ->
+        """Decoded segments (name -> [B, F_s, C, H, W] in [-1, 1]) -> per sample, layer name ->
         [F, C, H, W] in [0, 1] with C = 3 (RGB), 4 (RGBA) or 1 (matte)."""
         raise NotImplementedError
 
-    def validate_batch(self, batch: dict[str, Any]) -> None:
-        missing = [k for k in self.sample_keys if k not in batch]
-        if missing:
-            raise LayerkitError(f"task '{self.name}' needs sample keys {missing}, which the dataset does not provide.")
+    def evaluate(self, outputs: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> dict[str, float] | None:
+        """Metrics against ground truth, when the samples came from the shapes world; else None."""
+        return None
+
+
+class Stage:
+    """A sampling step that runs before the denoising loop, after the parts are built and placed
+    on the run's device with its dtype (e.g. Layer-Animate t2v: the transparent image first).
+
+    ``run`` takes the collated batch and returns it with what the stage made added.
+    """
+
+    name: str = "stage"
+
+    def run(self, parts: Any, batch: dict[str, Any], *, device: torch.device, dtype: torch.dtype,
+            generator: torch.Generator | None = None, progress: bool = False) -> dict[str, Any]:
+        raise NotImplementedError

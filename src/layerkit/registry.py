@@ -30,6 +30,9 @@ KINDS: dict[str, str] = {
     "adapter": "register_adapters",
     "task": "register_tasks",
     "dataset": "register_datasets",
+    "stage": "register_stages",
+    "curation_step": "register_curation_steps",
+    "command": "register_commands",
 }
 
 

@@ -31,9 +31,7 @@ import torch
 from torch import nn
 
 from layerkit.errors import LayerkitError
-from layerkit.protocols import Backbone
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from layerkit.protocols import Backbone, dtype_of
 
 #: UNetMotionModel block type -> the UNet2DConditionModel block it wraps
 _IMAGE_BLOCKS = {"CrossAttnDownBlockMotion": "CrossAttnDownBlock2D", "DownBlockMotion": "DownBlock2D",
@@ -243,9 +241,6 @@ class AnimateDiff(Backbone):
         out = self.denoiser(noisy.to(dtype), timesteps, encoder_hidden_states=text, return_dict=False)[0]
         return out.to(noisy.dtype)
 
-    def attach_points(self) -> dict[str, nn.Module]:
-        return {"denoiser": self.denoiser, "vae": self.vae}
-
     # -- stage 1: the transparent image ----------------------------------------------------
     def image_unet(self) -> nn.Module:
         """The SD 1.5 ``UNet2DConditionModel`` inside the motion UNet (shared modules, built once)."""
@@ -290,13 +285,13 @@ class AnimateDiff(Backbone):
                 "to layer_sd15_vae_transparent_decoder.safetensors."
             )
         packed = Packed([Segment("image", 1)], torch.zeros(len(prompts), 1, dtype=torch.bool),
-                        [[p] for p in prompts], int(height), int(width))
+                        [[p] for p in prompts], int(height), int(width))  # one generated frame
         options = SamplerOptions(steps=int(steps), guidance_scale=float(guidance_scale),
                                  guidance_rescale=float(guidance_rescale), scheduler=scheduler,
                                  negative_prompt=negative_prompt, progress=progress)
         switched = self.transparent_attn.switched(True) if self.transparent_attn is not None else nullcontext()
         with switched:
-            latents = denoise(Parts(self.image_stage(), Task()), packed, options, generator=generator)
+            latents = denoise(Parts(self.image_stage(), Task()), packed, options, generator=generator).latents
         if return_latents:
             return latents[:, :, 0]
         rgba = self.decode_latents(latents, rgba=True)[:, 0]
@@ -396,11 +391,10 @@ def from_pretrained(path: str | None = None, motion_adapter: str | None = None,
     if not motion_adapter:
         raise LayerkitError("backbone 'animatediff' needs backbone.motion_adapter: a diffusers MotionAdapter folder "
                             "or an AnimateDiff motion-module file (.safetensors, or .ckpt with allow_pickle=true).")
-    if dtype not in DTYPES:
-        raise LayerkitError(f"dtype '{dtype}' is not one of {sorted(DTYPES)}.")
-    parts = load_sd15_folder(path, DTYPES[dtype])
+    torch_dtype = dtype_of(dtype, key="backbone.dtype")
+    parts = load_sd15_folder(path, torch_dtype)
     adapter = load_motion_adapter(motion_adapter, allow_pickle=allow_pickle, config=motion_adapter_config,
-                                  dtype=DTYPES[dtype])
+                                  dtype=torch_dtype)
     config = {**parts.pop("scheduler_config"), **(scheduler or {})}
     return AnimateDiff(motion_adapter=adapter, scheduler_config=config, decoder_tta=decoder_tta,
                        rgba_decode=rgba_decode, gradient_checkpointing=gradient_checkpointing, vae_batch=vae_batch,

@@ -25,11 +25,10 @@ import torch
 from torch import nn
 
 from layerkit.errors import LayerkitError
-from layerkit.protocols import Backbone
+from layerkit.protocols import Backbone, Packed, dtype_of
 
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+UNCOND = ("zeros", "empty_prompt")
 #: CogVideoX-2B's scheduler_config.json (v-prediction, zero terminal SNR, SNR shift 3)
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                         prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
@@ -131,25 +130,29 @@ class CogVideoX(Backbone):
 
     def __init__(self, path: str | None = None, tiny: bool = False, seed: int = 0, dtype: str = "fp32",
                  max_text_tokens: int | None = None, sampler: str = "dpm", tiny_layers: int = 12,
-                 tiny_rotary: bool = False, gradient_checkpointing: bool = False,
-                 denoiser_weights: Sequence[str | None] | None = None) -> None:
+                 tiny_rotary: bool = False, gradient_checkpointing: bool = False, vae_pass: str = "clip",
+                 uncond: str = "empty_prompt", denoiser_weights: Any = None) -> None:
+        """``vae_pass``: "clip" encodes and decodes the packed clip in one VAE pass (as LayerFlow's
+        authors do: the causal VAE sees the sub-clips in time order), "segment" each sub-clip on its
+        own. ``uncond``: the unconditional text for classifier-free guidance and prompt dropout:
+        "zeros" (zero embeddings, LayerFlow's released code) or "empty_prompt" (the encoded empty
+        string, diffusers' ``CogVideoXPipeline``)."""
         super().__init__()
-        if dtype not in DTYPES:
-            raise LayerkitError(f"backbone dtype '{dtype}' is not one of {sorted(DTYPES)}.")
+        if denoiser_weights is not None:
+            raise LayerkitError("backbone.denoiser_weights was replaced by init_from: [PATH, ...] (earlier stages' "
+                                "weights.safetensors, loaded in order into the model and its adapters).")
         if tiny and path not in (None, "", "???"):
             raise LayerkitError("backbone 'cogvideox' takes either tiny=true or a path, not both.")
+        if vae_pass not in ("clip", "segment"):
+            raise LayerkitError(f"backbone.vae_pass is '{vae_pass}'; expected clip or segment.")
+        if uncond not in UNCOND:
+            raise LayerkitError(f"backbone.uncond is '{uncond}'; expected one of {', '.join(UNCOND)}.")
         parts = tiny_components(seed, layers=tiny_layers, rotary=tiny_rotary) if tiny else \
-            load_components(path, DTYPES[dtype])
+            load_components(path, dtype_of(dtype, key="backbone.dtype"))
         self.setup(parts, max_text_tokens=max_text_tokens, sampler=sampler)
+        self.vae_pass, self.uncond = vae_pass, uncond
         if gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
-        given = [w for w in (denoiser_weights or []) if w]
-        if not tiny and len(given) < len(denoiser_weights or []):
-            import warnings
-
-            warnings.warn("backbone.denoiser_weights has an empty entry (layerflow.stage1_weights not set?): the "
-                          "transformer starts from the base model, not from an earlier stage.", stacklevel=2)
-        self.load_denoiser_weights(given)
 
     def setup(self, parts: dict[str, Any], *, max_text_tokens: int | None = None, sampler: str = "dpm") -> None:
         transformer = parts["transformer"]
@@ -171,22 +174,6 @@ class CogVideoX(Backbone):
         self.sampler = sampler
         self._position_tables: dict[tuple[int, str], torch.Tensor] = {}
         self.requires_grad_(False)
-
-    def load_denoiser_weights(self, paths: Sequence[str]) -> None:
-        """Load ``backbone.denoiser.*`` weights of earlier training stages (e.g. LayerFlow stage 1's
-        fine-tuned blocks) over the base transformer. LoRA and adapter weights are left to ``init_from``."""
-        from layerkit.io.weights import load_weights
-
-        own = self.denoiser.state_dict()
-        for path in paths:
-            prefix = "backbone.denoiser."
-            state = {k[len(prefix):]: v for k, v in load_weights(path).items()
-                     if k.startswith(prefix) and ".lora_" not in k}
-            unknown = [k for k in state if k not in own]
-            if unknown:
-                raise LayerkitError(f"denoiser weights '{path}' hold {len(unknown)} keys this transformer does "
-                                    f"not have (first: {unknown[0]}).")
-            self.denoiser.load_state_dict(state, strict=False)
 
     def diffusers_pipeline(self):
         """diffusers' ``CogVideoXPipeline`` over this backbone's own components and sampling
@@ -232,8 +219,27 @@ class CogVideoX(Backbone):
         return randn_tensor((b, f, c, h, w), generator=generator, device=device, dtype=dtype).permute(0, 2, 1, 3, 4)
 
     # -- latent space ----------------------------------------------------------------------
-    def latent_frames(self, num_frames: int) -> int:
-        return (num_frames - 1) // self.temporal_factor + 1
+    def frame_windows(self, num_frames: int) -> list[tuple[int, int]]:
+        """The frames behind each latent frame, as ``AutoencoderKLCogVideoX`` encodes a clip: in
+        chunks of ``num_sample_frames_batch_size`` frames (the remainder joins the first), each
+        halved in time by every time-compressing downsampler (an odd count keeps its first
+        frame on its own). Causal convolutions also let a latent frame see earlier frames."""
+        size = int(getattr(self.vae, "num_sample_frames_batch_size", 8))
+        stages = max(self.temporal_factor.bit_length() - 1, 0)
+        chunks = max(num_frames // size, 1)
+        rest = num_frames % size
+        windows: list[tuple[int, int]] = []
+        for i in range(chunks):
+            start = size * i + (0 if i == 0 else rest)
+            stop = min(size * (i + 1) + rest, num_frames)
+            chunk = [(f, f + 1) for f in range(start, stop)]
+            for _ in range(stages):
+                if len(chunk) % 2 == 1:
+                    chunk = chunk[:1] + [(a[0], b[1]) for a, b in zip(chunk[1::2], chunk[2::2], strict=True)]
+                else:
+                    chunk = [(a[0], b[1]) for a, b in zip(chunk[0::2], chunk[1::2], strict=True)]
+            windows += chunk
+        return windows
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         return height // self.spatial_factor, width // self.spatial_factor
@@ -251,6 +257,21 @@ class CogVideoX(Backbone):
                 f"{expected}; use 1, 8k or 8k+1 frames per clip."
             )
         return latents
+
+    # -- conditioning (zero or empty-prompt unconditional text) ------------------------------
+    def encode_conditions(self, packed: Packed, latents: torch.Tensor | None = None,
+                          drop: torch.Tensor | None = None) -> dict[str, Any]:
+        if self.uncond == "empty_prompt" or drop is None or not bool(drop.any()):
+            return super().encode_conditions(packed, latents, drop)
+        cond = self.encode_prompt_blocks(packed.prompts)
+        keep = (~drop).to(cond["prompt_embeds"].device, cond["prompt_embeds"].dtype).view(-1, 1, 1)
+        return {**cond, "prompt_embeds": cond["prompt_embeds"] * keep}  # a dropped prompt: zero embeddings
+
+    def negative_conditions(self, packed: Packed, cond: dict[str, Any], negative_prompt: str = "",
+                            latents: torch.Tensor | None = None) -> dict[str, Any]:
+        if self.uncond == "zeros" and not negative_prompt:
+            return {**cond, "prompt_embeds": torch.zeros_like(cond["prompt_embeds"])}
+        return super().negative_conditions(packed, cond, negative_prompt, latents)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         frames = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample  # [B, 3, F, H, W]

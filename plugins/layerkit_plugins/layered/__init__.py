@@ -1,4 +1,5 @@
-"""Sequence-packing tasks for layered video (LayerFlow's layout, not tied to one backbone)."""
+"""The ``layered`` task: layers as sub-clips concatenated in time (LayerFlow's layout, not tied to
+one backbone), and its shapes-world evaluator."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ from layerkit import hookimpl
 
 @hookimpl
 def register_tasks(register):
-    for mode in ("generate", "decompose", "fg2bg", "bg2fg"):
-        register(f"layered.{mode}", f"layerkit_plugins.layered.task:{mode}_task",
-                 description=f"layers as sub-clips concatenated in time ({mode})")
+    register("layered", "layerkit_plugins.layered.task:LayeredTask",
+             description="layers as sub-clips in time: generate, decompose (blended given), fg2bg, bg2fg; "
+                         "mode auto picks it from the input files")
+
+
+@hookimpl
+def register_config_dirs(register):
+    register("pkg://layerkit_plugins.layered.conf")

@@ -1,12 +1,21 @@
-"""Layers as sub-clips concatenated in time (LayerFlow sec. 3.1-3.2).
+"""``layered``: layers as sub-clips concatenated in time (LayerFlow sec. 3.1-3.2).
 
 RGBA layout: [foreground, alpha, background, blended]; RGB layout: [foreground, background,
 blended]. The foreground is composited over mid-grey (fg * alpha in [-1, 1]), the alpha matte
 is repeated to three channels and scaled to [-1, 1]. Layer-wise prompts carry an index prefix
-("0, " foreground, "1, " background, "2, " blended). Conditional variants keep one part given:
-decomposition (blended), fg2bg (foreground and alpha), bg2fg (background). ``train_modes``
-trains one model for all of them: each training sample draws its mode, so its given parts are
-kept clean and out of the loss (LayerFlow's conditional variants, sec. 3.2).
+("0, " foreground, "1, " background, "2, " blended).
+
+Modes (LayerFlow's conditional variants, sec. 3.2) keep some layers given: decomposition
+(blended), fg2bg (foreground and alpha), bg2fg (background); ``generate`` gives none. Given
+frames are marked per frame in ``Packed.given``. ``auto`` (the default at sampling) takes the
+mode from the files the user gives. ``train_modes`` trains one model for all of them: each
+batch draws its mode; its given layers are kept clean and out of the loss.
+
+``condition_first`` moves the given layers to the front of the packed clip, and
+``prepend_first_frame`` (a list of modes) puts a copy of the first given frame before them, as LayerFlow's
+released code does for its conditional tasks: a causal 3-D VAE encoding the clip in one pass
+then sees the condition before anything generated, so its latents are the same at training and
+sampling (see docs/layerflow_weights.md).
 """
 
 from __future__ import annotations
@@ -16,36 +25,57 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from layerkit.errors import LayerkitError, expect_shape
 from layerkit.layers import check_frame_counts
-from layerkit.protocols import Packed, Segment, Task
+from layerkit.protocols import Packed, Segment, Task, given_per_frame
 
 LAYOUTS = {"rgba": ("foreground", "alpha", "background", "blended"), "rgb": ("foreground", "background", "blended")}
 GIVEN = {"generate": (), "decompose": ("blended",), "fg2bg": ("foreground", "alpha"), "bg2fg": ("background",)}
+MODES = (*GIVEN, "auto")
 PROMPT_KEYS = ("foreground_prompt", "background_prompt", "prompt")
+FILE_KEYS = ("foreground", "alpha", "background", "blended")
+#: the mode each given file selects
+FILE_MODE = {"blended": "decompose", "foreground": "fg2bg", "alpha": "fg2bg", "background": "bg2fg"}
+FIRST = "first_frame"
 
 
 class LayeredTask(Task):
-    sample_keys = ("foreground_rgb", "foreground_alpha", "background", "blended", *PROMPT_KEYS)
+    name = "layered"
+    input_keys = ("num_samples", "seed", *PROMPT_KEYS, *FILE_KEYS, "fit")
 
-    def __init__(self, mode: str = "generate", layout: str = "rgba", index_prefix: bool = True,
+    def __init__(self, mode: str = "auto", layout: str = "rgba", index_prefix: bool = True,
                  scale_from: dict[str, str] | None = None, default_seed: int = 0, num_samples: int = 1,
-                 train_modes: dict[str, float] | None = None) -> None:
-        if mode not in GIVEN:
-            raise LayerkitError(f"unknown layered mode '{mode}'; modes are {sorted(GIVEN)}.")
+                 train_modes: dict[str, float] | None = None, condition_first: bool = False,
+                 prepend_first_frame: bool | list[str] = ()) -> None:
+        if mode not in MODES:
+            raise LayerkitError(f"unknown layered mode '{mode}'; modes are {', '.join(MODES)}.")
         if layout not in LAYOUTS:
             raise LayerkitError(f"unknown layout '{layout}'; layouts are {sorted(LAYOUTS)}.")
         self.mode, self.layout, self.index_prefix = mode, layout, index_prefix
-        self.name = f"layered.{mode}"
         self.scale_from = dict(scale_from or {})  # adapter name -> boolean sample key (e.g. is_static)
         self.default_seed, self.num_samples = default_seed, num_samples
-        self.given_names = [n for n in GIVEN[mode] if n in LAYOUTS[layout]]
+        self.condition_first = bool(condition_first)
+        prepend = list(GIVEN) if prepend_first_frame is True else list(prepend_first_frame or [])
+        if set(prepend) - set(GIVEN):
+            raise LayerkitError(f"prepend_first_frame lists modes {sorted(set(prepend) - set(GIVEN))}, which do not "
+                                f"exist; modes are {', '.join(GIVEN)}.")
+        self.prepend_first_frame = set(prepend)
         weights = {str(k): float(v) for k, v in (train_modes or {}).items()}
         if set(weights) - set(GIVEN) or any(v < 0 for v in weights.values()):
             raise LayerkitError(f"train_modes must map modes {sorted(GIVEN)} to weights >= 0; got {weights}.")
         self.train_modes = {k: v for k, v in weights.items() if v > 0}
+
+    def given_names(self, mode: str) -> list[str]:
+        return [n for n in GIVEN[mode] if n in LAYOUTS[self.layout]]
+
+    def order(self, mode: str) -> list[str]:
+        """The layers in packed order for ``mode`` (given layers first with ``condition_first``)."""
+        names = list(LAYOUTS[self.layout])
+        if not self.condition_first:
+            return names
+        given = self.given_names(mode)
+        return [n for n in names if n in given] + [n for n in names if n not in given]
 
     # -- packing ----------------------------------------------------------------------------
     def layer_videos(self, batch: dict[str, Any]) -> dict[str, torch.Tensor | None]:
@@ -67,30 +97,47 @@ class LayeredTask(Task):
         check_frame_counts({k: v for k, v in out.items() if v is not None}, frame_dim=1)
         return out
 
+    def batch_mode(self, batch: dict[str, Any], *, training: bool) -> str:
+        if training:
+            if self.train_modes:
+                return random.choices(list(self.train_modes), weights=list(self.train_modes.values()), k=1)[0]
+            return "generate" if self.mode == "auto" else self.mode
+        modes = batch.get("mode")
+        if modes:
+            chosen = set(modes if isinstance(modes, list | tuple) else [modes])
+            if len(chosen) > 1:
+                raise LayerkitError(f"one sampling batch mixes the modes {sorted(chosen)}; sample them separately.")
+            return chosen.pop()
+        return "generate" if self.mode == "auto" else self.mode
+
     def pack(self, batch: dict[str, Any], *, training: bool) -> Packed:
         videos = self.layer_videos(batch)
         present = [v for v in videos.values() if v is not None]
         if not present:
             raise LayerkitError(f"task '{self.name}' got a batch with no layer video.")
         b, f, _, h, w = present[0].shape
-        names = LAYOUTS[self.layout]
+        mode = self.batch_mode(batch, training=training)
+        given_names = self.given_names(mode)
+        names = self.order(mode)
         if training:
             missing = [n for n in names if videos[n] is None]
             if missing:
                 raise LayerkitError(f"task '{self.name}' needs training videos for {missing}.")
         else:
-            missing = [n for n in self.given_names if videos[n] is None]
+            missing = [n for n in given_names if videos[n] is None]
             if missing:
-                raise LayerkitError(f"task '{self.name}' needs the given layer(s) {missing} as input.")
-        segments = [Segment(n, f, videos[n] if (training or n in self.given_names) else None) for n in names]
-        given = torch.tensor([[n in self.given_names for n in names]] * b, dtype=torch.bool)
-        if training and self.train_modes:
-            modes = random.choices(list(self.train_modes), weights=list(self.train_modes.values()), k=b)
-            given = torch.tensor([[n in GIVEN[m] for n in names] for m in modes], dtype=torch.bool)
+                raise LayerkitError(f"task '{self.name}' in mode {mode} needs the given layer(s) {missing} as input.")
+        segments = [Segment(n, f, videos[n] if (training or n in given_names) else None) for n in names]
+        seg_given = [n in given_names for n in names]
+        if mode in self.prepend_first_frame and given_names:
+            first = videos[names[0]][:, :1]
+            segments.insert(0, Segment(FIRST, 1, first))
+            seg_given.insert(0, True)
+        given = given_per_frame(torch.tensor([seg_given] * b, dtype=torch.bool), [s.num_frames for s in segments])
         prompts = [self.prompt_blocks(batch, i) for i in range(b)]
         scales = {adapter: torch.as_tensor(batch[key], dtype=torch.float32).reshape(b)
                   for adapter, key in self.scale_from.items() if key in batch}
-        return Packed(segments, given, prompts, h, w, scales=scales)
+        return Packed(segments, given, prompts, h, w, scales=scales, extras={"mode": mode})
 
     def prompt_blocks(self, batch: dict[str, Any], i: int) -> list[str]:
         texts = []
@@ -103,38 +150,75 @@ class LayeredTask(Task):
         return texts
 
     # -- sampling inputs ----------------------------------------------------------------------
+    def resolve_mode(self, files: dict[str, str]) -> str:
+        """The mode the given files select, checked against ``self.mode``."""
+        chosen = {FILE_MODE[k] for k in files}
+        if len(chosen) > 1:
+            listed = ", ".join(f"inputs.{k} ({FILE_MODE[k]})" for k in files)
+            raise LayerkitError(f"{listed} select different tasks; give the input(s) of one of them.")
+        wanted = chosen.pop() if chosen else "generate"
+        if self.mode not in ("auto", wanted):
+            if files:
+                key = next(iter(files))
+                raise LayerkitError(f"inputs.{key} is the input of {wanted}, but task.mode is {self.mode}; run with "
+                                    f"task.mode={wanted} (or task.mode=auto).")
+            needs = {"decompose": "inputs.blended=VIDEO", "fg2bg": "inputs.foreground=RGBA_VIDEO",
+                     "bg2fg": "inputs.background=VIDEO"}[self.mode]
+            raise LayerkitError(f"task.mode={self.mode} needs {needs}.")
+        return wanted
+
     def sample_inputs(self, inputs: dict[str, Any], *, height: int, width: int, num_frames: int) -> list[dict[str, Any]]:
-        """One sample per output: prompts and given videos from the user; what the user leaves
-        out comes from held-out shapes-world samples (whose ground truth the evaluator uses)."""
+        """One sample per output (``num_samples``, different noise). With no input, held-out
+        shapes-world samples (their prompts; their ground truth scores the result). With any input,
+        only the user's: prompts left out are empty (said in the record), files select the mode."""
+        n = int(inputs.get("num_samples", self.num_samples))
+        if n < 1:
+            raise LayerkitError(f"inputs.num_samples must be at least 1; got {n}.")
+        files = {k: str(inputs[k]) for k in FILE_KEYS if inputs.get(k)}
+        prompts = {k: str(inputs[k]) for k in PROMPT_KEYS if inputs.get(k) is not None and inputs.get(k) != ""}
+        if not files and not prompts:
+            return self._shapes_samples(n, int(inputs.get("seed", self.default_seed)), height, width, num_frames)
+        mode = self.resolve_mode(files)
+        notes = [f"mode {mode}, selected by " + (", ".join(f"inputs.{k}" for k in files) or "no input file")]
+        videos = self._read_inputs(files, height, width, num_frames, str(inputs.get("fit", "crop")), notes) \
+            if files else {}
+        for key in PROMPT_KEYS:
+            if key not in prompts:
+                prompts[key] = ""
+                notes.append(f"inputs.{key} not given: empty prompt")
+        return [{**videos, **prompts, "mode": mode, "notes": notes} for _ in range(n)]
+
+    def _shapes_samples(self, n: int, seed: int, height: int, width: int, num_frames: int) -> list[dict[str, Any]]:
         from layerkit.data.shapes import ShapesConfig, make_sample, seed_for
 
-        n = int(inputs.get("num_samples", self.num_samples))
-        seed = int(inputs.get("seed", self.default_seed))
         config = ShapesConfig(num_frames=num_frames, height=height, width=width)
         samples = [make_sample(seed_for("test", seed, i), config) for i in range(n)]
-        user_files = {k: inputs.get(k) for k in ("foreground", "alpha", "background", "blended") if inputs.get(k)}
-        videos = self._read_inputs(user_files, height, width, num_frames) if user_files else {}
+        mode = "generate" if self.mode == "auto" else self.mode
         out = []
         for sample in samples:
-            if not user_files:
-                sample["ground_truth"] = dict(sample)
-            sample.update(videos)
-            sample.update({key: inputs[key] for key in PROMPT_KEYS if inputs.get(key)})
+            sample["ground_truth"] = dict(sample)
+            sample["mode"] = mode  # the shapes sample's own layers are the given ones
             out.append(sample)
         return out
 
-    def _read_inputs(self, files: dict[str, str], height: int, width: int, num_frames: int) -> dict[str, Any]:
-        from layerkit.io.video import read_video
+    def _read_inputs(self, files: dict[str, str], height: int, width: int, num_frames: int, fit: str,
+                     notes: list[str]) -> dict[str, Any]:
+        from layerkit.io.video import fit_frames, read_video
 
         out: dict[str, torch.Tensor] = {}
         for key, path in files.items():
             if not Path(path).exists():
                 raise LayerkitError(f"input '{key}' file '{path}' does not exist.")
-            video = read_video(path, max_frames=num_frames)
+            video = read_video(path)
             if video.num_frames < num_frames:
-                raise LayerkitError(f"input '{key}' video '{path}' has {video.num_frames} frames; this run needs {num_frames}.")
-            frames = torch.from_numpy(video.frames).float().div(255).permute(0, 3, 1, 2)  # [F, C, H, W]
-            frames = F.interpolate(frames, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+                raise LayerkitError(f"input '{key}' video '{path}' has {video.num_frames} frames; this run needs "
+                                    f"{num_frames} (sampler.num_frames).")
+            if video.num_frames > num_frames:
+                notes.append(f"inputs.{key}: the first {num_frames} of {video.num_frames} frames used")
+            frames = torch.from_numpy(video.frames[:num_frames]).float().div(255).permute(0, 3, 1, 2)
+            frames, note = fit_frames(frames, height, width, fit, name=f"inputs.{key}")
+            if note:
+                notes.append(note)
             if key == "foreground":
                 if frames.shape[1] == 4:
                     out["foreground_alpha"] = frames[:, 3:].clamp(0, 1)
@@ -145,6 +229,8 @@ class LayeredTask(Task):
                 out[key] = frames[:, :3].clamp(0, 1)
         if "foreground_rgb" in out and "foreground_alpha" not in out:
             raise LayerkitError("the foreground input has no alpha channel; give an RGBA video or an 'alpha' video.")
+        if "foreground_alpha" in out and "foreground_rgb" not in out:
+            raise LayerkitError("inputs.alpha needs inputs.foreground (the RGB or RGBA foreground video) too.")
         return out
 
     # -- outputs ------------------------------------------------------------------------------
@@ -171,7 +257,7 @@ class LayeredTask(Task):
         truth = batch.get("ground_truth")
         if not truth or "alpha" not in outputs[0]:
             return None
-        from layerkit.data.evaluate import evaluate_layered, summarise
+        from layerkit_plugins.layered.evaluate import evaluate_layered, summarise
 
         rows = []
         for out, sample in zip(outputs, truth, strict=True):
@@ -179,19 +265,3 @@ class LayeredTask(Task):
                     "background": out["background"], "blended": out["blended"]}
             rows.append(evaluate_layered(pred, sample))
         return summarise(rows)
-
-
-def generate_task(**kwargs: Any) -> LayeredTask:
-    return LayeredTask(mode="generate", **kwargs)
-
-
-def decompose_task(**kwargs: Any) -> LayeredTask:
-    return LayeredTask(mode="decompose", **kwargs)
-
-
-def fg2bg_task(**kwargs: Any) -> LayeredTask:
-    return LayeredTask(mode="fg2bg", **kwargs)
-
-
-def bg2fg_task(**kwargs: Any) -> LayeredTask:
-    return LayeredTask(mode="bg2fg", **kwargs)

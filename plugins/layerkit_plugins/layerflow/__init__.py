@@ -5,15 +5,6 @@ from __future__ import annotations
 
 from layerkit import hookimpl
 
-MODES = ("generate", "decompose", "fg2bg", "bg2fg")
-
-
-@hookimpl
-def register_tasks(register):
-    for mode in MODES:
-        register(f"layerflow.{mode}", f"layerkit_plugins.layerflow.task:{mode}_task",
-                 description=f"LayerFlow {mode}: [foreground, alpha, background, blended] sub-clips, indexed prompts")
-
 
 @hookimpl
 def register_adapters(register):

@@ -7,12 +7,10 @@ the output of ``patch_embed.text_proj`` of a diffusers CogVideoX transformer [B,
 tokens are untouched. At initialisation the added vector is ``LayerNorm(W k + b)`` with PyTorch's
 default init, as in the released code (``Basic3DPositionEmbeddingMixin.txt_embedder``).
 
-The block index [K*L] comes from ``Backbone.encode_prompt_blocks`` through ``cond``; the
+The block index [1, K*L] comes from ``Backbone.encode_prompt_blocks`` through ``cond``; the
 CogVideoX backbone publishes it in ``StepContext.extras["prompt_block_index"]`` for the call.
 A backbone that does not publish it can still be used with ``num_blocks`` (equal blocks).
-
-``weights``: a ``weights.safetensors`` of an earlier stage; its ``adapters.<name>.*`` keys are
-loaded at attach (LayerFlow stage 2 starts from the embedding trained in stage 1).
+Earlier stages' embeddings load through ``init_from`` like every other weight.
 """
 
 from __future__ import annotations
@@ -28,8 +26,10 @@ class LayerEmbedding(Adapter):
     def __init__(self, hidden: int | None = None, trainable: bool = True, num_blocks: int | None = None,
                  scale: float = 1.0, weights: str | None = None) -> None:
         super().__init__()
+        if weights is not None:
+            raise LayerkitError("adapters.<name>.weights was replaced by init_from: [PATH, ...] (earlier stages' "
+                                "weights.safetensors, loaded in order into the model and its adapters).")
         self.trainable, self.num_blocks, self.scale = bool(trainable), num_blocks, float(scale)
-        self.weights = weights
         self.embed: nn.Sequential | None = self._make(hidden) if hidden else None
         self._handle: torch.utils.hooks.RemovableHandle | None = None
 
@@ -46,21 +46,10 @@ class LayerEmbedding(Adapter):
         if self.embed[0].out_features != proj.out_features:
             raise LayerkitError(f"adapter '{self.name}' has width {self.embed[0].out_features}; the text tokens have "
                                 f"{proj.out_features}.")
-        if self.weights:
-            self.load_stage_weights(self.weights)
         self.embed.to(proj.weight.device)  # weights stay in their own dtype; the output is cast to the tokens'
         self.embed.requires_grad_(self.trainable)
         self._handle = proj.register_forward_hook(self._hook(backbone))
         self.attached = True
-
-    def load_stage_weights(self, path: str) -> None:
-        from layerkit.io.weights import load_weights
-
-        prefix = f"adapters.{self.name}."
-        state = {k[len(prefix):]: v for k, v in load_weights(path).items() if k.startswith(prefix)}
-        if not state:
-            raise LayerkitError(f"weights file '{path}' holds no '{prefix}*' weights for adapter '{self.name}'.")
-        self.load_adapter_state_dict(state)
 
     def detach(self, backbone: Backbone) -> None:
         if self._handle is not None:

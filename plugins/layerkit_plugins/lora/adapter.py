@@ -112,6 +112,17 @@ class LoRAAdapter(Adapter):
         self._layers = []
         self.attached = False
 
+    def owns_key(self, key: str) -> bool:
+        """This LoRA's matrices live inside the denoiser, named ``...lora_A.<name>.weight``."""
+        return f".lora_A.{self.name}." in key or f".lora_B.{self.name}." in key or super().owns_key(key)
+
+    def map_key(self, key: str, own) -> str | None:
+        """A layer peft wrapped keeps its weight as ``<layer>.base_layer.<weight>``: an earlier
+        stage's weight of that layer (saved before the wrap) goes there."""
+        stem, _, leaf = key.rpartition(".")
+        wrapped = f"{stem}.base_layer.{leaf}"
+        return wrapped if wrapped in own else None
+
     def lora_parameters(self) -> dict[str, torch.Tensor]:
         """The LoRA weights of this adapter, named as in the denoiser without the adapter name."""
         assert self._denoiser is not None

@@ -13,8 +13,6 @@ def register_datasets(register):
 
 
 def build(split: str = "train", size: int = 256, seed: int = 0, **config):
-    from layerkit.data.shapes import ShapesConfig, ShapesDataset, collate_layered
+    from layerkit.data.shapes import ShapesConfig, ShapesDataset
 
-    dataset = ShapesDataset(size=size, seed=seed, config=ShapesConfig(**config), split=split)
-    dataset.collate = collate_layered
-    return dataset
+    return ShapesDataset(size=size, seed=seed, config=ShapesConfig(**config), split=split)

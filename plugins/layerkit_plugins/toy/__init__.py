@@ -9,3 +9,8 @@ from layerkit import hookimpl
 def register_backbones(register):
     register("toy.dit", "layerkit_plugins.toy.backbone:ToyDiT",
              description="tiny pixel-space DiT (diffusers CogVideoX blocks) with a word-embedding text encoder")
+
+
+@hookimpl
+def register_config_dirs(register):
+    register("pkg://layerkit_plugins.toy.conf")

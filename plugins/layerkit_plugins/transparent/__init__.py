@@ -23,8 +23,8 @@ def register_tasks(register):
 
 
 @hookimpl
-def register_controls(register):
-    register("transparent.stage1", "layerkit_plugins.transparent.stage1:TransparentStage1",
+def register_stages(register):
+    register("transparent.image", "layerkit_plugins.transparent.stage1:TransparentImageStage",
              description="Layer-Animate stage 1 for t2v: the prompt's transparent middle frame from the backbone's "
                          "SD 1.5 image UNet + LayerDiffuse transparent attention + transparent decoder")
 

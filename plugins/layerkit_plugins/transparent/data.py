@@ -16,6 +16,21 @@ import torch.nn.functional as F
 from layerkit.errors import LayerkitError
 
 
+def make_rgba_sprite_clip(seed: int, config: Any = None) -> dict[str, Any]:
+    """One sprite on a transparent background: ``rgba`` [F, 4, H, W] (straight alpha, rgb 0.5 where
+    alpha is 0), ``prompt`` (e.g. "a red circle moving right"), ``meta`` (the sprite's
+    shape/colour/direction/size/speed/start/velocity plus num_frames/height/width) and ``seed``."""
+    from dataclasses import replace
+
+    from layerkit.data.shapes import ShapesConfig, make_sample
+
+    cfg = replace(config if config is not None else ShapesConfig(), num_sprites=1)
+    sample = make_sample(seed, cfg)
+    meta = {**sample["meta"]["sprites"][0], "num_frames": cfg.num_frames, "height": cfg.height, "width": cfg.width}
+    return {"rgba": torch.cat([sample["foreground_rgb"], sample["foreground_alpha"]], 1),
+            "prompt": sample["foreground_prompt"], "meta": meta, "seed": seed}
+
+
 class RGBASpriteClips(torch.utils.data.Dataset):
     """Item i: ``make_rgba_sprite_clip(seed_for(split, seed, i), config)`` -> ``rgba`` [F, 4, H, W]
     in [0, 1] (straight alpha), ``prompt`` ("a red circle moving right"), ``meta``, ``seed``."""
@@ -32,20 +47,17 @@ class RGBASpriteClips(torch.utils.data.Dataset):
         self.config.validate()
         self.size, self.seed, self.split = size, seed, split
 
+    cacheable = True  # item i is the same every epoch
+
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from layerkit.data.shapes import make_rgba_sprite_clip, seed_for
+        from layerkit.data.shapes import seed_for
 
         if not 0 <= index < self.size:
             raise IndexError(f"shapes_rgba index {index} out of range for size {self.size}.")
         return make_rgba_sprite_clip(seed_for(self.split, self.seed, index), self.config)
-
-    @staticmethod
-    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"rgba": torch.stack([s["rgba"] for s in samples]), "prompt": [s["prompt"] for s in samples],
-                "meta": [s["meta"] for s in samples], "seed": torch.tensor([s["seed"] for s in samples])}
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,17 +1,16 @@
-"""``transparent.stage1``: Layer-Animate's stage 1 for ``transparent.t2v`` (seed 003, sec. 3).
+"""``transparent.image``: Layer-Animate's stage 1 for ``transparent.t2v`` (seed 003, sec. 3), a
+sampling stage.
 
 Before stage 2 animates anything, the prompt becomes one transparent image: the backbone's
 SD 1.5 image UNet with LayerDiffuse's transparent attention samples a transparent latent,
 and the VAE plus the transparent decoder turn it into RGBA
-(:meth:`layerkit_plugins.animatediff.backbone.AnimateDiff.generate_images`). That image is
-stage 2's clean middle frame.
+(:meth:`layerkit_plugins.animatediff.backbone.AnimateDiff.generate_images`, through layerkit's
+one sampling loop). That image is stage 2's clean middle frame.
 
-It is a control because a control is the part of a layerkit run that holds the backbone and
-prepares each sample before sampling: ``prepare`` turns a t2v sample (``stage1`` set, no
-``reference``) into one with ``reference`` [4, H, W] in [0, 1]. Samples that already carry a
-reference (a user's image) or a training clip (``rgba``) pass through untouched; the learned
-part (``forward``) is empty. The ``transparent_t2v`` task config adds it as
-``controls.stage1``.
+The stage runs after the parts are built, on the run's device and dtype (the core places the
+backbone before any stage runs, with its memory options). Samples marked ``stage1`` without a
+``reference`` get one [4, H, W] in [0, 1]; sample i draws from the run's seed + i, so each
+image is repeatable on its own. The ``transparent_t2v`` task config adds it as ``stages.image``.
 """
 
 from __future__ import annotations
@@ -21,66 +20,44 @@ from typing import Any
 import torch
 
 from layerkit.errors import LayerkitError
-from layerkit.protocols import Backbone, Control
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+from layerkit.protocols import Stage
 
 
-class TransparentStage1(Control):
-    """Prompt -> transparent middle frame, run in ``prepare`` on every t2v sample."""
+class TransparentImageStage(Stage):
+    name = "image"
 
-    name = "stage1"
-    inputs = ()
-
-    def __init__(self, backbone: Backbone, steps: int = 25, guidance_scale: float = 7.5,
-                 guidance_rescale: float = 0.0, negative_prompt: str = "", scheduler: str | None = None,
-                 seed: int = 0, device: str = "auto", dtype: str = "fp32", offload: bool = False,
-                 progress: bool = False) -> None:
-        super().__init__()
-        if not callable(getattr(backbone, "generate_images", None)):
-            raise LayerkitError(
-                f"stage 1 of transparent.t2v needs a backbone with an image stage (animatediff); "
-                f"{type(backbone).__name__} has none."
-            )
-        if dtype not in DTYPES:
-            raise LayerkitError(f"dtype '{dtype}' is not one of {sorted(DTYPES)}.")
-        self.__dict__["backbone"] = backbone  # the run's backbone, not a submodule of this control
+    def __init__(self, steps: int = 25, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+                 negative_prompt: str = "", scheduler: str | None = None, seed: int = 0) -> None:
         self.steps, self.guidance_scale, self.guidance_rescale = int(steps), float(guidance_scale), float(guidance_rescale)
         self.negative_prompt, self.scheduler, self.seed = str(negative_prompt), scheduler, int(seed)
-        self.device_name, self.dtype, self.offload, self.progress = str(device), DTYPES[dtype], bool(offload), bool(progress)
 
-    def _device(self) -> torch.device:
-        if self.device_name == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device_name.startswith("cuda") and not torch.cuda.is_available():
-            raise LayerkitError(f"device '{self.device_name}' was asked for but CUDA is not available on this machine.")
-        return torch.device(self.device_name)
-
-    def needs_image(self, sample: dict[str, Any]) -> bool:
-        return bool(sample.get("stage1")) and "reference" not in sample and "rgba" not in sample
-
-    def prepare(self, sample: dict[str, Any]) -> dict[str, Any]:
-        if not self.needs_image(sample):
-            return sample
-        backbone = self.backbone
-        param = next(backbone.parameters())
-        home = (param.device, param.dtype)
-        device = self._device()
-        # the sampler moves and casts the backbone next anyway; stage 1 runs where it will
-        backbone.to(device=device, dtype=self.dtype)
-        generator = torch.Generator("cpu").manual_seed(self.seed + int(sample.get("sample_index", 0)))
-        try:
+    def run(self, parts: Any, batch: dict[str, Any], *, device: torch.device, dtype: torch.dtype,
+            generator: torch.Generator | None = None, progress: bool = False) -> dict[str, Any]:
+        flags = batch.get("stage1")
+        if flags is None or "reference" in batch:
+            return batch
+        backbone = parts.backbone
+        if not callable(getattr(backbone, "generate_images", None)):
+            raise LayerkitError(f"stage 1 of transparent.t2v needs a backbone with an image stage (animatediff); "
+                                f"{type(backbone).__name__} has none.")
+        prompts = list(batch["prompt"])
+        index = batch.get("sample_index")
+        images = []
+        for i, prompt in enumerate(prompts):
+            k = int(index[i]) if index is not None else i
+            gen = torch.Generator("cpu").manual_seed(self.seed + k)
             image = backbone.generate_images(
-                [sample["prompt"]], height=int(sample["height"]), width=int(sample["width"]), steps=self.steps,
+                [prompt], height=_first(batch["height"]), width=_first(batch["width"]), steps=self.steps,
                 guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale,
-                negative_prompt=self.negative_prompt, scheduler=self.scheduler, generator=generator,
-                progress=self.progress,
+                negative_prompt=self.negative_prompt, scheduler=self.scheduler, generator=gen, progress=progress,
             )[0]
-        finally:
-            if self.offload:  # CPU offload wanted: leave nothing on the accelerator
-                backbone.to(device=home[0])
-        return {**sample, "reference": image.float().cpu()}
+            images.append(image.float().cpu())
+        return {**batch, "reference": torch.stack(images)}
 
-    def forward(self, *args: Any, **kwargs: Any) -> None:
-        return None
+
+def _first(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return int(value.flatten()[0])
+    if isinstance(value, list | tuple):
+        return int(value[0])
+    return int(value)

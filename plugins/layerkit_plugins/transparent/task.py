@@ -1,30 +1,23 @@
 """Transparent video tasks (Layer-Animate, seed 003): ``transparent.i2v`` and ``transparent.t2v``.
 
 A sample is one RGBA clip ``rgba`` [B, F, 4, H, W] in [0, 1] (straight alpha) and its prompt.
-Frames travel to the backbone as 4-channel segments (straight RGB and alpha, both in
+Frames travel to the backbone as one 4-channel segment (straight RGB and alpha, both in
 [-1, 1]); the backbone's LayerDiffuse offset encoder turns them into transparent latents.
 
-Stage 2 (both tasks) packs the clip as three segments in time order, ``before`` (frames
-0..m-1), ``reference`` (frame m) and ``after`` (frames m+1..F-1), with only ``reference``
-given. A Packed marks whole segments as given, so the cut puts exactly one frame in the
-given segment: it is never noised, re-imposed at every sampling step and left out of the
-loss, while the concatenated latents are still the whole clip in order (AnimateDiff has no
-temporal compression, so encoding three pieces equals encoding the clip). ``extras``
-carries ``reference_frame`` = m for the Inter-Frame Attention adapter.
+Stage 2 (both tasks) gives the reference frame m (``Packed.given`` [B, F] marks it): it is never
+noised, re-imposed at every sampling step and left out of the loss; ``extras`` carries
+``reference_frame`` = m for the Inter-Frame Attention adapter. ``given_reference: false``
+gives nothing: every frame is generated from the prompt (the text-to-video base the toy trains
+before stage 2).
 
-i2v: the reference is the user's RGBA image (``inputs.image``) or, without one, the middle
-frame of a held-out shapes-world clip.
+i2v: the reference is the user's RGBA image (``inputs.image``) or, without any input, the middle
+frame of a held-out shapes-world clip (whose ground truth then scores the result).
 
-t2v = stage 1 then stage 2. Its sampling inputs carry ``stage1`` (and no reference); the
-``transparent.stage1`` control (added by the ``transparent_t2v`` task config) generates the
+t2v = stage 1 then stage 2. Its samples carry ``stage1`` (and no reference); the sampling stage
+``transparent.image`` (added by the ``transparent_t2v`` task config as ``stages.image``) makes the
 transparent middle frame from the prompt with the backbone's SD 1.5 image UNet, LayerDiffuse
-transparent attention and transparent decoder, and stage 2 packs it as above. A t2v sample
-that still has no reference when packed is an error naming the missing control. Training a
-t2v config trains stage 2 exactly as i2v does (stage 1 is LayerDiffuse, trained elsewhere).
-
-``pack`` without ``stage1`` and without a reference (only called that way directly, e.g. by
-the equivalence tests) gives one generated segment ``video``: every frame sampled from noise
-by the video UNet, the adapter still reading frame m.
+transparent attention and transparent decoder, and stage 2 packs it as above. Training a t2v
+config trains stage 2 exactly as i2v does (stage 1 is LayerDiffuse, trained elsewhere).
 """
 
 from __future__ import annotations
@@ -41,13 +34,13 @@ from layerkit_plugins.transparent.inter_frame import reference_frame
 
 
 class TransparentTask(Task):
-    sample_keys = ("rgba", "prompt")
+    input_keys = ("num_samples", "seed", "prompt", "image")
 
     def __init__(self, mode: str = "i2v", reference: int | None = None, default_seed: int = 0,
-                 num_samples: int = 1) -> None:
+                 num_samples: int = 1, given_reference: bool = True) -> None:
         if mode not in ("i2v", "t2v"):
             raise LayerkitError(f"unknown transparent mode '{mode}'; modes are i2v, t2v.")
-        self.mode, self.reference = mode, reference
+        self.mode, self.reference, self.given_reference = mode, reference, bool(given_reference)
         self.name = f"transparent.{mode}"
         self.default_seed, self.num_samples = default_seed, num_samples
 
@@ -77,30 +70,27 @@ class TransparentTask(Task):
         m = self.reference_index(f)
         prompts = [[p] for p in self._prompts(batch, b)]
         extras = {"reference_frame": m}
+        given = torch.zeros(b, f, dtype=torch.bool)
+        if not self.given_reference:  # every frame generated (text-to-video)
+            return Packed([Segment("video", f, video if training else None)], given, prompts, h, w, extras=extras)
         ref = batch.get("reference")
         if ref is not None:  # an RGBA image [B, 4, H, W] in [0, 1]: the user's, or stage 1's
             reference = ref.float()[:, None] * 2 - 1
         elif video is not None:
             reference = video[:, m : m + 1]
-        elif self.mode == "t2v" and not _any(batch.get("stage1")):
-            seg = Segment("video", f, None)  # one stage: every frame from noise
-            return Packed([seg], torch.zeros(b, 1, dtype=torch.bool), prompts, h, w, extras=extras)
         elif self.mode == "t2v":
             raise LayerkitError(
                 "transparent.t2v generates its middle frame with stage 1 first, but no stage-1 image reached the "
-                "task: keep controls.stage1 (the transparent_stage1 control that task=transparent_t2v adds)."
+                "task: keep stages.image (the transparent_image stage that task=transparent_t2v adds)."
             )
         else:
             raise LayerkitError("transparent.i2v needs a reference RGBA image (inputs.image) or an 'rgba' clip.")
-        pieces = [("before", 0, m), ("reference", m, m + 1), ("after", m + 1, f)]
-        segments, given = [], []
-        for name, start, stop in pieces:
-            if stop <= start:
-                continue  # a 1- or 2-frame clip has no frames on one side
-            clip = reference if name == "reference" else (video[:, start:stop] if training else None)
-            segments.append(Segment(name, stop - start, clip))
-            given.append(name == "reference")
-        return Packed(segments, torch.tensor([given] * b), prompts, h, w, extras=extras)
+        if video is None or not training:
+            video = reference.new_zeros(b, f, *reference.shape[2:])
+        video = video.clone()
+        video[:, m : m + 1] = reference
+        given[:, m] = True
+        return Packed([Segment("video", f, video)], given, prompts, h, w, extras=extras)
 
     def _prompts(self, batch: dict[str, Any], b: int | None) -> list[str]:
         value = batch.get("prompt")
@@ -114,32 +104,41 @@ class TransparentTask(Task):
     # -- sampling inputs ----------------------------------------------------------------------
     def sample_inputs(self, inputs: dict[str, Any], *, height: int, width: int,
                       num_frames: int) -> list[dict[str, Any]]:
-        """One sample per output. ``prompt`` and ``image`` (an RGBA image file) come from the
-        user. i2v without an image takes the reference frame, prompt and ground truth from
-        held-out shapes-world sprite clips. t2v marks each sample for stage 1 (``stage1``,
-        ``sample_index``); a t2v ``image`` skips stage 1. Without a user prompt the prompt (and
-        the ground truth the evaluator scores against) comes from a held-out sprite clip."""
-        from layerkit.data.shapes import ShapesConfig, make_rgba_sprite_clip, seed_for
+        """One sample per output. With no input, held-out shapes-world sprite clips give the
+        prompt, (i2v) the reference frame and the ground truth the evaluator scores against.
+        With any input, only the user's: ``prompt`` and ``image`` (an RGBA image file); t2v marks
+        each sample for stage 1 (``stage1``, ``sample_index``) unless an image is given."""
+        from layerkit.data.shapes import ShapesConfig, seed_for
+        from layerkit_plugins.transparent.data import make_rgba_sprite_clip
 
         n = int(inputs.get("num_samples", self.num_samples))
+        if n < 1:
+            raise LayerkitError(f"inputs.num_samples must be at least 1; got {n}.")
         seed = int(inputs.get("seed", self.default_seed))
         cfg = ShapesConfig(num_frames=num_frames, height=height, width=width)
+        user = bool(inputs.get("prompt") or inputs.get("image"))
         image = read_rgba_image(inputs["image"], height, width) if inputs.get("image") else None
+        if self.mode == "i2v" and user and image is None:
+            raise LayerkitError("transparent.i2v animates an RGBA image: give inputs.image=FILE (or use "
+                                "task=transparent_t2v to make the image from the prompt).")
         samples = []
         for i in range(n):
-            clip = make_rgba_sprite_clip(seed_for("test", seed, i), cfg)
-            sample: dict[str, Any] = {"prompt": inputs.get("prompt") or clip["prompt"], "num_frames": num_frames,
-                                      "height": height, "width": width}
+            sample: dict[str, Any] = {"num_frames": num_frames, "height": height, "width": width}
+            if user:
+                sample["prompt"] = str(inputs.get("prompt") or "")
+                if not inputs.get("prompt"):
+                    sample["notes"] = ["inputs.prompt not given: empty prompt"]
+            else:
+                clip = make_rgba_sprite_clip(seed_for("test", seed, i), cfg)
+                sample["prompt"] = clip["prompt"]
+                sample["ground_truth"] = clip
             if image is not None:
                 sample["reference"] = image
             elif self.mode == "t2v":
                 sample["stage1"] = True
                 sample["sample_index"] = i
-                if not inputs.get("prompt"):
-                    sample["ground_truth"] = clip
             else:
                 sample["reference"] = clip["rgba"][self.reference_index(num_frames)]
-                sample["ground_truth"] = clip
             samples.append(sample)
         return samples
 
@@ -147,8 +146,7 @@ class TransparentTask(Task):
     def unpack(self, decoded: dict[str, torch.Tensor], batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
         """Segments back in time order -> per sample ``foreground`` [F, 4, H, W] (or RGB when the
         backbone has no transparent decoder) and ``alpha`` [F, 1, H, W], in [0, 1]."""
-        order = [k for k in ("before", "reference", "after", "video") if k in decoded]
-        video = ((torch.cat([decoded[k] for k in order], dim=1).float() + 1) / 2).clamp(0, 1)
+        video = ((decoded["video"].float() + 1) / 2).clamp(0, 1)
         outputs = []
         for clip in video:
             layers = {"foreground": clip}
@@ -161,20 +159,9 @@ class TransparentTask(Task):
         truth = batch.get("ground_truth")
         if not truth or outputs[0]["foreground"].shape[1] != 4:
             return None
-        from layerkit.data.evaluate import evaluate_rgba_video, summarise
+        from layerkit_plugins.transparent.evaluate import evaluate_rgba_video, summarise
 
         return summarise([evaluate_rgba_video(out["foreground"], t) for out, t in zip(outputs, truth, strict=True)])
-
-
-def _any(value: Any) -> bool:
-    """True when a collated flag (bool, list or tensor [B]) is set for any sample."""
-    if value is None:
-        return False
-    if isinstance(value, torch.Tensor):
-        return bool(value.any())
-    if isinstance(value, list | tuple):
-        return any(bool(v) for v in value)
-    return bool(value)
 
 
 def _first(value: Any) -> int:

@@ -7,17 +7,16 @@ alphas are [F, 1, H, W] (``[F, H, W]`` is accepted too), videos [F, C, H, W].
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as nnf
 
 from layerkit.data.shapes import COLOURS, SHAPES, render_shape, shape_area
-from layerkit.errors import LayerkitError, ShapeError
+from layerkit.errors import ShapeError
 
 __all__ = [
     "alpha_iou", "alpha_temporal_error", "classify_colour", "classify_shape", "compositing_error",
-    "estimate_direction", "evaluate_layered", "evaluate_rgba_video", "foreground_leak", "static_drift", "summarise",
+    "estimate_direction", "foreground_leak", "static_drift", "summarise",
 ]
 
 _COLOUR_NAMES = list(COLOURS)
@@ -198,47 +197,6 @@ def alpha_temporal_error(alpha: torch.Tensor) -> float:
     return (a[:-1] - shifted[:, 0]).abs().mean().item()
 
 
-def evaluate_layered(pred: dict[str, torch.Tensor], sample: dict[str, Any]) -> dict[str, float]:
-    """Score predicted layers against a ``make_sample`` ground truth.
-
-    ``pred`` may hold "foreground_rgb" [F, 3, H, W], "foreground_alpha" [F, 1, H, W], "background"
-    [F, 3, H, W] and "blended" [F, 3, H, W]; metrics whose inputs are missing are skipped.  Returns:
-    alpha_iou; compositing_error (pred layers against pred "blended", or the true blended clip when
-    pred has none); colour_correct (per sprite, inside its true visible mask, averaged); shape_correct
-    and direction_correct (single-sprite samples only); background_leak; background_static_drift
-    (only when the true background is static).
-    """
-    out: dict[str, float] = {}
-    sprites = sample["meta"]["sprites"]
-    fg_rgb, fg_alpha, bg = pred.get("foreground_rgb"), pred.get("foreground_alpha"), pred.get("background")
-    for key, value in pred.items():
-        if key in sample and isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(sample[key].shape):
-            raise ShapeError(f"pred['{key}'] has shape {tuple(value.shape)}, expected {tuple(sample[key].shape)}.")
-    if fg_alpha is not None:
-        out["alpha_iou"] = alpha_iou(fg_alpha, sample["foreground_alpha"])
-    if fg_rgb is not None and fg_alpha is not None and bg is not None:
-        out["compositing_error"] = compositing_error(fg_rgb, fg_alpha, bg, pred.get("blended", sample["blended"]))
-    if fg_rgb is not None and fg_alpha is not None:
-        if len(sprites) == 1:
-            out["colour_correct"] = float(classify_colour(fg_rgb, fg_alpha) == sprites[0]["colour"])
-        else:
-            hits = []
-            for i, sp in enumerate(sprites, start=1):
-                weight = fg_alpha * sample["layer_masks"][i]
-                if weight.sum() > 0:
-                    hits.append(float(classify_colour(fg_rgb, weight) == sp["colour"]))
-            if hits:
-                out["colour_correct"] = sum(hits) / len(hits)
-    if fg_alpha is not None and len(sprites) == 1:
-        out["shape_correct"] = float(classify_shape(fg_alpha) == sprites[0]["shape"])
-        out["direction_correct"] = float(estimate_direction(fg_alpha) == sprites[0]["direction"])
-    if bg is not None:
-        out["background_leak"] = foreground_leak(bg, sample["foreground_alpha"], sample["background"])
-        if bool(sample["static"][0]):
-            out["background_static_drift"] = static_drift(bg)
-    return out
-
-
 def summarise(rows: list[dict[str, float]]) -> dict[str, float]:
     """Mean of each metric over the rows that have it (NaNs skipped)."""
     sums: dict[str, list[float]] = {}
@@ -247,64 +205,3 @@ def summarise(rows: list[dict[str, float]]) -> dict[str, float]:
             if value is not None and not math.isnan(float(value)):
                 sums.setdefault(key, []).append(float(value))
     return {key: sum(values) / len(values) for key, values in sums.items()}
-
-
-def _rgba_truth(meta_or_sample: dict[str, Any] | None) -> tuple[torch.Tensor | None, dict[str, Any] | None]:
-    """(true alpha [F, 1, H, W] or None, the sprite's meta or None) from a clip, sample or meta dict."""
-    if meta_or_sample is None:
-        return None, None
-    if "rgba" in meta_or_sample:  # make_rgba_sprite_clip output
-        return meta_or_sample["rgba"][:, 3:], meta_or_sample.get("meta")
-    if "foreground_alpha" in meta_or_sample:  # make_sample output
-        sprites = meta_or_sample["meta"]["sprites"]
-        return meta_or_sample["foreground_alpha"], sprites[0] if len(sprites) == 1 else None
-    if "sprites" in meta_or_sample:  # a sample's meta
-        sprites = meta_or_sample["sprites"]
-        return None, sprites[0] if len(sprites) == 1 else None
-    if "shape" in meta_or_sample or "colour" in meta_or_sample:  # one sprite's meta
-        return None, meta_or_sample
-    raise LayerkitError("evaluate_rgba_video needs a clip, a sample, a sample's meta or a sprite's meta.")
-
-
-def evaluate_rgba_video(rgba_pred: torch.Tensor, meta_or_sample: dict[str, Any] | None = None) -> dict[str, float]:
-    """Score a transparent video rgba_pred [F, 4, H, W] (straight alpha in channel 3).
-
-    Always: alpha_temporal_error (see :func:`alpha_temporal_error`), colour_stability and
-    shape_stability (fraction of classifiable frames whose per-frame colour / shape class equals the
-    first such frame's; shape uses frames clear of the border when there are any) and identity_drift
-    = 1 - their mean.  With a ground-truth clip or sample: alpha_iou.  With a known sprite (clip,
-    one-sprite sample or meta): colour_correct, shape_correct, direction_correct.
-    """
-    if rgba_pred.dim() != 4 or rgba_pred.shape[1] != 4:
-        raise ShapeError(f"rgba_pred has shape {tuple(rgba_pred.shape)}, expected [F, 4, H, W].")
-    rgb, alpha = rgba_pred[:, :3].float(), rgba_pred[:, 3:].float()
-    true_alpha, sprite = _rgba_truth(meta_or_sample)
-    out: dict[str, float] = {}
-    if true_alpha is not None:
-        out["alpha_iou"] = alpha_iou(alpha, true_alpha)
-    out["alpha_temporal_error"] = alpha_temporal_error(alpha)
-
-    means, mass = _frame_colours(rgb, alpha)
-    colour_frames = torch.nonzero(mass > 1e-3).flatten()
-    if colour_frames.numel():
-        names = _nearest_colour(means[colour_frames])
-        out["colour_stability"] = sum(n == names[0] for n in names) / len(names)
-    else:
-        out["colour_stability"] = 0.0
-    ious, valid, interior = _shape_ious(alpha)
-    shape_frames = torch.nonzero(_chosen_frames(valid, interior)).flatten()
-    if shape_frames.numel():
-        labels = ious[:, shape_frames].argmax(0)
-        out["shape_stability"] = (labels == labels[0]).float().mean().item()
-    else:
-        out["shape_stability"] = 0.0
-    out["identity_drift"] = 1.0 - 0.5 * (out["colour_stability"] + out["shape_stability"])
-
-    if sprite is not None:
-        if "colour" in sprite:
-            out["colour_correct"] = float(classify_colour(rgb, alpha) == sprite["colour"])
-        if "shape" in sprite:
-            out["shape_correct"] = float(classify_shape(alpha) == sprite["shape"])
-        if "direction" in sprite:
-            out["direction_correct"] = float(estimate_direction(alpha) == sprite["direction"])
-    return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from layerkit.errors import LayerkitError, ShapeError
 
 __all__ = [
     "BACKGROUNDS", "BACKGROUND_COLOURS", "COLOURS", "DIRECTIONS", "SHAPES", "SPLITS",
-    "ShapesConfig", "ShapesDataset", "collate_layered", "direction_vector", "make_rgba_sprite_clip",
+    "ShapesConfig", "ShapesDataset", "collate_layered", "direction_vector",
     "make_sample", "render_shape", "seed_for", "shape_area", "shape_sdf",
 ]
 
@@ -372,17 +372,6 @@ def make_sample(seed: int, config: ShapesConfig | None = None) -> dict[str, Any]
         "meta": meta,
         "seed": seed,
     }
-
-
-def make_rgba_sprite_clip(seed: int, config: ShapesConfig | None = None) -> dict[str, Any]:
-    """One sprite on a transparent background: ``rgba`` [F, 4, H, W] (straight alpha, rgb 0.5 where
-    alpha is 0), ``prompt`` (e.g. "a red circle moving right"), ``meta`` (the sprite's
-    shape/colour/direction/size/speed/start/velocity plus num_frames/height/width) and ``seed``."""
-    cfg = replace(config if config is not None else ShapesConfig(), num_sprites=1)
-    sample = make_sample(seed, cfg)
-    meta = {**sample["meta"]["sprites"][0], "num_frames": cfg.num_frames, "height": cfg.height, "width": cfg.width}
-    return {"rgba": torch.cat([sample["foreground_rgb"], sample["foreground_alpha"]], 1),
-            "prompt": sample["foreground_prompt"], "meta": meta, "seed": seed}
 
 
 class ShapesDataset(torch.utils.data.Dataset):

@@ -290,3 +290,37 @@ def write_layers(
         target = Path(out_dir) / (f"{name}_png" if kind == "dir" else f"{name}{kind}")
         written[name] = _write(target, array, fps, kind, overwrite)
     return written
+
+
+# ----------------------------------------------------------------------------- fitting user inputs
+
+FIT_MODES = ("crop", "pad", "stretch")
+
+
+def fit_frames(frames, height: int, width: int, fit: str = "crop", *, name: str = "video"):
+    """Frames ``[F, C, H, W]`` (float, [0, 1]) -> ``[F, C, height, width]`` and a note saying what
+    was done (None when the size already matched).
+
+    ``crop``: scale to cover, centre crop (aspect ratio kept); ``pad``: scale to fit, pad the
+    borders with zeros (transparent for RGBA, black for RGB); ``stretch``: resize to the size.
+    """
+    import torch.nn.functional as F
+
+    if fit not in FIT_MODES:
+        raise LayerkitError(f"inputs.fit is '{fit}'; expected one of {', '.join(FIT_MODES)}.")
+    h, w = int(frames.shape[-2]), int(frames.shape[-1])
+    if (h, w) == (height, width):
+        return frames, None
+    if fit == "stretch":
+        out = F.interpolate(frames, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+        return out.clamp(0, 1), f"{name}: {w}x{h} stretched to {width}x{height}"
+    scale = max(height / h, width / w) if fit == "crop" else min(height / h, width / w)
+    sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+    out = F.interpolate(frames, size=(sh, sw), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    if fit == "crop":
+        top, left = (sh - height) // 2, (sw - width) // 2
+        out = out[..., top : top + height, left : left + width]
+        return out, f"{name}: {w}x{h} scaled to {sw}x{sh} and centre-cropped to {width}x{height}"
+    top, left = (height - sh) // 2, (width - sw) // 2
+    out = F.pad(out, (left, width - sw - left, top, height - sh - top))
+    return out, f"{name}: {w}x{h} scaled to {sw}x{sh} and padded to {width}x{height}"

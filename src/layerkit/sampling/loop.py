@@ -1,9 +1,11 @@
 """The one denoising loop: diffusers schedulers, classifier-free guidance (with guidance
-rescale and CogVideoX-style dynamic CFG), given segments re-imposed at every step."""
+rescale and CogVideoX-style dynamic CFG), given frames re-imposed at every step, a per-step
+callback for progress, previews and interruption."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,8 +13,11 @@ import torch
 from tqdm.auto import tqdm
 
 from layerkit.errors import LayerkitError
-from layerkit.pipeline import Parts, encode_packed, frame_mask, predict
+from layerkit.pipeline import Layout, Parts, encode_packed, frame_mask, make_step, predict, reimposed
 from layerkit.protocols import Packed
+
+#: ``callback(step_index, num_steps, t, latents)``; returning True stops the loop after that step
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], bool | None]
 
 
 @dataclass
@@ -24,6 +29,20 @@ class SamplerOptions:
     scheduler: str | None = None
     negative_prompt: str = ""
     progress: bool = True
+
+
+@dataclass
+class Denoised:
+    """What the loop returns: latents [B, C, f, h, w], their layout (latent frames per segment,
+    given frames) and whether a callback stopped the loop early."""
+
+    latents: torch.Tensor
+    layout: Layout
+    interrupted: bool = False
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.layout.lengths
 
 
 def rescale_noise_cfg(guided: torch.Tensor, cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
@@ -47,27 +66,28 @@ def denoise(
     generator: torch.Generator | None = None,
     cond: dict[str, Any] | None = None,
     negative_cond: dict[str, Any] | None = None,
-) -> torch.Tensor:
-    """Sample latents [B, C, f, h, w] for ``packed``; given segments stay clean throughout.
+    callback: StepCallback | None = None,
+) -> Denoised:
+    """Sample latents for ``packed``; given frames stay clean throughout.
 
     ``cond``/``negative_cond`` may be passed pre-computed (the equivalence tests feed the
-    same prompt embeddings as the reference pipeline); otherwise the backbone encodes them.
+    same prompt embeddings as the reference pipeline); otherwise the backbone encodes them
+    (:meth:`Backbone.encode_conditions`, :meth:`Backbone.negative_conditions`).
     """
     backbone = parts.backbone
     scheduler = backbone.make_scheduler("sample", options.scheduler)
     device = backbone.execution_device
-    given_latents, given, _ = encode_packed(backbone, packed)
-    keep = frame_mask(given, given_latents)
+    given_latents, layout = encode_packed(backbone, packed)
+    keep = frame_mask(reimposed(backbone, layout), given_latents)
 
     b = packed.batch_size
     if cond is None:
-        cond = backbone.encode_prompt_blocks(packed.prompts)
+        cond = backbone.encode_conditions(packed, latents=given_latents)
     do_cfg = options.guidance_scale > 1.0
     if do_cfg:
         if negative_cond is None:
-            negative = [[options.negative_prompt] * len(row) for row in packed.prompts]
-            negative_cond = backbone.encode_prompt_blocks(negative)
-        cond = _cat_cond(negative_cond, cond, b)
+            negative_cond = backbone.negative_conditions(packed, cond, options.negative_prompt, latents=given_latents)
+        cond = stack_conditions(negative_cond, cond, b)
     copies = 2 if do_cfg else 1
 
     scheduler.set_timesteps(options.steps, device=device)
@@ -75,13 +95,14 @@ def denoise(
     latents = backbone.prepare_noise(tuple(given_latents.shape), generator, device, given_latents.dtype)
     latents = latents * scheduler.init_noise_sigma
     state: dict[str, Any] = {"step": 0, "timesteps": timesteps}
+    interrupted = False
     for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not options.progress, leave=False)):
         state["step"] = i
         latents = torch.where(keep, given_latents, latents)
         model_input = torch.cat([latents] * copies) if copies > 1 else latents
         model_input = scheduler.scale_model_input(model_input, t)
         t_batch = t.expand(model_input.shape[0]) if t.dim() == 0 else t
-        output = predict(parts, packed, model_input, t_batch, cond, copies=copies).to(latents.dtype)
+        output = predict(parts, packed, make_step(packed, model_input, t_batch, cond, copies)).to(latents.dtype)
         if do_cfg:
             uncond, text = output.chunk(2)
             scale = dynamic_guidance(options.guidance_scale, t, options.steps) if options.dynamic_cfg else options.guidance_scale
@@ -89,22 +110,21 @@ def denoise(
             if options.guidance_rescale > 0:
                 output = rescale_noise_cfg(output, text, options.guidance_rescale)
         latents = backbone.scheduler_step(scheduler, output, t, latents, state, generator)
-    return torch.where(keep, given_latents, latents)
+        if callback is not None and callback(i, len(timesteps), t, torch.where(keep, given_latents, latents)):
+            interrupted = True
+            break
+    return Denoised(torch.where(keep, given_latents, latents), layout, interrupted)
 
 
-def _cat_cond(negative: dict[str, Any], positive: dict[str, Any], rows: int) -> dict[str, Any]:
+def stack_conditions(negative: dict[str, Any], positive: dict[str, Any], rows: int) -> dict[str, Any]:
+    """``[uncond; cond]`` for every per-sample tensor of the conditioning (leading dim B)."""
     out: dict[str, Any] = {}
     for key, value in positive.items():
         other = negative.get(key)
-        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == rows:  # [B, L, ...] only
-            if other is None or other.shape[1:] != value.shape[1:]:
-                raise LayerkitError(f"the negative prompt's '{key}' does not match the prompt's shape.")
-            out[key] = torch.cat([other, value])
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
+            if not isinstance(other, torch.Tensor) or other.shape != value.shape:
+                raise LayerkitError(f"the unconditional '{key}' does not match the conditional one's shape.")
+            out[key] = torch.cat([other, value.to(other.dtype)])
         else:
             out[key] = value
     return out
-
-
-def split_segments(latents: torch.Tensor, packed: Packed, lengths: list[int]) -> dict[str, torch.Tensor]:
-    chunks = torch.split(latents, lengths, dim=2)
-    return {seg.name: chunk for seg, chunk in zip(packed.segments, chunks, strict=True)}

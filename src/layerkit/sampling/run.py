@@ -1,23 +1,31 @@
-"""``layerkit sample``: compose, build, load trained weights, denoise, decode, write files."""
+"""``layerkit sample`` in three steps that evaluators and tools reuse:
+
+- :func:`build_sampler`: compose-time config -> parts built, earlier stages' and trained weights
+  loaded, placed on the device with the run's dtype and memory options;
+- :meth:`Sampler.run`: inputs -> samples (task, controls' ``prepare``, collate, sampling
+  stages) -> the one denoising loop -> decoded layers (and shapes-world metrics);
+- :func:`write_outputs`: layers as video files (RGBA where transparent), a preview sheet and
+  ``record.json``, staged and moved into place only when complete.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from layerkit.config import compose, params, to_plain
 from layerkit.errors import LayerkitError
+from layerkit.protocols import dtype_of
 from layerkit.registry import Registry, get_registry
 from layerkit.runs import check_output_dir, default_output_dir, list_files, staged_output_dir, write_record
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
 class Container(nn.Module):
@@ -56,36 +64,94 @@ def to_frames(video: torch.Tensor) -> np.ndarray:
     return (video.clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy() * 255 + 0.5).astype(np.uint8)
 
 
-def sample(overrides: Sequence[str], *, registry: Registry | None = None) -> Path:
-    """Run one sampling job; returns the output directory."""
-    from layerkit.io.preview import write_preview_sheet
-    from layerkit.io.video import write_layers
-    from layerkit.pipeline import add_control_inputs, build_parts, load_trainable_state
-    from layerkit.sampling.loop import SamplerOptions, denoise, split_segments
-    from layerkit.training.data import default_collate
+def sampler_options(cfg: DictConfig) -> Any:
+    from layerkit.sampling.loop import SamplerOptions
+
+    s = cfg.sampler
+    return SamplerOptions(
+        steps=int(s.steps), guidance_scale=float(s.guidance_scale), guidance_rescale=float(s.guidance_rescale),
+        dynamic_cfg=bool(s.dynamic_cfg), scheduler=s.get("scheduler"), negative_prompt=str(s.negative_prompt),
+        progress=bool(s.get("progress", True)),
+    )
+
+
+@dataclass
+class SampleResult:
+    """One run's outputs: per sample, layer name -> [F, C, H, W] in [0, 1]; the collated batch;
+    shapes-world metrics (None for a user's inputs); the denoised latents and timing."""
+
+    outputs: list[dict[str, torch.Tensor]]
+    batch: dict[str, Any]
+    metrics: dict[str, float] | None
+    denoised: Any
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Sampler:
+    cfg: DictConfig
+    parts: Any
+    container: nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    options: Any
+
+    def samples(self, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Task inputs -> the collated batch (controls' ``prepare`` applied, stages run)."""
+        s = self.cfg.sampler
+        inputs = params(self.cfg.inputs) if inputs is None else dict(inputs)
+        task = self.parts.task
+        unknown = sorted(set(inputs) - set(task.input_keys))
+        if unknown:
+            raise LayerkitError(f"task '{task.name}' takes no input {', '.join('inputs.' + k for k in unknown)}; "
+                                f"its inputs are {', '.join('inputs.' + k for k in task.input_keys)}.")
+        samples = task.sample_inputs(inputs, height=int(s.height), width=int(s.width), num_frames=int(s.num_frames))
+        for control in self.parts.controls.values():
+            samples = [control.prepare(sample) for sample in samples]
+        batch = task.collate(samples)
+        generator = torch.Generator("cpu").manual_seed(int(self.cfg.seed))
+        for stage in self.parts.stages.values():
+            batch = stage.run(self.parts, batch, device=self.device, dtype=self.dtype, generator=generator,
+                              progress=self.options.progress)
+        return batch
+
+    @torch.no_grad()
+    def run(self, batch: dict[str, Any] | None = None, *, generator: torch.Generator | None = None,
+            callback: Any = None) -> SampleResult:
+        """Denoise and decode ``batch`` (default: the config's inputs)."""
+        from layerkit.pipeline import add_control_inputs, decode_packed
+        from layerkit.sampling.loop import denoise
+
+        started = time.perf_counter()
+        batch = self.samples() if batch is None else batch
+        parts = self.parts
+        packed = add_control_inputs(parts.task.pack(batch, training=False), batch, parts.controls)
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(int(self.cfg.seed))
+        denoised = denoise(parts, packed, self.options, generator=generator, callback=callback)
+        decoded = {k: v.float().cpu() for k, v in decode_packed(parts.backbone, denoised.latents, packed,
+                                                                denoised.layout).items()}
+        outputs = parts.task.unpack(decoded, batch)
+        metrics = parts.task.evaluate(outputs, batch)
+        notes = list(dict.fromkeys(n for row in batch.get("notes") or [] for n in (row or [])))
+        return SampleResult(outputs, batch, metrics, denoised, time.perf_counter() - started, notes)
+
+
+def build_sampler(cfg: DictConfig, registry: Registry | None = None) -> Sampler:
+    """Parts from the composed config, with ``init_from`` (earlier stages) and ``weights`` (the
+    trained file) loaded, on the config's device, dtype and memory options."""
+    from layerkit.pipeline import build_parts, load_trainable_state, weight_files
 
     registry = registry or get_registry()
-    cfg = compose("sample", overrides, registry)
-    output_dir = Path(cfg.output_dir) if cfg.get("output_dir") else default_output_dir("sample")
-    check_output_dir(output_dir, overwrite=bool(cfg.overwrite))
-    s = cfg.sampler
-    if cfg.dtype not in DTYPES:
-        raise LayerkitError(f"dtype '{cfg.dtype}' is not one of {sorted(DTYPES)}.")
+    dtype = dtype_of(cfg.dtype)
     device = resolve_device(str(cfg.device))
-
-    started = time.perf_counter()
     parts = build_parts(cfg, registry, training=False)
     container = Container(parts)
-    if cfg.get("weights"):
-        load_trainable_state(container, cfg.weights, allow_pickle=bool(cfg.get("allow_pickle", False)))
-    samples = parts.task.sample_inputs(
-        params(cfg.inputs), height=int(s.height), width=int(s.width), num_frames=int(s.num_frames)
-    )
-    for control in parts.controls.values():
-        samples = [control.prepare(sample) for sample in samples]
-    batch = default_collate(samples)
-    packed = add_control_inputs(parts.task.pack(batch, training=False), batch, parts.controls)
-    container.eval().to(dtype=DTYPES[cfg.dtype])
+    allow_pickle = bool(cfg.get("allow_pickle", False))
+    for path in [*weight_files(cfg.get("init_from")), *weight_files(cfg.get("weights"))]:
+        load_trainable_state(container, path, parts=parts, allow_pickle=allow_pickle)
+    container.eval().to(dtype=dtype)
     memory = {k: bool(v) for k, v in params(cfg.memory).items()}
     if memory.get("cpu_offload"):
         parts.backbone.enable_memory_options(memory, device)
@@ -93,30 +159,38 @@ def sample(overrides: Sequence[str], *, registry: Registry | None = None) -> Pat
     else:
         container.to(device)
         parts.backbone.enable_memory_options(memory, device)
-    generator = torch.Generator("cpu").manual_seed(int(cfg.seed))
-    options = SamplerOptions(
-        steps=int(s.steps), guidance_scale=float(s.guidance_scale), guidance_rescale=float(s.guidance_rescale),
-        dynamic_cfg=bool(s.dynamic_cfg), scheduler=s.get("scheduler"), negative_prompt=str(s.negative_prompt),
-        progress=bool(s.get("progress", True)),
-    )
-    latents = denoise(parts, packed, options, generator=generator)
-    lengths = [parts.backbone.latent_frames(seg.num_frames) for seg in packed.segments]
-    with torch.no_grad():
-        decoded = {k: parts.backbone.decode_latents(v).float().cpu()
-                   for k, v in split_segments(latents, packed, lengths).items()}
-    outputs = parts.task.unpack(decoded, batch)
-    metrics = parts.task.evaluate(outputs, batch) if hasattr(parts.task, "evaluate") else None
-    elapsed = time.perf_counter() - started
+    return Sampler(cfg, parts, container, device, dtype, sampler_options(cfg))
 
-    with staged_output_dir(output_dir, overwrite=bool(cfg.overwrite)) as stage:
-        for i, layers in enumerate(outputs):
-            sub = stage if len(outputs) == 1 else stage / f"sample_{i:02d}"
+
+def write_outputs(result: SampleResult, output_dir: Path, cfg: DictConfig) -> Path:
+    """Each sample's layers as videos, a preview sheet, and the run's ``record.json``."""
+    from layerkit.io.preview import write_preview_sheet
+    from layerkit.io.video import write_layers
+
+    overwrite = bool(cfg.get("overwrite", False))
+    with staged_output_dir(output_dir, overwrite=overwrite) as stage:
+        for i, layers in enumerate(result.outputs):
+            sub = stage if len(result.outputs) == 1 else stage / f"sample_{i:02d}"
             frames = {name: to_frames(video) for name, video in layers.items()}
             write_layers(sub, frames, fps=float(cfg.fps), rgba_format=str(cfg.rgba_format))
             write_preview_sheet(sub / "preview.png", frames)
-        write_record(
-            stage, command="sample", config=to_plain(cfg), seed=int(cfg.seed), files=list_files(stage),
-            final_dir=output_dir,
-            extra={"seconds": round(elapsed, 3), "device": str(device), "metrics": metrics},
-        )
+        extra = {"seconds": round(result.seconds, 3), "metrics": result.metrics}
+        if result.notes:
+            extra["inputs"] = result.notes
+        if result.denoised is not None and result.denoised.interrupted:
+            extra["interrupted"] = True
+        write_record(stage, command="sample", config=to_plain(cfg), seed=int(cfg.seed), files=list_files(stage),
+                     final_dir=output_dir, extra=extra)
     return output_dir
+
+
+def sample(overrides: Sequence[str], *, registry: Registry | None = None) -> Path:
+    """Run one sampling job; returns the output directory."""
+    registry = registry or get_registry()
+    cfg = compose("sample", overrides, registry)
+    output_dir = Path(cfg.output_dir) if cfg.get("output_dir") else default_output_dir("sample")
+    check_output_dir(output_dir, overwrite=bool(cfg.overwrite))
+    dtype_of(cfg.dtype)
+    sampler = build_sampler(cfg, registry)
+    result = sampler.run()
+    return write_outputs(result, output_dir, cfg)

@@ -36,11 +36,14 @@ def default_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class PreparedDataset(Dataset):
-    """Apply non-learned control preparation (``Control.prepare``) to each sample."""
+    """Apply non-learned control preparation (``Control.prepare``) to each sample; with
+    ``index`` each sample carries its dataset index as ``_index`` (for latent caching)."""
 
-    def __init__(self, dataset: Dataset, prepares: list[Callable[[dict[str, Any]], dict[str, Any]]]) -> None:
+    def __init__(self, dataset: Dataset, prepares: list[Callable[[dict[str, Any]], dict[str, Any]]],
+                 index: bool = False) -> None:
         self.dataset = dataset
         self.prepares = prepares
+        self.index = index
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -49,15 +52,25 @@ class PreparedDataset(Dataset):
         sample = self.dataset[index]
         for prepare in self.prepares:
             sample = prepare(sample)
+        if self.index:
+            sample = {**sample, "_index": index}
         return sample
 
 
 class LayerkitDataModule(L.LightningDataModule):
-    def __init__(self, cfg: DictConfig, registry: Registry, prepares: list[Callable] | None = None) -> None:
+    def __init__(self, cfg: DictConfig, registry: Registry, prepares: list[Callable] | None = None,
+                 collate: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.dataset = registry.build("dataset", cfg.data.name, **params(cfg.data))
         self.prepares = prepares or []
+        self.collate = collate or default_collate
+        self.cache = bool(cfg.train.get("cache_latents", False))
+        if self.cache and not getattr(self.dataset, "cacheable", False):
+            raise LayerkitError(
+                f"train.cache_latents needs a dataset whose item i is the same every epoch; '{cfg.data.name}' "
+                "does not say it is (set cacheable = True on a deterministic dataset)."
+            )
         try:
             self.size = len(self.dataset)
         except TypeError:
@@ -70,14 +83,13 @@ class LayerkitDataModule(L.LightningDataModule):
         _ = self.dataset[0]
 
     def train_dataloader(self) -> DataLoader:
-        collate = getattr(self.dataset, "collate", None) or default_collate
         workers = int(self.cfg.train.get("num_workers", 0))
         return DataLoader(
-            PreparedDataset(self.dataset, self.prepares),
+            PreparedDataset(self.dataset, self.prepares, index=self.cache),
             batch_size=int(self.cfg.train.batch_size),
             shuffle=True,
             num_workers=workers,
-            collate_fn=collate,
+            collate_fn=self.collate,
             drop_last=self.size is not None and self.size >= int(self.cfg.train.batch_size),
             persistent_workers=workers > 0,
         )

@@ -1,13 +1,15 @@
 """One LightningModule for every family: backbone + controls + adapters + task.
 
 The loss is the backbone's own diffusion objective (epsilon, v or sample prediction) on the
-generated parts only: given segments are never noised and never enter the loss.
+generated frames only: frames the backbone re-imposes as given are never noised and never
+enter the loss. Options the toys and real runs share: an EMA of the trainable weights (saved,
+resumed, written to ``weights.safetensors`` for sampling), and caches of latents and text
+embeddings for frozen encoders (``train.cache_latents``, ``train.cache_text``).
 """
 
 from __future__ import annotations
 
 import math
-import random
 from typing import Any
 
 import lightning as L
@@ -15,7 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerkit.pipeline import Parts, add_control_inputs, encode_packed, frame_mask, predict, trainable_names
+from layerkit.errors import LayerkitError
+from layerkit.pipeline import (
+    Parts,
+    add_control_inputs,
+    encode_packed,
+    frame_mask,
+    make_step,
+    predict,
+    reimposed,
+    trainable_names,
+)
+from layerkit.training.cache import LatentCache, cache_prompt_embeddings
 
 
 class LayerkitModule(L.LightningModule):
@@ -30,27 +43,47 @@ class LayerkitModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold trainable weights only
         train = config.get("train", {})
         self.prompt_dropout = float(train.get("prompt_dropout", 0.0))
+        self.ema_decay = float(train.get("ema_decay", 0.0) or 0.0)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise LayerkitError(f"train.ema_decay must lie in [0, 1); got {self.ema_decay}.")
+        self.ema: Any = None
+        self.latent_cache = LatentCache() if train.get("cache_latents") else None
+        if train.get("cache_text"):
+            cache_prompt_embeddings(self.backbone)
 
     @property
     def parts(self) -> Parts:
         return Parts(self.backbone, self.task, dict(self.controls), dict(self.adapters))
 
     # -- the objective ---------------------------------------------------------------------
-    def diffusion_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        packed = add_control_inputs(self.task.pack(batch, training=True), batch, dict(self.controls))
+    def encode(self, packed: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        """Latents of the packed clip (from the cache where a sample's are there)."""
+        if self.latent_cache is not None:
+            return self.latent_cache.encode(self.backbone, packed, batch)
         with torch.no_grad():
-            latents, given, _ = encode_packed(self.backbone, packed)
-        prompts = packed.prompts
-        if self.prompt_dropout > 0:  # for classifier-free guidance at sampling
-            prompts = [["" if random.random() < self.prompt_dropout else p for p in row] for row in prompts]
-        cond = self.backbone.encode_prompt_blocks(prompts)  # a frozen encoder records no graph
+            return encode_packed(self.backbone, packed, training=True)
+
+    def diffusion_loss(self, batch: dict[str, Any], *, timesteps: torch.Tensor | None = None,
+                       noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The masked diffusion loss of one batch. ``timesteps`` [B] and ``noise`` (latent-shaped)
+        fix what is otherwise drawn (diagnostics compare losses at a chosen t)."""
+        packed = add_control_inputs(self.task.pack(batch, training=True), batch, dict(self.controls))
+        latents, layout = self.encode(packed, batch)
         b = latents.shape[0]
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), device=latents.device)
+        drop = None
+        if self.prompt_dropout > 0:  # for classifier-free guidance at sampling
+            drop = torch.rand(b, generator=generator) < self.prompt_dropout
+        cond = self.backbone.encode_conditions(packed, latents=latents, drop=drop)  # a frozen encoder records no graph
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device) \
+                if generator is not None else torch.randn_like(latents)
+        if timesteps is None:
+            timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator)
+        timesteps = timesteps.to(latents.device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        keep = frame_mask(given, latents)
+        keep = frame_mask(reimposed(self.backbone, layout), latents)
         noisy = torch.where(keep, latents, noisy)
-        output = predict(self.parts, packed, noisy, timesteps, cond)
+        output = predict(self.parts, packed, make_step(packed, noisy, timesteps, cond))
         kind = self.scheduler.config.prediction_type
         if kind == "epsilon":
             target = noise
@@ -75,20 +108,46 @@ class LayerkitModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=len(batch.get("prompt", [0])))
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    # -- EMA of the trainable weights ------------------------------------------------------
+    def _ema(self) -> Any:
+        if self.ema_decay <= 0:
+            return None
+        if self.ema is None:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel([p for p in self.parameters() if p.requires_grad], decay=self.ema_decay)
+        return self.ema
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        ema = self._ema()
+        if ema is not None:
+            ema.to(device=self.device)
+            ema.step([p for p in self.parameters() if p.requires_grad])
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable weights with the EMA values in place of the trained ones (or the trained
+        ones when no EMA runs)."""
+        state = self.trainable_state_dict()
+        ema = self._ema()
+        if ema is None:
+            return state
+        names = [n for n, p in self.named_parameters() if p.requires_grad]
+        for name, shadow in zip(names, ema.shadow_params, strict=True):
+            state[name] = shadow.detach().to(state[name].dtype).cpu()
+        return state
+
+    # -- optimiser -------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
         optim = self.config.get("optim", {})
         trainable = [p for p in self.parameters() if p.requires_grad]
         if not trainable:
-            from layerkit.errors import LayerkitError
-
-            raise LayerkitError(
-                "nothing to train: set 'trainable' patterns or add an adapter or control with weights."
-            )
+            raise LayerkitError("nothing to train: set 'trainable' patterns or add an adapter or control with weights.")
         optimizer = torch.optim.AdamW(
             trainable,
             lr=float(optim.get("lr", 1e-4)),
             weight_decay=float(optim.get("weight_decay", 0.0)),
             betas=tuple(optim.get("betas", (0.9, 0.999))),
+            eps=float(optim.get("eps", 1e-8)),
         )
         name = str(optim.get("scheduler", "constant") or "constant")
         warmup = int(optim.get("warmup_steps", 0) or 0)
@@ -101,8 +160,6 @@ class LayerkitModule(L.LightningModule):
         """diffusers' schedules (``diffusers.optimization``) over the run's optimiser steps
         (``trainer.max_steps``, or what ``trainer.max_epochs`` comes to)."""
         from diffusers.optimization import SchedulerType, get_scheduler
-
-        from layerkit.errors import LayerkitError
 
         names = [s.value for s in SchedulerType if s.value != "piecewise_constant"]  # needs step rules
         if name not in names:
@@ -159,13 +216,19 @@ class LayerkitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = self.trainable_state_dict()
         checkpoint["layerkit_config"] = self.config
+        ema = self._ema()
+        if ema is not None:
+            checkpoint["layerkit_ema"] = {k: ([t.detach().cpu() for t in v] if k == "shadow_params" else v)
+                                          for k, v in ema.state_dict().items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         own = self.state_dict()
         unknown = [k for k in checkpoint["state_dict"] if k not in own]
         if unknown:
-            from layerkit.errors import LayerkitError
-
             raise LayerkitError(
                 f"the checkpoint holds {len(unknown)} weights this model does not have (first: {unknown[0]})."
             )
+        state = checkpoint.get("layerkit_ema")
+        ema = self._ema()
+        if ema is not None and state is not None:
+            ema.load_state_dict(state)

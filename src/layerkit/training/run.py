@@ -79,7 +79,7 @@ def train(overrides: Sequence[str], *, registry: Registry | None = None, callbac
     """Run one training job; returns the output directory."""
     import lightning as L
 
-    from layerkit.pipeline import build_parts, load_trainable_state
+    from layerkit.pipeline import build_parts, load_trainable_state, weight_files
     from layerkit.training.data import LayerkitDataModule
     from layerkit.training.module import LayerkitModule
 
@@ -97,11 +97,10 @@ def train(overrides: Sequence[str], *, registry: Registry | None = None, callbac
     datamodule.check()  # a bad dataset fails here, before any file is written
     parts = build_parts(cfg, registry, training=True)
     datamodule.prepares = [control.prepare for control in parts.controls.values()]
+    datamodule.collate = parts.task.collate
     module = LayerkitModule(parts, to_plain(cfg))
-    init_from = cfg.get("init_from")
-    for path in ([init_from] if isinstance(init_from, str) else list(init_from or [])):
-        if path:  # earlier stages' weights, in order
-            load_trainable_state(module, path, allow_pickle=bool(cfg.get("allow_pickle", False)))
+    for path in weight_files(cfg.get("init_from")):  # earlier stages' weights, in order
+        load_trainable_state(module, path, parts=parts, allow_pickle=bool(cfg.get("allow_pickle", False)))
 
     resume = _resume_path(cfg, output_dir)
     if not is_child_process():
@@ -118,9 +117,12 @@ def train(overrides: Sequence[str], *, registry: Registry | None = None, callbac
         config = to_plain(cfg)
         weights = save_weights(
             output_dir / WEIGHTS_NAME,
-            module.trainable_state_dict(),
-            metadata={"layerkit_config": config, "global_step": trainer.global_step},
+            module.ema_state_dict(),  # the EMA weights when train.ema_decay > 0: what sampling uses
+            metadata={"layerkit_config": config, "global_step": trainer.global_step,
+                      "ema_decay": module.ema_decay},
         )
+        if module.ema is not None:  # exports carry the EMA weights too
+            module.ema.copy_to([p for p in module.parameters() if p.requires_grad])
         exported = []
         for adapter in parts.adapters.values():
             if not adapter.trainable_parameters():

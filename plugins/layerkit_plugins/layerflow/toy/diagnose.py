@@ -51,31 +51,29 @@ def colours(num: int) -> dict[str, list[float]]:
 
 
 def given(num: int, timesteps: list[int]) -> dict[int, dict[str, float]]:
-    from layerkit.config import compose, params
-    from layerkit.pipeline import build_parts, encode_packed, frame_mask, load_trainable_state, predict
+    from layerkit.config import compose
+    from layerkit.pipeline import encode_packed, frame_mask, make_step, predict, reimposed
     from layerkit.registry import get_registry
-    from layerkit.sampling.run import Container
-    from layerkit.training.data import default_collate
+    from layerkit.sampling.run import build_sampler
 
     registry = get_registry()
     cfg = compose("sample", [*STAGE1, "task=layerflow_decompose", f"+inputs.num_samples={num}", "+inputs.seed=0"],
                   registry)
-    parts = build_parts(cfg, registry, training=False)
-    container = Container(parts)
-    load_trainable_state(container, cfg.weights)
-    container.eval()
-    s = cfg.sampler
-    batch = default_collate(parts.task.sample_inputs(params(cfg.inputs), height=int(s.height), width=int(s.width),
-                                                     num_frames=int(s.num_frames)))
+    sampler = build_sampler(cfg, registry)
+    parts = sampler.parts
+    batch = sampler.samples()
     scheduler = parts.backbone.make_scheduler("train")
     torch.manual_seed(0)
     out: dict[int, dict[str, float]] = {}
     with torch.no_grad():
-        packed = parts.task.pack(batch, training=True)
-        latents, mask, lengths = encode_packed(parts.backbone, packed)
-        cond = parts.backbone.encode_prompt_blocks(packed.prompts)
-        keep = frame_mask(mask, latents)
-        given_frames = slice(sum(lengths[:-1]), None)                          # the blended sub-clip
+        packed = parts.task.pack(batch, training=False)
+        truth = parts.task.layer_videos(batch)  # every layer's true video, for the loss target
+        for seg in packed.segments:
+            seg.video = truth[seg.name]
+        latents, layout = encode_packed(parts.backbone, packed, training=True)
+        cond = parts.backbone.encode_conditions(packed, latents=latents)
+        keep = frame_mask(reimposed(parts.backbone, layout), latents)
+        given_frames = keep[0, 0, :, 0, 0]                                      # the blended sub-clip
         wrong = latents.clone()
         wrong[:, :, given_frames] = latents.roll(1, dims=0)[:, :, given_frames]
         weight = (~keep).float().expand_as(latents)
@@ -88,7 +86,7 @@ def given(num: int, timesteps: list[int]) -> dict[int, dict[str, float]]:
             for name, clean in (("right blended", latents), ("another sample's blended", wrong),
                                 ("blended noised (nothing given)", None)):
                 x = noisy if clean is None else torch.where(keep, clean, noisy)
-                pred = predict(parts, packed, x, ts, cond)
+                pred = predict(parts, packed, make_step(packed, x, ts, cond))
                 row[name] = round((((pred - target) ** 2) * weight).sum().item() / weight.sum().item(), 4)
             out[t] = row
     return out
@@ -98,7 +96,7 @@ def step_time(repeats: int) -> dict[str, float]:
     from layerkit.config import compose, to_plain
     from layerkit.pipeline import build_parts, encode_packed
     from layerkit.registry import get_registry
-    from layerkit.training.data import LayerkitDataModule, default_collate
+    from layerkit.training.data import LayerkitDataModule
     from layerkit.training.module import LayerkitModule
 
     registry = get_registry()
@@ -109,10 +107,10 @@ def step_time(repeats: int) -> dict[str, float]:
     size = int(cfg.train.batch_size)
     steps, encodes = [], []
     for r in range(repeats + 1):
-        batch = default_collate([dataset[r * size + i] for i in range(size)])
+        batch = module.task.collate([dataset[r * size + i] for i in range(size)])
         start = time.perf_counter()
         with torch.no_grad():
-            encode_packed(module.backbone, module.task.pack(batch, training=True))
+            encode_packed(module.backbone, module.task.pack(batch, training=True), training=True)
         encode = time.perf_counter() - start
         start = time.perf_counter()
         module.diffusion_loss(batch).backward()

@@ -74,65 +74,45 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def sample_model(overrides: list[str], num_samples: int, seed: int, extra: list[str] = ()) -> dict[str, Any]:
-    """Sample and score one model; returns the evaluator's summary plus generation figures."""
-    from layerkit.config import compose, params
-    from layerkit.pipeline import build_parts, load_trainable_state
+    """Sample and score one model with ``layerkit sample``'s own sampler (build, run); returns the
+    evaluator's summary plus generation figures."""
+    from layerkit.config import compose
     from layerkit.registry import get_registry
-    from layerkit.sampling.loop import SamplerOptions, denoise, split_segments
-    from layerkit.sampling.run import Container
-    from layerkit.training.data import default_collate
+    from layerkit.sampling.run import build_sampler
 
     registry = get_registry()
     cfg = compose("sample", [*overrides, f"+inputs.num_samples={num_samples}", f"+inputs.seed={seed}",
                              "sampler.progress=false", *extra], registry)
     started = time.perf_counter()
-    parts = build_parts(cfg, registry, training=False)
-    container = Container(parts)
-    if cfg.get("weights"):
-        load_trainable_state(container, cfg.weights)
-    s = cfg.sampler
-    samples = parts.task.sample_inputs(params(cfg.inputs), height=int(s.height), width=int(s.width),
-                                       num_frames=int(s.num_frames))
-    batch = default_collate(samples)
-    packed = parts.task.pack(batch, training=False)
-    container.eval()
-    options = SamplerOptions(steps=int(s.steps), guidance_scale=float(s.guidance_scale),
-                             guidance_rescale=float(s.guidance_rescale), dynamic_cfg=bool(s.dynamic_cfg),
-                             scheduler=s.get("scheduler"), negative_prompt=str(s.negative_prompt), progress=False)
-    latents = denoise(parts, packed, options, generator=torch.Generator("cpu").manual_seed(int(cfg.seed)))
-    lengths = [parts.backbone.latent_frames(seg.num_frames) for seg in packed.segments]
-    with torch.no_grad():
-        decoded = {k: parts.backbone.decode_latents(v).float().cpu()
-                   for k, v in split_segments(latents, packed, lengths).items()}
-    outputs = parts.task.unpack(decoded, batch)
-    summary = parts.task.evaluate(outputs, batch)
+    result = build_sampler(cfg, registry).run()
     rows = [generation_metrics(out, truth["meta"]["sprites"][0]["colour"])
-            for out, truth in zip(outputs, batch["ground_truth"], strict=True)]
-    return {**summary, **_mean(rows), "seconds": time.perf_counter() - started,
+            for out, truth in zip(result.outputs, result.batch["ground_truth"], strict=True)]
+    s = cfg.sampler
+    return {**(result.metrics or {}), **_mean(rows), "seconds": time.perf_counter() - started,
             "steps": int(s.steps), "guidance_scale": float(s.guidance_scale)}
 
 
 def vae_ceiling(num_samples: int, seed: int, round_trip: bool = True) -> dict[str, Any]:
     """The true layers of the same held-out clips after a VAE round trip (no denoiser), or as
     they are (``round_trip=False``: what a perfect model would score)."""
-    from layerkit.config import compose, params
-    from layerkit.pipeline import build_parts
+    from layerkit.config import compose
+    from layerkit.pipeline import decode_packed, encode_packed
     from layerkit.registry import get_registry
-    from layerkit.training.data import default_collate
+    from layerkit.sampling.run import build_sampler
 
     registry = get_registry()
     cfg = compose("sample", ["+experiment=toy_layerflow_stage3", f"+inputs.num_samples={num_samples}",
                              f"+inputs.seed={seed}"], registry)
-    parts = build_parts(cfg, registry, training=False)
-    parts.backbone.eval()
-    s = cfg.sampler
-    samples = parts.task.sample_inputs(params(cfg.inputs), height=int(s.height), width=int(s.width),
-                                       num_frames=int(s.num_frames))
-    batch = default_collate(samples)
+    sampler = build_sampler(cfg, registry)
+    parts = sampler.parts
+    batch = sampler.samples()
     packed = parts.task.pack(batch, training=True)
     with torch.no_grad():
-        decoded = {seg.name: (parts.backbone.decode_latents(parts.backbone.encode_video(seg.video)).float()
-                              if round_trip else seg.video.float()) for seg in packed.segments}
+        if round_trip:
+            latents, layout = encode_packed(parts.backbone, packed, training=True)
+            decoded = {k: v.float() for k, v in decode_packed(parts.backbone, latents, packed, layout).items()}
+        else:
+            decoded = {seg.name: seg.video.float() for seg in packed.segments}
     outputs = parts.task.unpack(decoded, batch)
     summary = parts.task.evaluate(outputs, batch)
     rows = [generation_metrics(out, truth["meta"]["sprites"][0]["colour"])

@@ -3,7 +3,7 @@
 Every row samples through ``layerkit.sampling.run.sample`` exactly as ``layerkit sample`` does
 (image-to-video: the middle frame of held-out test clip i is imposed clean, the prompt is
 the clip's) and reads the evaluator's figures from the run's record.json
-(``layerkit.data.evaluate.evaluate_rgba_video``, averaged over the clips). Two reference
+(``layerkit_plugins.transparent.evaluate.evaluate_rgba_video``, averaged over the clips). Two reference
 rows are scored directly: the ground-truth clips themselves and their round trip through
 the toy's latent space (offset encoder + VAE, then VAE + transparent decoder), the best any
 generator in that latent space can do.
@@ -63,8 +63,9 @@ def sample_row(experiment: str, out: Path, *, num_samples: int, seed: int, base:
 
 def truth_rows(num_samples: int, seed: int, base: str | None) -> dict[str, dict[str, float]]:
     """The evaluator on the ground truth, and on the ground truth through the toy latent space."""
-    from layerkit.data.evaluate import evaluate_rgba_video, summarise
-    from layerkit.data.shapes import ShapesConfig, make_rgba_sprite_clip, seed_for
+    from layerkit.data.shapes import ShapesConfig, seed_for
+    from layerkit_plugins.transparent.data import make_rgba_sprite_clip
+    from layerkit_plugins.transparent.evaluate import evaluate_rgba_video, summarise
     from layerkit_plugins.transparent.toy.model import FRAMES, SIZE, load_base, package_weights
 
     backbone = load_base(base or package_weights() / "base").eval()

@@ -78,7 +78,8 @@ def lr_at(step: int, steps: int, lr: float, warmup: int = 50) -> float:
 # data: a fixed pool of training clips (train split, the same seeds as data=shapes_rgba)
 # ----------------------------------------------------------------------------------------
 def make_pool(num_clips: int, seed: int) -> dict[str, Any]:
-    from layerkit.data.shapes import ShapesConfig, make_rgba_sprite_clip, seed_for
+    from layerkit.data.shapes import ShapesConfig, seed_for
+    from layerkit_plugins.transparent.data import make_rgba_sprite_clip
 
     cfg = ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE)
     clips = [make_rgba_sprite_clip(seed_for("train", seed, i), cfg) for i in range(num_clips)]
@@ -165,8 +166,9 @@ def set_scaling_factor(backbone, frames: torch.Tensor) -> float:
 @torch.no_grad()
 def round_trip(backbone, seed: int, num_clips: int = 32) -> dict[str, float]:
     """The evaluator on held-out (val split) clips encoded and decoded by the backbone."""
-    from layerkit.data.evaluate import evaluate_rgba_video, summarise
-    from layerkit.data.shapes import ShapesConfig, make_rgba_sprite_clip, seed_for
+    from layerkit.data.shapes import ShapesConfig, seed_for
+    from layerkit_plugins.transparent.data import make_rgba_sprite_clip
+    from layerkit_plugins.transparent.evaluate import evaluate_rgba_video, summarise
 
     cfg = ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE)
     clips = [make_rgba_sprite_clip(seed_for("val", seed, i), cfg) for i in range(num_clips)]

@@ -1,0 +1,68 @@
+"""Caches for frozen encoders: a training step then spends its time in the denoiser.
+
+- :class:`LatentCache` keeps the VAE latents of each dataset item (keyed by the item's index,
+  which :class:`layerkit.training.data.PreparedDataset` adds as ``_index``), in memory on the
+  CPU. It needs a dataset whose item i is the same every epoch (``cacheable = True``: the
+  shapes world; not a dataset with random augmentation). A cached latent is one draw of the
+  VAE posterior, reused.
+- :func:`cache_prompt_embeddings` memoises ``backbone.encode_prompts`` per prompt string for a
+  frozen text encoder.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from layerkit.errors import LayerkitError
+
+
+class LatentCache:
+    def __init__(self) -> None:
+        self.latents: dict[int, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def encode(self, backbone: Any, packed: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        from layerkit.pipeline import encode_packed, latent_layout
+
+        index = batch.get("_index")
+        if index is None:
+            raise LayerkitError("train.cache_latents needs a dataset that marks its items as cacheable "
+                                "(the same item every epoch); this dataset does not.")
+        keys = [int(i) for i in index]
+        if all(k in self.latents for k in keys):
+            self.hits += len(keys)
+            device = backbone.execution_device
+            latents = torch.stack([self.latents[k] for k in keys]).to(device)
+            return latents, latent_layout(backbone, packed)
+        self.misses += len(keys)
+        with torch.no_grad():
+            latents, layout = encode_packed(backbone, packed, training=True)
+        for k, z in zip(keys, latents, strict=True):
+            self.latents[k] = z.detach().cpu()
+        return latents, layout
+
+
+def cache_prompt_embeddings(backbone: Any) -> None:
+    """Memoise ``backbone.encode_prompts`` per prompt (each prompt is encoded on its own, padded
+    to a fixed length, so a batch's embeddings are the stack of its prompts')."""
+    encoder = getattr(backbone, "text_encoder", None)
+    original = backbone.encode_prompts
+    memo: dict[str, dict[str, torch.Tensor]] = {}
+
+    def encode_prompts(prompts: Any) -> dict[str, torch.Tensor]:
+        if encoder is not None and any(p.requires_grad for p in encoder.parameters()):
+            raise LayerkitError("train.cache_text needs a frozen text encoder; this run trains it.")
+        prompts = list(prompts)
+        todo = list(dict.fromkeys(p for p in prompts if p not in memo))
+        if todo:
+            with torch.no_grad():
+                fresh = original(todo)
+            for i, prompt in enumerate(todo):
+                memo[prompt] = {k: v[i : i + 1].detach() for k, v in fresh.items()}
+        keys = memo[prompts[0]].keys()
+        return {k: torch.cat([memo[p][k] for p in prompts]) for k in keys}
+
+    backbone.encode_prompts = encode_prompts
