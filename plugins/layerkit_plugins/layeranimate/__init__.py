@@ -1,0 +1,1 @@
+"""Plugin layeranimate (being built)."""

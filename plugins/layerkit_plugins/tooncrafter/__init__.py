@@ -1,0 +1,1 @@
+"""Plugin tooncrafter (being built)."""
