@@ -27,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p = sub.add_parser("demo", help="the embedded default: shapes data, a tiny model trained a few steps, samples written")
     p.add_argument("overrides", nargs="*", help="overrides for both steps, e.g. output_dir=DIR trainer.max_steps=20")
-    p = sub.add_parser("plugins", help="list installed plugins and what they register")
+    p = sub.add_parser("plugins", help="list installed plugins and what they register, one line each")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("experiments", help="list experiments (+experiment=NAME) and task configs, one line each")
     p.add_argument("--json", action="store_true", help="print JSON")
     p = sub.add_parser("config", help="print the composed config")
     p.add_argument("primary", choices=["train", "sample"])
@@ -52,11 +54,29 @@ def _plugins(as_json: bool) -> int:
         if row["error"]:
             print(f"  FAILED TO LOAD: {row['error']}")
             continue
-        for kind in ("backbones", "controls", "adapters", "tasks", "datasets"):
-            if row[kind]:
-                print(f"  {kind}: {', '.join(row[kind])}")
+        for kind, component in registry.plugin_components(row["name"]):
+            line = f"  {kind} {component.name}"
+            print(f"{line}: {component.description}" if component.description else line)
         for path in row["config_dirs"]:
             print(f"  configs: {path}")
+    return 0
+
+
+def _experiments(as_json: bool) -> int:
+    """Every experiment and task config on the search path, with the first line of its comment."""
+    from layerkit.config import list_group
+    from layerkit.registry import get_registry
+
+    registry = get_registry()
+    groups = {group: list_group(group, registry) for group in ("experiment", "task")}
+    if as_json:
+        print(json.dumps(groups, indent=2))
+        return 0
+    for group, entries in groups.items():
+        print(f"{group}s:" if group == "experiment" else "tasks (task=NAME):")
+        width = max((len(n) for n in entries), default=0)
+        for name, about in entries.items():
+            print(f"  {name:<{width}}  {about}".rstrip())
     return 0
 
 
@@ -87,7 +107,7 @@ def _convert(source: str, target: str) -> int:
     return 0
 
 
-BUILTIN = ("train", "sample", "demo", "plugins", "config", "convert")
+BUILTIN = ("train", "sample", "demo", "plugins", "experiments", "config", "convert")
 
 
 def _plugin_command(argv: Sequence[str]) -> int | None:
@@ -119,6 +139,16 @@ def _plugin_commands_help() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `layerkit config ... | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         ran = _plugin_command(argv)
@@ -138,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "plugins":
             return _plugins(args.json)
+        if args.command == "experiments":
+            return _experiments(args.json)
         if args.command == "train":
             from layerkit.training.run import train
 

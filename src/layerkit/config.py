@@ -8,6 +8,7 @@ never touch Hydra internals: they become ``hydra.searchpath`` entries here.
 from __future__ import annotations
 
 import importlib.resources
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,41 @@ def _compose(primary: str, overrides: Sequence[str], registry: Registry) -> Dict
         with _writable(cfg):
             del cfg["hydra"]
     return cfg
+
+
+def search_dirs(registry: Registry) -> list[Path]:
+    """The core's config directory and every plugin's, as filesystem paths."""
+    dirs = [core_config_dir()]
+    for spec in registry.config_dirs:
+        if spec.startswith("pkg://"):
+            package = spec[len("pkg://"):]
+            try:
+                dirs.append(Path(str(importlib.resources.files(package))))
+            except (ModuleNotFoundError, TypeError):
+                continue
+        elif spec.startswith("file://"):
+            dirs.append(Path(spec[len("file://"):]))
+    return dirs
+
+
+def list_group(group: str, registry: Registry) -> dict[str, str]:
+    """Config names of ``group`` on the search path -> the first line of each file's comment."""
+    out: dict[str, str] = {}
+    for root in search_dirs(registry):
+        for path in sorted((root / group).glob("*.yaml")) if (root / group).is_dir() else []:
+            words: list[str] = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                text = line.strip()
+                if not text.startswith("#") or text.startswith("# @package") or not text.lstrip("#").strip():
+                    if words or (text and not text.startswith("#")):
+                        break
+                    continue
+                words += text.lstrip("#").split()
+                if words[-1].endswith((".", ":")) and not words[-1].endswith("sec."):
+                    break
+            about = re.split(r"(?<!sec)\. ", " ".join(words))[0].rstrip(".:")
+            out.setdefault(path.stem, about if len(about) <= 120 else about[:117] + "...")
+    return dict(sorted(out.items()))
 
 
 def validate(cfg: DictConfig, registry: Registry) -> None:

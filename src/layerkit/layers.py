@@ -20,10 +20,10 @@ def pad_layers(layers: torch.Tensor, capacity: int, *, name: str = "layers") -> 
     return torch.cat([layers, pad]), validity
 
 
-def check_frame_counts(videos: dict[str, torch.Tensor], frame_dim: int = 0) -> int:
-    """All layers must have the same number of frames; returns it."""
+def check_frame_counts(videos: dict[str, torch.Tensor], frame_dim: int = 0) -> int | None:
+    """All layers must have the same number of frames; returns it (None when there is no layer)."""
     counts = {name: v.shape[frame_dim] for name, v in videos.items() if v is not None}
     if len(set(counts.values())) > 1:
         listed = ", ".join(f"{k}={v}" for k, v in counts.items())
         raise LayerkitError(f"the layers have different frame counts ({listed}); every layer needs the same number of frames.")
-    return next(iter(counts.values()))
+    return next(iter(counts.values()), None)

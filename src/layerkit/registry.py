@@ -70,6 +70,7 @@ class PluginInfo:
     components: dict[str, list[str]] = field(default_factory=dict)
     config_dirs: list[str] = field(default_factory=list)
     error: str | None = None
+    descriptions: dict[str, str] = field(default_factory=dict)  # "kind name" -> one line
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +79,7 @@ class PluginInfo:
             "version": self.version,
             "module": self.module,
             **{f"{kind}s": self.components.get(kind, []) for kind in KINDS},
+            "descriptions": dict(self.descriptions),
             "config_dirs": self.config_dirs,
             "error": self.error,
         }
@@ -176,6 +178,8 @@ class Registry:
             )
         self.components[kind][name] = Component(kind, name, target, info.name, description)
         info.components.setdefault(kind, []).append(name)
+        if description:
+            info.descriptions[f"{kind} {name}"] = " ".join(str(description).split())
 
     def _add_config_dir(self, path: Any, info: PluginInfo) -> None:
         text = str(path)
@@ -199,6 +203,14 @@ class Registry:
 
     def build(self, kind: str, name: str, *args: Any, **kwargs: Any) -> Any:
         return self.get(kind, name).resolve()(*args, **kwargs)
+
+    def plugin_components(self, plugin: str) -> list[tuple[str, Component]]:
+        """(kind, component) of everything ``plugin`` registered, in registration order."""
+        info = self.plugins.get(plugin)
+        if info is None:
+            return []
+        return [(kind, self.components[kind][name]) for kind in KINDS for name in info.components.get(kind, [])
+                if name in self.components[kind]]
 
     def failures(self) -> list[PluginInfo]:
         return [p for p in self.plugins.values() if p.error]

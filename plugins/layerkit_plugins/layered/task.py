@@ -113,9 +113,13 @@ class LayeredTask(Task):
     def pack(self, batch: dict[str, Any], *, training: bool) -> Packed:
         videos = self.layer_videos(batch)
         present = [v for v in videos.values() if v is not None]
-        if not present:
+        if present:
+            b, f, _, h, w = present[0].shape
+        elif not training and all(k in batch for k in ("num_frames", "height", "width")):  # a prompt alone
+            b = len(batch["prompt"]) if isinstance(batch.get("prompt"), list | tuple) else 1
+            f, h, w = (_first(batch[k]) for k in ("num_frames", "height", "width"))
+        else:
             raise LayerkitError(f"task '{self.name}' got a batch with no layer video.")
-        b, f, _, h, w = present[0].shape
         mode = self.batch_mode(batch, training=training)
         given_names = self.given_names(mode)
         names = self.order(mode)
@@ -186,7 +190,8 @@ class LayeredTask(Task):
             if key not in prompts:
                 prompts[key] = ""
                 notes.append(f"inputs.{key} not given: empty prompt")
-        return [{**videos, **prompts, "mode": mode, "notes": notes} for _ in range(n)]
+        size = {"num_frames": num_frames, "height": height, "width": width}
+        return [{**videos, **prompts, **size, "mode": mode, "notes": notes} for _ in range(n)]
 
     def _shapes_samples(self, n: int, seed: int, height: int, width: int, num_frames: int) -> list[dict[str, Any]]:
         from layerkit.data.shapes import ShapesConfig, make_sample, seed_for
@@ -265,3 +270,12 @@ class LayeredTask(Task):
                     "background": out["background"], "blended": out["blended"]}
             rows.append(evaluate_layered(pred, sample))
         return summarise(rows)
+
+
+def _first(value: Any) -> int:
+    """An int from a collated field (int, list or tensor [B])."""
+    if isinstance(value, torch.Tensor):
+        return int(value.flatten()[0])
+    if isinstance(value, list | tuple):
+        return int(value[0])
+    return int(value)

@@ -7,6 +7,18 @@ from layerkit import hookimpl
 
 
 @hookimpl
+def register_commands(register):
+    register("layerflow-export", "layerkit_plugins.layerflow.export:main",
+             description="write a LoRA of a weights.safetensors in the diffusers and ComfyUI formats")
+    register("toy-layerflow-vae", "layerkit_plugins.layerflow.toy.train_vae:main",
+             description="train the toy LayerFlow's VAE on the shapes world (the diffusion stages: layerkit train)")
+    register("toy-layerflow-eval", "layerkit_plugins.layerflow.toy.evaluate:main",
+             description="score the toy LayerFlow (stage ablation, four tasks) on held-out shapes prompts")
+    register("toy-layerflow-diagnose", "layerkit_plugins.layerflow.toy.diagnose:main",
+             description="the toy LayerFlow's diagnostics: VAE colours, use of the given clip, encode share of a step")
+
+
+@hookimpl
 def register_adapters(register):
     register("layerflow.layer_embedding", "layerkit_plugins.layerflow.adapter:LayerEmbedding",
              description="learnable Linear(1 -> D) + LayerNorm of the prompt-block index, added to the projected text tokens")

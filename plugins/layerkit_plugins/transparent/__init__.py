@@ -40,5 +40,13 @@ def register_datasets(register):
 
 
 @hookimpl
+def register_commands(register):
+    register("toy-transparent", "layerkit_plugins.transparent.toy.train:main",
+             description="rebuild the toy transparent model (latent transparency, base, stage 2) on the shapes world")
+    register("toy-transparent-eval", "layerkit_plugins.transparent.toy.evaluate:main",
+             description="score the toy transparent model and its ablations on held-out sprites")
+
+
+@hookimpl
 def register_config_dirs(register):
     register("pkg://layerkit_plugins.transparent.conf")

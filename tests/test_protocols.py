@@ -1,0 +1,248 @@
+"""Protocols v2 for every plugin: the backbone contract over each registered tiny backbone, every
+experiment config composed and fast-run, user inputs kept the user's, the per-frame given mask."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, TINY_SAMPLE
+
+from layerkit.config import compose, list_group
+from layerkit.errors import LayerkitError
+
+# ----------------------------------------------------------------------------------------
+# the backbone contract, over every registered backbone that has a tiny build
+# ----------------------------------------------------------------------------------------
+#: registered backbone name -> keyword arguments of a tiny build, and the video channels it encodes
+TINY_BACKBONES = {
+    "toy.dit": ({"hidden": 32, "heads": 2, "layers": 2, "sample_size": 16}, 3, 16, 4),
+    "cogvideox": ({"tiny": True, "tiny_layers": 2}, 3, 32, 8),
+    "animatediff.tiny": ({}, 4, 32, 4),
+}
+NO_TINY_BUILD = {"animatediff": "needs a local SD 1.5 folder (its tiny twin is animatediff.tiny)"}
+
+
+def test_every_registered_backbone_has_a_tiny_build_in_the_contract(registry):
+    names = set(registry.names("backbone"))
+    covered = set(TINY_BACKBONES) | set(NO_TINY_BUILD)
+    assert names <= covered, f"backbones without a contract entry: {sorted(names - covered)}"
+
+
+@pytest.mark.parametrize("name", sorted(TINY_BACKBONES))
+def test_backbone_contract(registry, name, tmp_path):
+    from safetensors.torch import load_model, save_model
+
+    from layerkit.protocols import Backbone, Packed, Segment
+
+    kwargs, channels, size, frames = TINY_BACKBONES[name]
+    backbone = registry.build("backbone", name, **kwargs).eval()
+    assert isinstance(backbone, Backbone)
+    torch.manual_seed(0)
+    video = torch.rand(2, frames, channels, size, size) * 2 - 1
+    with torch.no_grad():
+        latents = backbone.encode_video(video)
+        h, w = backbone.latent_size(size, size)
+        assert latents.shape == (2, backbone.latent_channels, backbone.latent_frames(frames), h, w)
+        assert len(backbone.frame_windows(frames)) == latents.shape[2]
+        decoded = backbone.decode_latents(latents)
+        assert decoded.shape[:2] == (2, frames) and decoded.shape[-2:] == (size, size)
+        packed = Packed([Segment("video", frames, video)], torch.zeros(2, frames, dtype=torch.bool),
+                        [["a red circle"], ["a blue square"]], size, size)
+        cond = backbone.encode_conditions(packed, latents=latents)
+        negative = backbone.negative_conditions(packed, cond, "")
+        for key, value in cond.items():
+            if isinstance(value, torch.Tensor):
+                assert negative[key].shape == value.shape, key
+        t = torch.tensor([900, 100])
+        out = backbone.predict(latents, t, cond)
+        again = backbone.predict(latents, t, cond)
+        assert out.shape == latents.shape and torch.isfinite(out).all()
+        assert torch.equal(out, again), "the denoiser is deterministic"
+    assert backbone.make_scheduler("train").config.num_train_timesteps > 0
+    assert backbone.make_scheduler("sample") is not None
+    # save and reload: the weights written to safetensors load back into a fresh build, equal
+    path = tmp_path / "backbone.safetensors"
+    save_model(backbone, str(path))
+    fresh = registry.build("backbone", name, **kwargs).eval()
+    for p in fresh.parameters():
+        torch.nn.init.zeros_(p)
+    load_model(fresh, str(path))
+    with torch.no_grad():
+        assert torch.equal(fresh.predict(latents, t, cond), out)
+
+
+def test_cogvideox_frame_windows_and_the_given_mask_in_latent_frames():
+    from layerkit_plugins.cogvideox.backbone import CogVideoX
+
+    from layerkit.pipeline import latent_layout
+    from layerkit.protocols import Packed, Segment
+
+    backbone = CogVideoX(tiny=True, tiny_layers=2)
+    segments = [Segment(n, 8) for n in ("a", "b", "c", "d")]
+    given = torch.zeros(1, 32, dtype=torch.bool)
+    given[:, 8:16] = True
+    layout = latent_layout(backbone, Packed(segments, given, [["x"]], 32, 32))
+    assert layout.lengths == [2, 2, 2, 2] and layout.given[0].tolist() == [False, False, True, True] + [False] * 4
+    given[:, 9] = False  # one frame of a 4-frame latent window: inexpressible
+    with pytest.raises(LayerkitError, match=r"frames 8..11 share one latent frame"):
+        latent_layout(backbone, Packed(segments, given, [["x"]], 32, 32))
+    odd = [Segment(n, 9) for n in ("a", "b", "c", "d")]  # 36 frames in one pass: windows straddle segments
+    with pytest.raises(LayerkitError, match="across the segments"):
+        latent_layout(backbone, Packed(odd, torch.zeros(1, 36, dtype=torch.bool), [["x"]], 32, 32))
+    backbone.vae_pass = "segment"  # each 9-frame sub-clip on its own: 3 latent frames each
+    assert latent_layout(backbone, Packed(odd, torch.zeros(1, 36, dtype=torch.bool), [["x"]], 32, 32)).lengths == [3] * 4
+
+
+def test_one_vae_pass_over_the_packed_clip_equals_the_whole_clip_encoding():
+    """LayerFlow's authors encode [fg, alpha, bg, blended] in one pass: the latents of sub-clip 3 are the
+    corresponding slice of the whole-clip encoding, not the encoding of sub-clip 3 alone."""
+    from layerkit_plugins.cogvideox.backbone import CogVideoX
+
+    from layerkit.pipeline import encode_packed
+    from layerkit.protocols import Packed, Segment
+
+    backbone = CogVideoX(tiny=True, tiny_layers=2).eval()
+    torch.manual_seed(0)
+    clips = [torch.rand(1, 8, 3, 32, 32) * 2 - 1 for _ in range(4)]
+    packed = Packed([Segment(str(i), 8, c) for i, c in enumerate(clips)], torch.zeros(1, 32, dtype=torch.bool),
+                    [["x"]], 32, 32)
+    with torch.no_grad():
+        latents, layout = encode_packed(backbone, packed, training=True)
+        whole = backbone.encode_video(torch.cat(clips, dim=1))
+        alone = backbone.encode_video(clips[2])
+    assert layout.lengths == [2, 2, 2, 2]
+    assert torch.equal(latents[:, :, 4:6], whole[:, :, 4:6])
+    assert (alone - whole[:, :, 4:6]).abs().max() > 1e-3, "the causal VAE sees the earlier sub-clips"
+
+
+# ----------------------------------------------------------------------------------------
+# every experiment config composes and runs a step
+# ----------------------------------------------------------------------------------------
+SMALL_LAYERED = [*TINY]
+COG_TINY = ["backbone=cogvideox_tiny", "train.batch_size=1", "data.size=4", "data.num_frames=8", "data.height=32",
+            "data.width=32"]
+ANIM_TINY = ["backbone=animatediff_tiny", "data.num_frames=4", "data.height=32", "data.width=32"]
+TOY_LF = ["train.batch_size=1", "data.size=4"]
+TOY_T = ["train.batch_size=1", "data.size=4"]
+#: experiment -> (what a fast run does, overrides)
+EXPERIMENTS: dict[str, tuple[str, list[str]]] = {
+    "toy_layered": ("train", SMALL_LAYERED),
+    "layerflow_stage1": ("train", COG_TINY),
+    "layerflow_stage2": ("train", COG_TINY),
+    "layerflow_stage3": ("train", COG_TINY),
+    "toy_layerflow_common": ("compose", []),
+    "toy_layerflow_stage1": ("train", TOY_LF),
+    "toy_layerflow_stage2": ("train", TOY_LF),
+    "toy_layerflow_stage3": ("train", TOY_LF),
+    "toy_transparent": ("train", TOY_T),
+    "toy_transparent_base": ("compose", []),
+    "toy_transparent_baseline": ("train", TOY_T),
+    "transparent_stage2": ("train", ANIM_TINY),
+    "transparent_baseline": ("sample", ["backbone=animatediff_tiny", "backbone.transparent_attn=random"]),
+    "transparent_t2v": ("sample", ["backbone=animatediff_tiny", "backbone.transparent_attn=random"]),
+}
+FAST_SAMPLE = ["sampler.steps=1", "sampler.progress=false", "sampler.num_frames=4", "sampler.height=32",
+               "sampler.width=32", "device=cpu"]
+
+
+def test_every_experiment_on_the_search_path_is_in_the_table(registry):
+    names = set(list_group("experiment", registry))
+    missing = sorted(names - set(EXPERIMENTS))
+    assert not missing, f"experiments without a fast-run entry: {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_experiment_composes_and_fast_runs(registry, name, tmp_path):
+    from layerkit.sampling.run import sample
+    from layerkit.training.run import train
+
+    what, overrides = EXPERIMENTS[name]
+    for primary in ("train", "sample"):
+        compose(primary, [f"+experiment={name}", *overrides], registry)
+    if what == "train":
+        out = train([f"+experiment={name}", *overrides, "trainer.max_steps=1", "train.checkpoint_every=1",
+                     f"output_dir={tmp_path / 'run'}"], registry=registry)
+        assert json.loads((out / "record.json").read_text())["global_step"] == 1
+    elif what == "sample":
+        out = sample([f"+experiment={name}", *overrides, *FAST_SAMPLE, f"output_dir={tmp_path / 'out'}"],
+                     registry=registry)
+        assert (out / "record.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------
+# the user's inputs stay the user's
+# ----------------------------------------------------------------------------------------
+def _write(path, frames):
+    from layerkit.io.video import write_video
+
+    return write_video(path, (frames.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def toy_sampler():
+    from layerkit.registry import Registry
+    from layerkit.sampling.run import build_sampler
+
+    registry = Registry().load_entry_points()
+    cfg = compose("sample", ["+experiment=toy_layered", *TINY_SAMPLE], registry)
+    return build_sampler(cfg, registry)
+
+
+def test_prompt_only_uses_no_shapes_world_prompt_or_truth(toy_sampler):
+    result = toy_sampler.run(toy_sampler.samples({"prompt": "a cat, a dog and a bird"}))
+    assert result.metrics is None and "ground_truth" not in result.batch
+    assert result.batch["prompt"] == ["a cat, a dog and a bird"]
+    assert result.batch["foreground_prompt"] == [""] and result.batch["background_prompt"] == [""]
+    assert any("foreground_prompt not given" in n for n in result.notes)
+
+
+def test_blended_only_decomposes_the_users_video_without_shapes_prompts(toy_sampler, tmp_path):
+    from layerkit.data.shapes import ShapesConfig, make_sample
+
+    truth = make_sample(123, ShapesConfig(num_frames=4, height=16, width=16))
+    path = _write(tmp_path / "blended", truth["blended"])
+    batch = toy_sampler.samples({"blended": str(path)})
+    assert batch["mode"] == ["decompose"] and "ground_truth" not in batch
+    assert batch["prompt"] == [""] and batch["foreground_prompt"] == [""]
+    result = toy_sampler.run(batch)
+    assert result.metrics is None
+    assert result.outputs[0]["blended"].shape == (4, 3, 16, 16)
+
+
+def test_foreground_only_selects_fg2bg_and_a_conflicting_mode_names_the_right_one(toy_sampler, tmp_path):
+    from layerkit.data.shapes import ShapesConfig, make_sample
+
+    truth = make_sample(5, ShapesConfig(num_frames=4, height=16, width=16))
+    rgba = torch.cat([truth["foreground_rgb"], truth["foreground_alpha"]], dim=1)
+    path = _write(tmp_path / "fg", rgba)
+    batch = toy_sampler.samples({"foreground": str(path), "prompt": "x"})
+    assert batch["mode"] == ["fg2bg"] and "ground_truth" not in batch
+    task = toy_sampler.parts.task
+    packed = task.pack(batch, training=False)
+    assert packed.given[0].tolist() == [True] * 8 + [False] * 8
+    task.mode = "generate"
+    try:
+        with pytest.raises(LayerkitError, match=r"inputs.foreground is the input of fg2bg.*task.mode=fg2bg"):
+            toy_sampler.samples({"foreground": str(path)})
+    finally:
+        task.mode = "auto"
+
+
+def test_an_unknown_input_key_lists_the_known_ones(toy_sampler):
+    with pytest.raises(LayerkitError, match=r"takes no input inputs.blend;.*inputs.blended"):
+        toy_sampler.samples({"blend": "x.mp4"})
+
+
+def test_a_video_of_another_size_is_cropped_with_its_aspect_kept_and_said(toy_sampler, tmp_path):
+    frames = torch.zeros(4, 3, 24, 32)
+    frames[:, 0, :, 8:24] = 1.0  # a red band in the centre, 16 px wide
+    path = _write(tmp_path / "wide", frames)
+    batch = toy_sampler.samples({"blended": str(path)})
+    assert any("32x24 scaled to 21x16 and centre-cropped to 16x16" in n for n in batch["notes"][0])
+    pad = toy_sampler.samples({"blended": str(path), "fit": "pad"})
+    assert any("padded to 16x16" in n for n in pad["notes"][0])
+    blended = pad["blended"][0]
+    assert blended[:, :, :2].abs().sum() == 0, "padded rows are black"
