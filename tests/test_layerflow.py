@@ -136,27 +136,36 @@ def test_train_modes_give_each_batch_its_own_task(registry):
         registry.build("task", "layered", train_modes={"inpaint": 1})
 
 
-def test_layerflow_packs_the_condition_first_with_frame_zero_before_it(registry):
-    """The released code's packing for its one-pass causal VAE: given layers first; for fg2bg/bg2fg a
-    copy of the first given frame in front (so a 3-D VAE's condition latents never see generated frames)."""
+def test_layerflow_packs_layers_in_order_with_frame_zero_in_front_for_fg2bg_and_bg2fg(registry):
+    """The released code's packing for its one-pass causal VAE (sat/diffusion_video.py): the layers keep
+    their order and the given ones are re-imposed in place; fg2bg and bg2fg put a copy of frame 0 in
+    front (65 frames, 17 latent frames), given with the foreground in fg2bg, generated in bg2fg."""
+    from layerkit_plugins.cogvideox.backbone import CogVideoX
     from layerkit_plugins.layerflow.data import LayerFlowMixture
 
     from layerkit.config import compose
+    from layerkit.pipeline import latent_layout
     from layerkit.training.data import default_collate
 
-    data = LayerFlowMixture(size=2, static_fraction=0.0, num_frames=8, height=16, width=16)
+    data = LayerFlowMixture(size=2, static_fraction=0.0, num_frames=16, height=16, width=16)
     batch = default_collate([data[i] for i in range(2)])
-    for mode, order, first in (("decompose", ["blended", "foreground", "alpha", "background"], False),
-                               ("bg2fg", ["first_frame", "background", "foreground", "alpha", "blended"], True),
-                               ("generate", ["foreground", "alpha", "background", "blended"], False)):
+    backbone = CogVideoX(tiny=True, tiny_layers=2)
+    layers = ["foreground", "alpha", "background", "blended"]
+    cases = {  # mode -> (segments, latent frames given)
+        "generate": (layers, []),
+        "decompose": (layers, [12, 13, 14, 15]),
+        "fg2bg": (["first_frame", *layers], list(range(9))),
+        "bg2fg": (["first_frame", *layers], [9, 10, 11, 12]),
+    }
+    for mode, (order, given) in cases.items():
         cfg = compose("train", ["+experiment=layerflow_stage1", *TINY, f"task.mode={mode}"], registry)
         task = registry.build("task", "layered", **{k: v for k, v in cfg.task.items() if k != "name"})
         packed = task.pack(batch, training=True)
         assert [s.name for s in packed.segments] == order, mode
-        given = packed.given[0].tolist()
-        n_given = (1 + 8) if first else (8 if mode != "generate" else 0)
-        assert given == [True] * n_given + [False] * (len(given) - n_given), mode
-        if first:
+        layout = latent_layout(backbone, packed)
+        assert len(layout.windows) == (17 if order[0] == "first_frame" else 16), mode
+        assert torch.nonzero(layout.given[0]).flatten().tolist() == given, mode
+        if order[0] == "first_frame":
             assert torch.equal(packed.segments[0].video, packed.segments[1].video[:, :1])
 
 
@@ -226,3 +235,49 @@ def test_stages_chain_through_their_weights_files(registry, tmp_path):
     for key in ("adapters.layer_embedding.embed.0.weight", "adapters.layer_embedding.embed.1.bias"):
         assert torch.equal(state[key], s2[key])
         assert not torch.equal(s1[key], s2[key]), "stage 2 kept training the layer embedding"
+
+
+def test_unconditional_text_is_zero_embeddings_in_cfg_and_in_per_block_prompt_dropout(registry):
+    """Released code: force_uc_zero_embeddings=['txt'] for CFG, and ucg_rate drops each prompt block on its
+    own to zeros; the layer embedding is added afterwards (on text_proj's output), so it stays."""
+    from layerkit.config import compose
+    from layerkit.pipeline import build_parts
+    from layerkit.protocols import Packed, Segment
+
+    cfg = compose("train", ["+experiment=layerflow_stage1", *TINY], registry)
+    assert cfg.backbone.uncond == "zeros" and cfg.train.prompt_dropout_per_block
+    parts = build_parts(cfg, registry, training=True)
+    backbone = parts.backbone
+    prompts = [["0, a red circle", "1, blue stripes", "2, a red circle over blue stripes"]] * 2
+    packed = Packed([Segment("video", 8)], torch.zeros(2, 8, dtype=torch.bool), prompts, 32, 32)
+    with torch.no_grad():
+        cond = backbone.encode_conditions(packed)
+        negative = backbone.negative_conditions(packed, cond, "")
+        assert torch.count_nonzero(negative["prompt_embeds"]) == 0 and negative["prompt_embeds"].shape == \
+            cond["prompt_embeds"].shape
+        drop = torch.tensor([[False, True, False], [True, True, True]])
+        dropped = backbone.encode_conditions(packed, drop=drop)["prompt_embeds"]
+    tokens = cond["prompt_embeds"].shape[1] // 3
+    assert torch.count_nonzero(dropped[0, tokens:2 * tokens]) == 0, "block 1 of sample 0 dropped alone"
+    assert torch.equal(dropped[0, :tokens], cond["prompt_embeds"][0, :tokens])
+    assert torch.count_nonzero(dropped[1]) == 0
+    # the empty-prompt encoding (CogVideoXPipeline's way) is not zero: the two really differ
+    backbone.uncond = "empty_prompt"
+    with torch.no_grad():
+        assert torch.count_nonzero(backbone.negative_conditions(packed, cond, "")["prompt_embeds"]) > 0
+
+
+def test_layerflow_optimiser_is_the_released_one(registry):
+    from layerkit.config import compose, to_plain
+    from layerkit.pipeline import build_parts
+    from layerkit.training.module import LayerkitModule
+
+    for stage in ("layerflow_stage1", "layerflow_stage2", "layerflow_stage3"):
+        cfg = compose("train", [f"+experiment={stage}", *TINY], registry)
+        module = LayerkitModule(build_parts(cfg, registry, training=True), to_plain(cfg))
+        config = module.configure_optimizers()
+        optimizer = config["optimizer"] if isinstance(config, dict) else config
+        group = optimizer.param_groups[0]
+        assert isinstance(optimizer, torch.optim.AdamW), stage
+        assert group["betas"] == (0.9, 0.95) and group["weight_decay"] == 1e-4 and group["eps"] == 1e-8, stage
+        assert module.ema_decay == 0.0, "the released EMA is never saved nor used for sampling"

@@ -122,6 +122,12 @@ class Packed:
         raise LayerkitError(f"the packed batch has no segment '{name}'.")
 
 
+def drop_blocks(drop: torch.Tensor, blocks: int) -> torch.Tensor:
+    """A prompt-dropout mask [B] (whole samples) or [B, K] (blocks) as [B, K] bool."""
+    drop = drop.bool()
+    return drop[:, None].expand(-1, blocks) if drop.dim() == 1 else drop
+
+
 def given_per_frame(segment_given: torch.Tensor, frames: Sequence[int]) -> torch.Tensor:
     """[B, S] bool per segment -> [B, F] per frame (every frame of a given segment given)."""
     return torch.cat([segment_given[:, i : i + 1].expand(-1, n) for i, n in enumerate(frames)], dim=1)
@@ -325,12 +331,13 @@ class Backbone(nn.Module):
         whatever else the backbone needs (image tokens, concatenated image latents, fps).
 
         ``latents`` [B, C, f, h, w] are the packed clip's latents where the caller has them
-        (given frames are valid). ``drop`` [B] bool marks samples whose conditioning is
-        replaced by the unconditional one (prompt dropout for classifier-free guidance).
+        (given frames are valid). ``drop`` marks conditioning replaced by the unconditional one
+        (prompt dropout for classifier-free guidance): [B] whole samples, or [B, K] prompt blocks.
         """
         prompts = packed.prompts
         if drop is not None and bool(drop.any()):
-            prompts = [[""] * len(row) if bool(d) else row for row, d in zip(prompts, drop.tolist(), strict=True)]
+            rows = drop_blocks(drop, len(prompts[0])).tolist()
+            prompts = [["" if d else p for p, d in zip(row, flags, strict=True)] for row, flags in zip(prompts, rows, strict=True)]
         return self.encode_prompt_blocks(prompts)
 
     def negative_conditions(self, packed: Packed, cond: dict[str, Any], negative_prompt: str = "",

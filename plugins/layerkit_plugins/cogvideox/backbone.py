@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from layerkit.errors import LayerkitError
-from layerkit.protocols import Backbone, Packed, dtype_of
+from layerkit.protocols import Backbone, Packed, drop_blocks, dtype_of
 
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 UNCOND = ("zeros", "empty_prompt")
@@ -264,8 +264,10 @@ class CogVideoX(Backbone):
         if self.uncond == "empty_prompt" or drop is None or not bool(drop.any()):
             return super().encode_conditions(packed, latents, drop)
         cond = self.encode_prompt_blocks(packed.prompts)
-        keep = (~drop).to(cond["prompt_embeds"].device, cond["prompt_embeds"].dtype).view(-1, 1, 1)
-        return {**cond, "prompt_embeds": cond["prompt_embeds"] * keep}  # a dropped prompt: zero embeddings
+        embeds = cond["prompt_embeds"]
+        blocks = drop_blocks(drop, len(packed.prompts[0]))  # [B, K]
+        keep = (~blocks).repeat_interleave(embeds.shape[1] // blocks.shape[1], dim=1)  # [B, K*L]
+        return {**cond, "prompt_embeds": embeds * keep.to(embeds.device, embeds.dtype)[..., None]}  # dropped: zeros
 
     def negative_conditions(self, packed: Packed, cond: dict[str, Any], negative_prompt: str = "",
                             latents: torch.Tensor | None = None) -> dict[str, Any]:

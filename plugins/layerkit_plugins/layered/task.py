@@ -11,11 +11,12 @@ frames are marked per frame in ``Packed.given``. ``auto`` (the default at sampli
 mode from the files the user gives. ``train_modes`` trains one model for all of them: each
 batch draws its mode; its given layers are kept clean and out of the loss.
 
-``condition_first`` moves the given layers to the front of the packed clip, and
-``prepend_first_frame`` (a list of modes) puts a copy of the first given frame before them, as LayerFlow's
-released code does for its conditional tasks: a causal 3-D VAE encoding the clip in one pass
-then sees the condition before anything generated, so its latents are the same at training and
-sampling (see docs/layerflow_weights.md).
+``prepend_first_frame`` (a list of modes) puts a copy of the clip's first frame (the
+foreground's) in front, as LayerFlow's released code does for fg2bg and bg2fg in the RGBA layout
+(``sat/diffusion_video.py``): 65 frames, 17 latent frames through the causal 3-D VAE in one pass;
+the copy is given when the foreground is (fg2bg) and generated otherwise (bg2fg). The layers keep
+their order; the given ones are re-imposed at their own place. Because the prepended copy changes
+the frame count, ``train_modes`` draws one mode per batch.
 """
 
 from __future__ import annotations
@@ -46,8 +47,7 @@ class LayeredTask(Task):
 
     def __init__(self, mode: str = "auto", layout: str = "rgba", index_prefix: bool = True,
                  scale_from: dict[str, str] | None = None, default_seed: int = 0, num_samples: int = 1,
-                 train_modes: dict[str, float] | None = None, condition_first: bool = False,
-                 prepend_first_frame: bool | list[str] = ()) -> None:
+                 train_modes: dict[str, float] | None = None, prepend_first_frame: bool | list[str] = ()) -> None:
         if mode not in MODES:
             raise LayerkitError(f"unknown layered mode '{mode}'; modes are {', '.join(MODES)}.")
         if layout not in LAYOUTS:
@@ -55,7 +55,6 @@ class LayeredTask(Task):
         self.mode, self.layout, self.index_prefix = mode, layout, index_prefix
         self.scale_from = dict(scale_from or {})  # adapter name -> boolean sample key (e.g. is_static)
         self.default_seed, self.num_samples = default_seed, num_samples
-        self.condition_first = bool(condition_first)
         prepend = list(GIVEN) if prepend_first_frame is True else list(prepend_first_frame or [])
         if set(prepend) - set(GIVEN):
             raise LayerkitError(f"prepend_first_frame lists modes {sorted(set(prepend) - set(GIVEN))}, which do not "
@@ -68,14 +67,6 @@ class LayeredTask(Task):
 
     def given_names(self, mode: str) -> list[str]:
         return [n for n in GIVEN[mode] if n in LAYOUTS[self.layout]]
-
-    def order(self, mode: str) -> list[str]:
-        """The layers in packed order for ``mode`` (given layers first with ``condition_first``)."""
-        names = list(LAYOUTS[self.layout])
-        if not self.condition_first:
-            return names
-        given = self.given_names(mode)
-        return [n for n in names if n in given] + [n for n in names if n not in given]
 
     # -- packing ----------------------------------------------------------------------------
     def layer_videos(self, batch: dict[str, Any]) -> dict[str, torch.Tensor | None]:
@@ -122,7 +113,7 @@ class LayeredTask(Task):
             raise LayerkitError(f"task '{self.name}' got a batch with no layer video.")
         mode = self.batch_mode(batch, training=training)
         given_names = self.given_names(mode)
-        names = self.order(mode)
+        names = list(LAYOUTS[self.layout])
         if training:
             missing = [n for n in names if videos[n] is None]
             if missing:
@@ -133,10 +124,10 @@ class LayeredTask(Task):
                 raise LayerkitError(f"task '{self.name}' in mode {mode} needs the given layer(s) {missing} as input.")
         segments = [Segment(n, f, videos[n] if (training or n in given_names) else None) for n in names]
         seg_given = [n in given_names for n in names]
-        if mode in self.prepend_first_frame and given_names:
-            first = videos[names[0]][:, :1]
-            segments.insert(0, Segment(FIRST, 1, first))
-            seg_given.insert(0, True)
+        if mode in self.prepend_first_frame:  # a copy of frame 0, given with the layer it copies
+            source = videos[names[0]]
+            segments.insert(0, Segment(FIRST, 1, source[:, :1] if source is not None else None))
+            seg_given.insert(0, names[0] in given_names)
         given = given_per_frame(torch.tensor([seg_given] * b, dtype=torch.bool), [s.num_frames for s in segments])
         prompts = [self.prompt_blocks(batch, i) for i in range(b)]
         scales = {adapter: torch.as_tensor(batch[key], dtype=torch.float32).reshape(b)

@@ -43,6 +43,7 @@ class LayerkitModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold trainable weights only
         train = config.get("train", {})
         self.prompt_dropout = float(train.get("prompt_dropout", 0.0))
+        self.dropout_per_block = bool(train.get("prompt_dropout_per_block", False))
         self.ema_decay = float(train.get("ema_decay", 0.0) or 0.0)
         if not 0.0 <= self.ema_decay < 1.0:
             raise LayerkitError(f"train.ema_decay must lie in [0, 1); got {self.ema_decay}.")
@@ -71,8 +72,9 @@ class LayerkitModule(L.LightningModule):
         latents, layout = self.encode(packed, batch)
         b = latents.shape[0]
         drop = None
-        if self.prompt_dropout > 0:  # for classifier-free guidance at sampling
-            drop = torch.rand(b, generator=generator) < self.prompt_dropout
+        if self.prompt_dropout > 0:  # for classifier-free guidance at sampling: whole samples or each block
+            shape = (b, len(packed.prompts[0])) if self.dropout_per_block else (b,)
+            drop = torch.rand(shape, generator=generator) < self.prompt_dropout
         cond = self.backbone.encode_conditions(packed, latents=latents, drop=drop)  # a frozen encoder records no graph
         if noise is None:
             noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device) \
@@ -151,6 +153,11 @@ class LayerkitModule(L.LightningModule):
         )
         name = str(optim.get("scheduler", "constant") or "constant")
         warmup = int(optim.get("warmup_steps", 0) or 0)
+        ratio = float(optim.get("warmup_ratio", 0.0) or 0.0)
+        steps = int((self.trainer.max_steps if self._trainer is not None else None)
+                    or self.config.get("trainer", {}).get("max_steps") or 0)
+        if ratio and steps > 0:
+            warmup = warmup or round(ratio * steps)
         if name == "constant" and warmup == 0:
             return optimizer
         return {"optimizer": optimizer,
@@ -173,6 +180,8 @@ class LayerkitModule(L.LightningModule):
                     total = int(estimate) if math.isfinite(estimate) else -1
                 except Exception:  # no data attached yet (a module used outside fit)
                     total = -1
+        if total <= 0:  # no trainer attached (a module built outside a fit): the configured length
+            total = int(self.config.get("trainer", {}).get("max_steps") or -1)
         if total <= 0 and name not in ("constant", "constant_with_warmup"):
             raise LayerkitError(
                 f"optim.scheduler={name} decays over the run's length; set trainer.max_steps or trainer.max_epochs."
