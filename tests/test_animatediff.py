@@ -53,9 +53,10 @@ def test_encode_decode_rgb_and_rgba(backbone):
     with torch.no_grad():
         latents = backbone.encode_video(rgba)
         assert latents.shape == (1, 4, 3, 4, 4)
-        # the untrained offset head is zero: RGBA encodes as its RGB over mid-grey
+        # the untrained offset head is zero: RGBA encodes as its RGB over LayerDiffuse's grey (127/255)
         alpha = (rgba[:, :, 3:] + 1) / 2
-        assert torch.allclose(latents, backbone.encode_video(rgba[:, :, :3] * alpha), atol=1e-6)
+        grey = ((rgba[:, :, :3] + 1) / 2 * alpha + 127 / 255 * (1 - alpha)) * 2 - 1
+        assert torch.allclose(latents, backbone.encode_video(grey), atol=1e-6)
         decoded = backbone.decode_latents(latents)
         assert decoded.shape == (1, 3, 4, 32, 32) and decoded.abs().max() <= 1
         backbone.rgba_decode = False
@@ -76,7 +77,8 @@ def test_offset_encoder_moves_the_latent_by_std_times_offset(backbone):
         head.bias.fill_(1.0)
         shifted = backbone.encode_video(rgba)
         head.bias.zero_()
-        posterior = backbone.vae.encode(rgba[:, 0, :3] * (rgba[:, 0, 3:] + 1) / 2).latent_dist
+        alpha = (rgba[:, 0, 3:] + 1) / 2
+        posterior = backbone.vae.encode(((rgba[:, 0, :3] + 1) / 2 * alpha + 127 / 255 * (1 - alpha)) * 2 - 1).latent_dist
     expected = plain + (posterior.std * backbone.scaling_factor).unsqueeze(2)
     assert torch.allclose(shifted, expected, atol=1e-5)
 

@@ -133,3 +133,70 @@ def test_pad_rgb_bleeds_foreground_colour_into_transparent_pixels():
     assert padded[:, 1:].abs().max() < 1e-5
     opaque = torch.rand(1, 3, 16, 16)
     assert torch.allclose(pad_rgb(opaque, torch.ones(1, 1, 16, 16)), opaque, atol=1e-6)
+
+
+def _published_pad_rgb(rgba_uint8, dk: float = 1.2):
+    """The reference: LayerDiffuse's published ``pad_rgb`` steps (lib_layerdiffusion/models.py of
+    sd-forge-layerdiffuse, layer_diffuse/models/modules.py of diffuser_layerdiffuse), with cv2."""
+    import cv2
+    import numpy as np
+
+    rgba = rgba_uint8.astype(np.float32) / 255.0
+    colour, alpha = rgba[..., :3] * rgba[..., 3:], rgba[..., 3:]
+    pyramid = []
+    while True:
+        pyramid.append((colour, alpha))
+        h, w, _ = alpha.shape
+        if min(h, w) == 1:
+            break
+        colour = cv2.resize(colour, (int(w / dk), int(h / dk)), interpolation=cv2.INTER_AREA)
+        alpha = cv2.resize(alpha, (int(w / dk), int(h / dk)), interpolation=cv2.INTER_AREA)[:, :, None]
+    top_c, top_a = pyramid[-1]
+    fg = top_c.sum(axis=(0, 1), keepdims=True) / top_a.sum(axis=(0, 1), keepdims=True).clip(1e-8, 1e32)
+    for layer_c, layer_a in reversed(pyramid):
+        fg = cv2.resize(fg, (layer_c.shape[1], layer_c.shape[0]), interpolation=cv2.INTER_LINEAR)
+        fg = layer_c + fg * (1.0 - layer_a)
+    return fg
+
+
+def _hand_made_rgba(h: int = 37, w: int = 53):
+    """A soft disc and an opaque bar over transparent pixels; 37x53 gives non-integer ratios at
+    every pyramid level (53 -> 44 -> 36 -> 30 -> ...)."""
+    import numpy as np
+
+    y, x = np.mgrid[0:h, 0:w]
+    rgba = np.zeros((h, w, 4), np.uint8)
+    rgba[..., 0] = x * 255 // (w - 1)
+    rgba[..., 1] = y * 255 // (h - 1)
+    rgba[..., 2] = ((x + y) * 7) % 256
+    rgba[..., 3] = np.clip((12 - np.hypot(x - 20.3, y - 15.7)) * 60, 0, 255).astype(np.uint8)
+    rgba[28:33, 40:50, 3] = 255
+    return rgba
+
+
+def test_pad_rgb_matches_the_published_opencv_pyramid_at_non_integer_ratios():
+    rgba = _hand_made_rgba()
+    reference = torch.from_numpy(_published_pad_rgb(rgba)).permute(2, 0, 1)
+    x = torch.from_numpy(rgba).float().permute(2, 0, 1)[None] / 255
+    padded = pad_rgb(x[:, :3], x[:, 3:])[0]
+    transparent = torch.from_numpy(rgba[..., 3] == 0)
+    diff = (padded - reference).abs()
+    print(f"pad_rgb vs published: max diff {float(diff.max()):.3g} (transparent pixels {float(diff[:, transparent].max()):.3g})")
+    assert padded.shape == reference.shape and padded.dtype == torch.float32
+    assert float(diff.max()) < 1e-6  # torch's area mode (the old pad_rgb) is off by up to 0.2 here
+
+
+def test_grey_composite_is_the_published_127():
+    import numpy as np
+    from layerkit_plugins.animatediff.layerdiffuse import GREY, composite_on_grey
+    from PIL import Image
+
+    rgba = _hand_made_rgba()
+    image = Image.fromarray(rgba, "RGBA")
+    published = Image.new("RGB", image.size, (127, 127, 127))  # diffuser_layerdiffuse convert_rgba2rgb
+    published.paste(image, mask=image.split()[3])
+    x = torch.from_numpy(rgba).float().permute(2, 0, 1)[None] / 255
+    ours = composite_on_grey(x[:, :3], x[:, 3:])[0].permute(1, 2, 0).numpy()
+    assert GREY == 127 / 255
+    assert np.array_equal(ours[rgba[..., 3] == 0], np.full((int((rgba[..., 3] == 0).sum()), 3), 127 / 255, np.float32))
+    assert np.abs(ours * 255 - np.asarray(published, np.float32)).max() <= 0.5 + 1e-4  # PIL rounds to uint8

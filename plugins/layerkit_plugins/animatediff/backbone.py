@@ -198,11 +198,12 @@ class AnimateDiff(Backbone):
 
     def encode_rgba(self, x: torch.Tensor) -> torch.Tensor:
         """[N, 4, H, W] straight RGBA in [-1, 1] -> unscaled transparent latent [N, 4, h, w]."""
-        from layerkit_plugins.animatediff.layerdiffuse import pad_rgb
+        from layerkit_plugins.animatediff.layerdiffuse import composite_on_grey, pad_rgb
 
         alpha = ((x[:, 3:] + 1) / 2).clamp(0, 1)
         rgb = x[:, :3].clamp(-1, 1)
-        posterior = self.vae.encode(rgb * alpha).latent_dist  # over mid-grey (0 in [-1, 1])
+        grey = composite_on_grey((rgb + 1) / 2, alpha) * 2 - 1  # over LayerDiffuse's grey 127/255
+        posterior = self.vae.encode(grey).latent_dist
         padded = pad_rgb((rgb + 1) / 2, alpha)
         offset = self.offset_encoder(torch.cat([alpha, padded], dim=1).to(x.dtype))
         return posterior.mean + posterior.std * offset

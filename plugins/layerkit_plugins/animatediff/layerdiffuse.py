@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from layerkit.errors import LayerkitError
@@ -169,27 +168,56 @@ class TransparentDecoder(nn.Module):
         return torch.stack(outs).median(dim=0).values
 
 
+#: the grey transparent pixels are composited over before the VAE: uint8 127, as in the published
+#: code (sd-forge-layerdiffuse ``images.flatten(input_png_raw, (127, 127, 127))``; the diffusers
+#: port's ``convert_rgba2rgb``, ``Image.new("RGB", size, (127, 127, 127))`` + ``paste(mask=alpha)``)
+GREY = 127 / 255
+
+
+def composite_on_grey(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Straight ``rgb`` [N, 3, H, W] over LayerDiffuse's grey (127/255) by ``alpha`` [N, 1, H, W],
+    all in [0, 1]: the image whose VAE posterior the offset is added to (without the published
+    code's rounding to uint8)."""
+    return rgb * alpha + GREY * (1 - alpha)
+
+
 def pad_rgb(rgb: torch.Tensor, alpha: torch.Tensor, ratio: float = 1.2) -> torch.Tensor:
-    """Fill transparent pixels with colour bled outwards from the foreground.
+    """Fill transparent pixels with colour bled outwards from the foreground, as the published
+    ``pad_rgb`` / ``build_alpha_pyramid`` (lib_layerdiffusion/models.py) do.
 
     rgb [N, 3, H, W], alpha [N, 1, H, W], both in [0, 1] (straight alpha). A pyramid of
-    premultiplied colour and alpha is built by area-downsampling by ``ratio``; from the
-    coarsest level (the mean foreground colour) each finer level keeps its own premultiplied
-    colour and takes the upsampled fill where it is transparent. This is the "padded RGB" the
-    offset encoder was trained on.
+    premultiplied colour and alpha is built with OpenCV's ``INTER_AREA`` resize to
+    ``(int(W / ratio), int(H / ratio))`` until a side is 1 pixel; from the coarsest level (the mean
+    foreground colour) each finer level keeps its own premultiplied colour and takes the
+    ``INTER_LINEAR``-upsampled fill where it is transparent. Computed per image in float32 with
+    OpenCV, as published (torch's ``area`` mode averages other pixels at non-integer ratios); the
+    result is a new tensor on ``rgb``'s device and dtype, outside autograd. This is the "padded RGB"
+    the offset encoder was trained on.
     """
-    levels = [(rgb * alpha, alpha)]
-    colour, cover = levels[0]
-    while min(colour.shape[-2:]) > 1:
-        h, w = colour.shape[-2:]
-        size = (max(int(h / ratio), 1), max(int(w / ratio), 1))
-        colour, cover = F.interpolate(colour, size=size, mode="area"), F.interpolate(cover, size=size, mode="area")
-        levels.append((colour, cover))
-    fill = colour.sum((-2, -1), keepdim=True) / cover.sum((-2, -1), keepdim=True).clamp_min(1e-8)
-    for colour, cover in reversed(levels):
-        fill = F.interpolate(fill, size=colour.shape[-2:], mode="bilinear", align_corners=False)
-        fill = colour + fill * (1 - cover)
-    return fill
+    try:
+        import cv2
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise LayerkitError("pad_rgb needs OpenCV: pip install opencv-python-headless.") from None
+    import numpy as np
+
+    colours = rgb.detach().float().permute(0, 2, 3, 1).cpu().numpy()
+    alphas = alpha.detach().float().permute(0, 2, 3, 1).cpu().numpy()
+    out = []
+    for colour, cover in zip(colours, alphas, strict=True):
+        colour, cover = np.ascontiguousarray(colour), np.ascontiguousarray(cover)
+        levels = [(colour * cover, cover)]
+        while min(levels[-1][1].shape[:2]) > 1:
+            c, a = levels[-1]
+            size = (int(a.shape[1] / ratio), int(a.shape[0] / ratio))  # OpenCV sizes are (width, height)
+            levels.append((cv2.resize(c, size, interpolation=cv2.INTER_AREA),
+                           cv2.resize(a, size, interpolation=cv2.INTER_AREA)[:, :, None]))
+        c, a = levels[-1]
+        fill = c.sum(axis=(0, 1), keepdims=True) / a.sum(axis=(0, 1), keepdims=True).clip(1e-8, 1e32)
+        for c, a in reversed(levels):
+            fill = cv2.resize(fill, (c.shape[1], c.shape[0]), interpolation=cv2.INTER_LINEAR)
+            fill = c + fill * (1.0 - a)
+        out.append(fill)
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(rgb.device, rgb.dtype)
 
 
 def load_module_weights(module: nn.Module, path: str | Path, what: str, *, allow_pickle: bool = False) -> nn.Module:
