@@ -10,6 +10,8 @@ from layerkit import hookimpl
 def register_commands(register):
     register("layerflow-export", "layerkit_plugins.layerflow.export:main",
              description="write a LoRA of a weights.safetensors in the diffusers and ComfyUI formats")
+    register("layerflow-convert", "layerkit_plugins.layerflow.sat:main",
+             description="turn the authors' released SAT checkpoint into a diffusers transformer + layerkit weights")
     register("toy-layerflow-vae", "layerkit_plugins.layerflow.toy.train_vae:main",
              description="train the toy LayerFlow's VAE on the shapes world (the diffusion stages: layerkit train)")
     register("toy-layerflow-eval", "layerkit_plugins.layerflow.toy.evaluate:main",
