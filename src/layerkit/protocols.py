@@ -252,6 +252,9 @@ class Backbone(nn.Module):
     #: how a packed clip meets the VAE: "clip" (one pass over all segments in time order) or
     #: "segment" (each sub-clip on its own); the same for a per-frame (2-D) VAE
     vae_pass: str = "clip"
+    #: (frames, height, width) sampled when ``sampler.num_frames/height/width`` are null (e.g.
+    #: ToonCrafter: 16 x 320 x 512; a model tied to its frame count has no other choice)
+    native_size: tuple[int, int, int] | None = None
     denoiser: nn.Module
 
     def __init__(self) -> None:

@@ -46,10 +46,15 @@ class Denoised:
 
 
 def rescale_noise_cfg(guided: torch.Tensor, cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
-    """Guidance rescale (Lin et al. 2023, sec. 3.4): match the std of the text-conditioned output."""
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg as _rescale
-
-    return _rescale(guided, cond, guidance_rescale=guidance_rescale)
+    """Guidance rescale (Lin et al. 2023, sec. 3.4): match the std of the text-conditioned output
+    (diffusers' ``rescale_noise_cfg``; a row whose guided output has zero std, e.g. an untrained
+    zero-initialised model, is left as it is instead of becoming NaN)."""
+    dims = list(range(1, cond.ndim))
+    std_cond = cond.std(dim=dims, keepdim=True)
+    std_guided = guided.std(dim=dims, keepdim=True)
+    factor = torch.where(std_guided > 0, std_cond / std_guided.clamp_min(torch.finfo(guided.dtype).tiny),
+                         torch.ones_like(std_guided))
+    return guidance_rescale * (guided * factor) + (1 - guidance_rescale) * guided
 
 
 def dynamic_guidance(scale: float, t: torch.Tensor, steps: int) -> float:

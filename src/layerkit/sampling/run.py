@@ -97,6 +97,21 @@ class Sampler:
     dtype: torch.dtype
     options: Any
 
+    def size(self) -> tuple[int, int, int]:
+        """(frames, height, width): ``sampler.*``, or the backbone's native size where those are null."""
+        s = self.cfg.sampler
+        native = self.parts.backbone.native_size
+        values = []
+        for i, key in enumerate(("num_frames", "height", "width")):
+            value = s.get(key)
+            if value is None:
+                if native is None:
+                    raise LayerkitError(f"sampler.{key} is null and backbone '{self.cfg.backbone.name}' has no native "
+                                        f"size; set sampler.{key}.")
+                value = native[i]
+            values.append(int(value))
+        return values[0], values[1], values[2]
+
     def samples(self, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
         """Task inputs -> the collated batch (controls' ``prepare`` applied, stages run)."""
         s = self.cfg.sampler
@@ -106,7 +121,8 @@ class Sampler:
         if unknown:
             raise LayerkitError(f"task '{task.name}' takes no input {', '.join('inputs.' + k for k in unknown)}; "
                                 f"its inputs are {', '.join('inputs.' + k for k in task.input_keys)}.")
-        samples = task.sample_inputs(inputs, height=int(s.height), width=int(s.width), num_frames=int(s.num_frames))
+        frames, height, width = self.size()
+        samples = task.sample_inputs(inputs, height=height, width=width, num_frames=frames)
         for control in self.parts.controls.values():
             samples = [control.prepare(sample) for sample in samples]
         batch = task.collate(samples)
