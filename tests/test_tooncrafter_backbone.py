@@ -123,7 +123,13 @@ def test_a_layeranimate_style_folder_loads_back_equal(tmp_path):
 def test_tooncrafter_model_ckpt_loads_every_component(tmp_path):
     """A ToonCrafter-layout Lightning checkpoint (model.diffusion_model., first_stage_model., cond_stage_model.model.,
     embedder.model., image_proj_model. and the DDPM buffers), pickled, read with weights_only=True."""
-    from layerkit_plugins.tooncrafter.backbone import TINY_RESAMPLER, TINY_UNET, ToonCrafter, save_components, tiny_components
+    from layerkit_plugins.tooncrafter.backbone import (
+        TINY_RESAMPLER,
+        TINY_UNET,
+        ToonCrafter,
+        save_components,
+        tiny_components,
+    )
     from layerkit_plugins.tooncrafter.convert import unet_to_tooncrafter
     from layerkit_plugins.tooncrafter.encoders import tiny_encoders
 
@@ -155,9 +161,8 @@ def test_tooncrafter_model_ckpt_loads_every_component(tmp_path):
 
 
 def test_another_models_checkpoint_and_a_truncated_file_are_one_sentence(tmp_path):
-    from safetensors.torch import save_file
-
     from layerkit_plugins.tooncrafter.backbone import ToonCrafter
+    from safetensors.torch import save_file
 
     other = tmp_path / "layerflow.safetensors"
     save_file({"backbone.denoiser.transformer_blocks.5.attn1.to_q.weight": torch.zeros(2, 2)}, str(other))

@@ -154,13 +154,16 @@ def load_checkpoint(checkpoint: str | os.PathLike, *, tokenizer: str | None, dty
     """Components from ToonCrafter's ``model.ckpt`` (or a safetensors copy of its state dict): the UNet,
     Resampler, dual-reference VAE (whose encoder and spatial decoder also make the SD VAE) and the
     OpenCLIP encoders all live in it; only the tokenizer (``tokenizer``: a CLIP BPE folder) does not."""
-    from layerkit_plugins.tooncrafter.checkpoint import build_components, split_tooncrafter_checkpoint, unet_and_projector_states
+    from layerkit.io.weights import load_weights
+    from layerkit_plugins.tooncrafter.checkpoint import (
+        build_components,
+        split_tooncrafter_checkpoint,
+        unet_and_projector_states,
+    )
     from layerkit_plugins.tooncrafter.convert import load_state_dict_strict
     from layerkit_plugins.tooncrafter.encoders import load_tokenizer
     from layerkit_plugins.tooncrafter.resampler import Resampler
     from layerkit_plugins.tooncrafter.unet import ToonCrafterUNet
-
-    from layerkit.io.weights import load_weights
 
     path = Path(str(checkpoint))
     if not tokenizer:

@@ -114,7 +114,6 @@ class Sampler:
 
     def samples(self, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
         """Task inputs -> the collated batch (controls' ``prepare`` applied, stages run)."""
-        s = self.cfg.sampler
         inputs = params(self.cfg.inputs) if inputs is None else dict(inputs)
         task = self.parts.task
         unknown = sorted(set(inputs) - set(task.input_keys))
