@@ -339,34 +339,36 @@ class ToonCrafter(Backbone):
         tokens = encode_images(self.image_encoder, frames.to(self.execution_device))
         return self.image_projector(tokens.to(self.image_projector.dtype))
 
-    def _given_frames(self, packed: Packed) -> list[int]:
-        given = packed.given
-        if not bool((given == given[:1]).all()):
-            raise LayerkitError("tooncrafter needs the same given frames for every sample of a batch.")
-        return torch.nonzero(given[0]).flatten().tolist()
+    @staticmethod
+    def _given_frames(packed: Packed) -> list[list[int]]:
+        """The given frames of each sample (a batch may mix image-to-video and interpolation)."""
+        rows = [torch.nonzero(row).flatten().tolist() for row in packed.given]
+        if any(not frames for frames in rows):
+            raise LayerkitError("tooncrafter animates given frames: a sample gives none (image-to-video gives frame "
+                                "0, interpolation frames 0 and F-1).")
+        return rows
 
     def image_latents(self, packed: Packed, latents: torch.Tensor) -> torch.Tensor:
         """The concatenated image latent [B, 4, F, h, w]: image-to-video (only frame 0 given) repeats
         frame 0's latent on every frame; otherwise the given frames' latents at their places, zeros
-        elsewhere (interpolation: frames 0 and F-1) (``scripts/evaluation/inference.py``)."""
-        frames = self._given_frames(packed)
-        if not frames:
-            raise LayerkitError("tooncrafter animates given frames: the task gives none (image-to-video gives frame 0, "
-                                "interpolation frames 0 and F-1).")
-        if frames == [0]:
-            return latents[:, :, :1].expand_as(latents).contiguous()
+        elsewhere (interpolation: frames 0 and F-1) (``scripts/evaluation/inference.py``); per sample."""
         out = torch.zeros_like(latents)
-        out[:, :, frames] = latents[:, :, frames]
+        for i, frames in enumerate(self._given_frames(packed)):
+            if frames == [0]:
+                out[i] = latents[i, :, :1].expand_as(latents[i])
+            else:
+                out[i, :, frames] = latents[i, :, frames]
         return out
 
     def _first_frame(self, packed: Packed) -> torch.Tensor:
+        """[B, 3, H, W]: each sample's first given frame (the image the CLIP vision tower sees)."""
         from layerkit.pipeline import packed_video
 
-        frames = self._given_frames(packed)
         video = packed_video(packed)
-        if video is None or not frames:
+        if video is None:
             raise LayerkitError("tooncrafter needs the first given frame's pixels for its image tokens.")
-        return video[:, frames[0]]
+        firsts = [frames[0] for frames in self._given_frames(packed)]
+        return video[torch.arange(video.shape[0]), torch.tensor(firsts)]
 
     def _fps(self, packed: Packed, rows: int, device: torch.device) -> torch.Tensor:
         fps = packed.conditions.get("fps")
@@ -378,10 +380,11 @@ class ToonCrafter(Backbone):
         """Keep the dual-reference decoder's maps of the first and last given frames (interpolation)."""
         from layerkit.pipeline import packed_video
 
-        frames = self._given_frames(packed)
+        last = packed.num_frames - 1
+        interpolation = all(frames[0] == 0 and frames[-1] == last and len(frames) >= 2
+                            for frames in self._given_frames(packed))
         self.__dict__["_references"] = None
-        if self.vae_dualref is None or self.decoder == "sd" or len(frames) < 2 or frames[0] != 0 \
-                or frames[-1] != packed.num_frames - 1:
+        if self.vae_dualref is None or self.decoder == "sd" or not interpolation:
             return
         video = packed_video(packed, self.execution_device)
         keys = video[:, [0, packed.num_frames - 1]].permute(0, 2, 1, 3, 4).to(self.vae_dualref.dtype)  # [B, 3, 2, H, W]
