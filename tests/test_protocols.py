@@ -146,6 +146,8 @@ EXPERIMENTS: dict[str, tuple[str, list[str]]] = {
     "transparent_baseline": ("sample", ["backbone=animatediff_tiny", "backbone.transparent_attn=random"]),
     "transparent_t2v": ("sample", ["backbone=animatediff_tiny", "backbone.transparent_attn=random"]),
     "tooncrafter_i2v": ("train", ["backbone=tooncrafter_tiny"]),
+    "layeranimate": ("train", ["backbone=tooncrafter_tiny"]),
+    "layeranimate_demo": ("compose", ["backbone=tooncrafter_tiny"]),
     "tooncrafter_interpolate": ("train", ["backbone=tooncrafter_tiny"]),
 }
 FAST_SAMPLE = ["sampler.steps=1", "sampler.progress=false", "sampler.num_frames=4", "sampler.height=32",

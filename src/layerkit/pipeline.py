@@ -258,7 +258,12 @@ def reimposed(backbone: Backbone, layout: Layout) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 def make_step(packed: Packed, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any],
               copies: int = 1) -> Step:
-    return Step(noisy, timesteps, cond, repeat_rows(packed.extras, copies, packed.batch_size), copies)
+    """The denoiser call's inputs; the extras repeated for the guidance rows once per packed batch,
+    so a control sees the same tensors at every step (and may keep what it derives from them)."""
+    memo = packed.__dict__.setdefault("_extras_rows", {})
+    if copies not in memo:
+        memo[copies] = repeat_rows(packed.extras, copies, packed.batch_size)
+    return Step(noisy, timesteps, cond, memo[copies], copies)
 
 
 def run_controls(parts: Parts, step: Step) -> dict[str, Any]:

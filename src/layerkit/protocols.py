@@ -395,12 +395,17 @@ class Backbone(nn.Module):
     def set_trainable(self, patterns: Sequence[str]) -> list[str]:
         """Freeze everything, then open denoiser parameters whose name contains a pattern.
 
-        ``"*"`` opens the whole denoiser. Returns the names opened.
+        ``"*"`` opens the whole denoiser; ``"re:EXPR"`` opens names a regular expression matches
+        (``re.search``). Returns the names opened.
         """
+        import re
+
         self.requires_grad_(False)
         opened = []
+        regexes = [re.compile(p[3:]) for p in patterns if p.startswith("re:")]
+        plain = [p for p in patterns if not p.startswith("re:")]
         for name, param in self.denoiser.named_parameters():
-            if any(p == "*" or p in name for p in patterns):
+            if any(p == "*" or p in name for p in plain) or any(r.search(name) for r in regexes):
                 param.requires_grad_(True)
                 opened.append(name)
         if patterns and not opened:

@@ -1,1 +1,42 @@
-"""Plugin layeranimate (being built)."""
+"""LayerAnimate (Yang et al. 2025): layer-level control of animation on the tooncrafter backbone:
+the Layer ControlNet with its layer encoder and motion-score, trajectory and sketch encoders (a
+control), masked layer fusion in the UNet decoder (an adapter), the i2v and interpolation tasks with
+layers, shapes-world training data and the authors' demo folders."""
+
+from __future__ import annotations
+
+from layerkit import hookimpl
+
+
+@hookimpl
+def register_controls(register):
+    register("layeranimate.layer_controlnet", "layerkit_plugins.layeranimate.control:LayerControl",
+             description="LayerAnimate's Layer ControlNet: layer regions by motion-based assignment, masks, motion "
+                         "scores, trajectories and sketches per layer -> features for the decoder's fusion")
+
+
+@hookimpl
+def register_adapters(register):
+    register("layeranimate.fusion", "layerkit_plugins.layeranimate.adapter:LayerFusion",
+             description="LayerAnimate's masked layer fusion: cross-attention over the layer features at each pixel, "
+                         "padded layers masked out, zero-initialised, added to the decoder's skips")
+
+
+@hookimpl
+def register_tasks(register):
+    register("layeranimate.i2v", "layerkit_plugins.layeranimate.task:i2v_task",
+             description="layer-controlled image-to-video (first frame given)")
+    register("layeranimate.interpolate", "layerkit_plugins.layeranimate.task:interpolate_task",
+             description="layer-controlled interpolation (first and last frames given)")
+
+
+@hookimpl
+def register_datasets(register):
+    register("layeranimate.shapes", "layerkit_plugins.layeranimate.data:ShapesLayers",
+             description="shapes-world clips with layer masks, motion scores, trajectories and sketches; the paper's "
+                         "training-time choices (mask dropout, one control per layer, i2v/interpolation, flip)")
+
+
+@hookimpl
+def register_config_dirs(register):
+    register("pkg://layerkit_plugins.layeranimate.conf")

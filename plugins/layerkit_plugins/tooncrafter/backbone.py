@@ -200,13 +200,16 @@ class ToonCrafter(Backbone):
                  image_encoder: str | None = None, tokenizer: str | None = None, allow_pickle: bool = False,
                  scheduler: dict[str, Any] | None = None, vae_chunk: int = 16, gradient_checkpointing: bool = False,
                  dual_ref: bool = True, unet_config: dict[str, Any] | None = None,
-                 image_projector_config: dict[str, Any] | None = None) -> None:
+                 image_projector_config: dict[str, Any] | None = None,
+                 native_size: Sequence[int] | None = None) -> None:
         """``fps``: the fps condition (LayerAnimate passes 24, ToonCrafter's own scripts 10);
         ``dynamic_rescale``: ToonCrafter's predicted-x0 rescale (``scale_arr``, 1.0 -> 0.7), off in
         LayerAnimate; ``decoder``: "sd" (the SD VAE, per frame), "dual_ref" (the dual-reference decoder;
         needs a first and a last given frame) or "auto" (dual_ref for an interpolation when present);
         ``vae_chunk``: frames per VAE call (memory); ``unet_config``/``image_projector_config``: the
-        architecture a ``model.ckpt`` holds when it is not the released 512 one (the file has no config)."""
+        architecture a ``model.ckpt`` holds when it is not the released 512 one (the file has no config);
+        ``native_size``: [frames, height, width] sampled when the sampler names none (default 16 x 320 x
+        512, the tiny model 4 x 32 x 32)."""
         super().__init__()
         sources = sum(bool(x) and str(x) not in ("???", "None") for x in (path, checkpoint)) + bool(tiny)
         if sources != 1:
@@ -237,7 +240,11 @@ class ToonCrafter(Backbone):
         self.spatial_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.num_frames = int(self.denoiser.config.temporal_length)
         # the authors' 320 x 512 (NOTES 1.1: latent 40 x 64); the tiny VAE's own resolution for tiny=true
-        self.native_size = (self.num_frames, 32, 32) if tiny else (self.num_frames, 320, 512)
+        default = (self.num_frames, 32, 32) if tiny else (self.num_frames, 320, 512)
+        self.native_size = tuple(int(v) for v in native_size) if native_size else default
+        if self.native_size[0] != self.num_frames:
+            raise LayerkitError(f"backbone.native_size has {self.native_size[0]} frames; this UNet animates "
+                                f"{self.num_frames}.")
         self.__dict__["_references"] = None  # the dual-reference decoder's maps of the last conditioning
         if gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()

@@ -67,9 +67,11 @@ class KeyframeTask(Task):
             shape = None if video is None else tuple(video.shape)
             raise LayerkitError(f"task '{self.name}' needs 'video' [B, F, 3, H, W] in [0, 1]; got {shape}.")
         b, f, _, h, w = video.shape
-        frames = keyframes(self.mode, f)
+        modes = batch.get("mode", self.mode)  # a sample may name its own mode (a batch may mix them)
+        modes = [modes] * b if isinstance(modes, str) else list(modes)
         given = torch.zeros(b, f, dtype=torch.bool)
-        given[:, frames] = True
+        for i, mode in enumerate(modes):
+            given[i, keyframes(mode, f)] = True
         clip = video.float() * 2 - 1
         if not training:  # only the keyframes are known
             clip = torch.where(given[:, :, None, None, None], clip, torch.zeros_like(clip))
