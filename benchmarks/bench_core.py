@@ -33,7 +33,7 @@ def main() -> None:
     print(f"make_sample 16x32x32, 2 sprites: {t * 1e3:.2f} ms (median of 50)")
 
     from layerkit.config import compose
-    from layerkit.pipeline import build_parts, encode_packed, predict
+    from layerkit.pipeline import build_parts, encode_packed, make_step, predict
     from layerkit.registry import get_registry
     from layerkit.training.data import default_collate
 
@@ -43,10 +43,10 @@ def main() -> None:
     batch = default_collate([make_sample(i, ShapesConfig(num_frames=8)) for i in range(4)])
     packed = parts.task.pack(batch, training=True)
     cond = parts.backbone.encode_prompt_blocks(packed.prompts)
-    latents, _, _ = encode_packed(parts.backbone, packed)
+    latents, _ = encode_packed(parts.backbone, packed, training=True)
     t_steps = torch.full((4,), 500)
     with torch.no_grad():
-        t = timed(lambda: predict(parts, packed, latents, t_steps, cond), 10)
+        t = timed(lambda: predict(parts, packed, make_step(packed, latents, t_steps, cond)), 10)
     print(f"toy.dit forward, batch 4 x 4 layers x 8 frames x 32x32: {t * 1e3:.1f} ms (median of 10)")
 
 

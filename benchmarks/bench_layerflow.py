@@ -64,7 +64,7 @@ def cpu_case(name: str, parts: dict[str, Any] | None, size: int, frames: int, st
         prompt = backbone.encode_prompts(["2, a red circle moving left over blue and white stripes"])["prompt_embeds"]
         negative = backbone.encode_prompts([""])["prompt_embeds"]
     pipe = backbone.diffusers_pipeline()
-    packed = Packed([Segment("video", frames)], torch.zeros(1, 1, dtype=torch.bool), [["unused"]], size, size)
+    packed = Packed([Segment("video", frames)], torch.zeros(1, frames, dtype=torch.bool), [["unused"]], size, size)
     options = SamplerOptions(steps=steps, guidance_scale=6.0, dynamic_cfg=dynamic_cfg, progress=False)
     lk_parts = Parts(backbone, task=None)  # type: ignore[arg-type]
 
@@ -75,7 +75,7 @@ def cpu_case(name: str, parts: dict[str, Any] | None, size: int, frames: int, st
 
     def run_layerkit() -> torch.Tensor:
         return denoise(lk_parts, packed, options, generator=torch.Generator().manual_seed(0),
-                       cond={"prompt_embeds": prompt}, negative_cond={"prompt_embeds": negative})
+                       cond={"prompt_embeds": prompt}, negative_cond={"prompt_embeds": negative}).latents
 
     with torch.no_grad():
         diff = (run_layerkit().permute(0, 2, 1, 3, 4) - run_diffusers()).abs().max().item()  # warm-up + check

@@ -51,7 +51,7 @@ def cpu(args: argparse.Namespace) -> None:
                                unet=reference_unet, motion_adapter=None, scheduler=backbone.make_scheduler("sample"))
     pipe.set_progress_bar_config(disable=True)
     prompt, f, size = "a red circle moving right", args.frames, args.size
-    task = TransparentTask(mode="t2v")
+    task = TransparentTask(mode="t2v", given_reference=False)  # every frame from noise, as the pipeline
     packed = task.pack({"prompt": [prompt], "num_frames": f, "height": size, "width": size}, training=False)
     options = SamplerOptions(steps=args.steps, guidance_scale=7.5, progress=False)
 
@@ -61,7 +61,7 @@ def cpu(args: argparse.Namespace) -> None:
 
     def layerkit_run(adapters: dict) -> torch.Tensor:
         return denoise(Parts(backbone, task, adapters=adapters), packed, options,
-                       generator=torch.Generator().manual_seed(0))
+                       generator=torch.Generator().manual_seed(0)).latents
 
     ifa = InterFrameAttention()
     ifa.name = "inter_frame"

@@ -226,6 +226,17 @@ class ToonCrafter(Backbone):
         else:
             parts = load_folder(path, dtype=torch_dtype, text_encoder=text_encoder, image_encoder=image_encoder,
                                 tokenizer=tokenizer, allow_pickle=allow_pickle, dual_ref=dual_ref)
+        self.setup(parts, fps=fps, eta=eta, dynamic_rescale=dynamic_rescale, decoder=decoder, vae_chunk=vae_chunk,
+                   scheduler=scheduler, native_size=native_size or ((tiny_frames, 32, 32) if tiny else None))
+        if gradient_checkpointing:
+            self.denoiser.enable_gradient_checkpointing()
+        self.requires_grad_(False)
+
+    def setup(self, parts: dict[str, Any], *, fps: float = 24.0, eta: float = 1.0, dynamic_rescale: bool = False,
+              decoder: str = "auto", vae_chunk: int = 16, scheduler: dict[str, Any] | None = None,
+              native_size: Sequence[int] | None = None) -> None:
+        """Take ``parts`` (unet, image_projector, vae, vae_dualref, text_encoder, image_encoder, tokenizer,
+        scheduler_config) as this backbone's components."""
         self.denoiser = parts["unet"]
         self.image_projector = parts["image_projector"]
         self.vae = parts["vae"]
@@ -239,16 +250,21 @@ class ToonCrafter(Backbone):
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.spatial_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.num_frames = int(self.denoiser.config.temporal_length)
-        # the authors' 320 x 512 (NOTES 1.1: latent 40 x 64); the tiny VAE's own resolution for tiny=true
-        default = (self.num_frames, 32, 32) if tiny else (self.num_frames, 320, 512)
-        self.native_size = tuple(int(v) for v in native_size) if native_size else default
+        self.__dict__["_references"] = None  # the dual-reference decoder's maps of the last conditioning
+        # the authors' 320 x 512 (NOTES 1.1: latent 40 x 64) unless said otherwise (the tiny model: 32 x 32)
+        self.native_size = tuple(int(v) for v in native_size) if native_size else (self.num_frames, 320, 512)
         if self.native_size[0] != self.num_frames:
             raise LayerkitError(f"backbone.native_size has {self.native_size[0]} frames; this UNet animates "
                                 f"{self.num_frames}.")
-        self.__dict__["_references"] = None  # the dual-reference decoder's maps of the last conditioning
-        if gradient_checkpointing:
-            self.denoiser.enable_gradient_checkpointing()
         self.requires_grad_(False)
+
+    @classmethod
+    def from_components(cls, parts: dict[str, Any], **options: Any) -> ToonCrafter:
+        """A backbone over components built elsewhere (benchmarks, conversions)."""
+        backbone = cls.__new__(cls)
+        Backbone.__init__(backbone)
+        backbone.setup(parts, **options)
+        return backbone
 
     # -- schedule --------------------------------------------------------------------------
     def make_scheduler(self, kind: str = "train", name: str | None = None) -> Any:
