@@ -238,3 +238,30 @@ def test_a_prompt_without_layers_is_refused_with_the_way_out(registry, tmp_path)
     with pytest.raises(LayerkitError, match="inputs.demo"):
         sample(["+experiment=layeranimate", *TINY, "+inputs.prompt=a cat", f"output_dir={tmp_path / 'x'}"],
                registry=registry)
+
+
+def test_curated_clips_train_layeranimate(registry, tmp_path):
+    """Issue 11's end to end: `layerkit curate` on shapes-world videos writes clips that
+    `layerkit train +experiment=layeranimate data=layeranimate_folder` trains on."""
+    from layerkit_plugins.curation.cli import main as curate
+
+    from layerkit.data.shapes import ShapesConfig, make_sample, seed_for
+    from layerkit.io.video import write_video
+    from layerkit.training.run import train
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(2):
+        s = make_sample(seed_for("train", 5, i), ShapesConfig(num_frames=16, height=64, width=64, num_sprites=2))
+        write_video(videos / f"clip{i}.mp4", (s["blended"].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+    assert curate([str(videos), str(tmp_path / "curated")]) == 0
+    from layerkit_plugins.layeranimate.data import CuratedClips
+
+    data = CuratedClips(str(tmp_path / "curated"), num_frames=4, height=32, width=32)
+    sample = data[0]
+    assert sample["layer_masks"].shape[0] == 4 and sample["trajectory"].shape == (4, 4, 3, 32, 32)
+    out = train(["+experiment=layeranimate", *TINY, "data=layeranimate_folder", f"data.root={tmp_path / 'curated'}",
+                 "trainer.max_steps=2", f"output_dir={tmp_path / 'run'}"], registry=registry)
+    assert json.loads((out / "record.json").read_text())["global_step"] == 2
+    with pytest.raises(LayerkitError, match="holds no curated clip"):
+        CuratedClips(str(videos))

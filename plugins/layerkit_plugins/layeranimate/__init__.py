@@ -35,6 +35,9 @@ def register_datasets(register):
     register("layeranimate.shapes", "layerkit_plugins.layeranimate.data:ShapesLayers",
              description="shapes-world clips with layer masks, motion scores, trajectories and sketches; the paper's "
                          "training-time choices (mask dropout, one control per layer, i2v/interpolation, flip)")
+    register("layeranimate.folder", "layerkit_plugins.layeranimate.data:CuratedClips",
+             description="clips written by layerkit curate (masklets, motion scores, tracks, sketches), with the "
+                         "paper's training-time choices")
 
 
 @hookimpl
