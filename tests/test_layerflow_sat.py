@@ -302,16 +302,16 @@ def test_cli_writes_a_diffusers_transformer_and_layerkit_weights(tiny_round_trip
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(raises=LayerkitError, strict=False,
-                   reason="layerkit.io.weights.load_weights reads flat state dicts (or a Lightning 'state_dict'); "
-                          "it does not yet unwrap SAT/DeepSpeed's {'module': ...}")
 def test_the_authors_pickle_layout_reads_through_load_weights(tiny_round_trip, tmp_path):
-    """``<dir>/latest`` + ``<dir>/1000/mp_rank_00_model_states.pt`` holding ``{'module': state}``."""
+    """``<dir>/latest`` + ``<dir>/1000/mp_rank_00_model_states.pt`` holding ``{'module': state}``
+    beside DeepSpeed's non-tensor bookkeeping."""
     from layerkit_plugins.layerflow.sat import convert_sat_state, load_sat_checkpoint
 
     root = tmp_path / "multi-layer-generation-rgba"
     (root / "1000").mkdir(parents=True)
     (root / "latest").write_text("1000")
-    torch.save({"module": tiny_round_trip.sat}, root / "1000" / "mp_rank_00_model_states.pt")
+    torch.save({"module": tiny_round_trip.sat, "buffer_names": [], "optimizer": None, "iteration": 1000,
+                "global_steps": 1000, "dp_world_size": 1, "mp_world_size": 1, "ds_version": "0.14.0"},
+               root / "1000" / "mp_rank_00_model_states.pt")
     converted = convert_sat_state(load_sat_checkpoint(root), base_config=tiny_round_trip.config)
     assert converted.counts["content_lora"] == 16

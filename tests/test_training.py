@@ -153,7 +153,8 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / "record.json").read_text())
     assert record["world_size"] == 2 and record["global_step"] == 2
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
+    # one run, one folder: no last-v1.ckpt (previous.ckpt is the fallback kept beside last.ckpt)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt", "previous.ckpt"]
     siblings = [p for p in tmp_path.iterdir() if p.name != "ddp"]
     assert siblings == [], "one output directory for both processes"
 

@@ -196,4 +196,8 @@ def _one_line(exc: BaseException) -> str:
     if ("Could not find" in head or "Could not load" in head) and options:
         head = f"{head.rstrip('.')}; available: {', '.join(o.strip() for o in options)}"
     head = head if head.endswith(".") else head + "."
+    if head.startswith("Ambiguous value for argument"):
+        key = head.split("'")[1].split("=", 1)[0] if "'" in head else "KEY"
+        head = (f"{head[:-1]}: a value with a comma must be quoted for Hydra, e.g. "
+                f"\"{key}='a red circle, moving left'\" (the outer quotes for the shell).")
     return head

@@ -1,8 +1,18 @@
 """The hooks a layerkit plugin may implement. Every hook receives a ``register`` callback.
 
-``register(name, target, description="")`` records one component. ``target`` is either a
-dotted path ``"package.module:Attribute"`` (imported only when the component is built, so
-``layerkit --help`` stays light) or a callable factory.
+``register(name, target, description="", *, override=False)`` records one component.
+``target`` is either a dotted path ``"package.module:Attribute"`` (imported only when the
+component is built, so ``layerkit --help`` stays light) or a callable factory.
+
+A name belongs to one plugin. The names layerkit's own plugins register (``toy.dit``, ``lora``,
+...) can never be taken: a plugin registering one fails to load, listed by ``layerkit plugins``
+with one sentence naming both distributions. When two other plugins register one name, looking
+that name up fails with one sentence naming both distributions, unless exactly one of them
+registered it with ``override=True``: a plugin that means to replace another package's
+component says so, and then wins (over third-party registrations only, never over layerkit's
+own). Any exception raised while a plugin is imported or registers (``SystemExit`` included;
+only the user's Ctrl-C stops the program) is contained: that plugin is listed as failed with
+its message and the others load.
 """
 
 from __future__ import annotations

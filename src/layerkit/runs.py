@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,10 @@ from layerkit.errors import LayerkitError
 
 RUN_DIR_ENV = "LAYERKIT_RUN_DIR"  # set by rank 0 so DDP children reuse its directory
 RECORD_NAME = "record.json"
+LOCK_NAME = ".layerkit.lock"
+#: what a training run leaves in its folder before it has written anything else (logs, its lock,
+#: checkpoints or a checkpoint being written): such a folder is resumed or restarted, never refused
+TRACES = ("logs", "checkpoints", LOCK_NAME)
 VERSION_PACKAGES = ("layerkit", "torch", "torchvision", "diffusers", "peft", "transformers",
                     "lightning", "hydra-core", "av", "safetensors", "numpy")
 
@@ -38,38 +43,153 @@ def _has_content(path: Path) -> bool:
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
+def only_traces(path: Path) -> bool:
+    """True when ``path`` holds nothing but what an interrupted training run leaves (no record,
+    no weights, no file of anyone else's)."""
+    return path.is_dir() and all(p.name in TRACES or p.name.endswith(".partial") for p in path.iterdir())
+
+
 def check_output_dir(path: Path, *, overwrite: bool, resumable: bool = False) -> None:
     """Fail before any work when ``path`` holds something and ``overwrite`` is not set.
 
-    A training directory that holds a checkpoint is fine when ``resumable``: the run resumes.
+    With ``resumable`` (training), a folder holding a checkpoint resumes, and one holding only an
+    interrupted run's traces (logs, a lock, a partial checkpoint) restarts.
     """
     if path.exists() and not path.is_dir():
         raise LayerkitError(f"output_dir '{path}' exists and is a file, not a directory.")
     if not _has_content(path) or overwrite:
         return
-    if resumable and (path / "checkpoints" / "last.ckpt").is_file():
+    if resumable and ((path / "checkpoints").is_dir() or only_traces(path) or (path / RECORD_NAME).is_file()):
         return
     raise LayerkitError(
-        f"output_dir '{path}' already exists and is not empty; pass overwrite=true or choose another output_dir."
+        f"output_dir '{path}' already exists and is not empty; pass overwrite=true (the old folder is moved "
+        "aside, not deleted) or choose another output_dir."
     )
+
+
+def set_aside(path: Path) -> Path | None:
+    """``overwrite=true``: move an existing non-empty ``path`` to a sibling ``NAME.replaced-STAMP``
+    (nothing is deleted; the message says where it went). Returns the new place, or None."""
+    if not _has_content(path):
+        return None
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.replaced-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.replaced-{stamp}-{n}")
+    os.replace(path, target)
+    print(f"layerkit: overwrite=true: the old output_dir '{path}' was moved to '{target}'", file=sys.stderr)
+    return target
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(path: Path) -> Iterator[None]:
+    """One run per folder: ``path/.layerkit.lock`` holds the owner's pid and host while it runs.
+    A second run fails with one sentence naming the first; a lock left by a dead process on this
+    host is taken over."""
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            pid, host = holder.get("pid"), holder.get("host")
+            if isinstance(pid, int) and host == me["host"] and not _alive(pid):
+                lock.unlink(missing_ok=True)  # its owner is gone: a killed run's lock
+                continue
+            if not holder:  # being written by a run that started this instant
+                raise LayerkitError(f"output_dir '{path}' is being used by another layerkit run that is starting; "
+                                    "choose another output_dir.") from None
+            raise LayerkitError(
+                f"output_dir '{path}' is in use by another layerkit run (pid {pid} on {host}, since "
+                f"{holder.get('started')}); wait for it to finish or choose another output_dir"
+                + (f" (if that run is gone, delete {lock})." if host != me["host"] else ".")) from None
+        with os.fdopen(fd, "w") as handle:
+            json.dump(me, handle)
+        break
+    else:  # pragma: no cover - three stale locks in a row
+        raise LayerkitError(f"output_dir '{path}': could not take its lock {lock}.")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def staged_output_dir(path: Path, *, overwrite: bool) -> Iterator[Path]:
-    """Write into a sibling staging directory and move it into place only on success."""
+    """Write into a sibling staging directory and move it into place only on success
+    (``overwrite``: the old folder is moved aside first, never deleted)."""
     check_output_dir(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if path.exists():
-        shutil.rmtree(path)
+    if overwrite:
+        set_aside(path)
+    elif path.exists():
+        path.rmdir()  # empty (checked above)
     os.replace(staging, path)
+
+
+def merge_metrics(logs: Path, parts: list[Path]) -> None:
+    """Put the metrics of earlier attempts (``parts``, oldest first) in front of ``logs/metrics.csv``:
+    a resumed run's log continues, it is never truncated. Columns are the union, in order."""
+    import csv
+
+    current = logs / "metrics.csv"
+    files = [p for p in [*parts, current] if p.is_file()]
+    if not parts or not files:
+        return
+    rows: list[dict[str, str]] = []
+    columns: list[str] = []
+    for f in files:
+        with f.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            for name in reader.fieldnames or []:
+                if name not in columns:
+                    columns.append(name)
+            rows += list(reader)
+    tmp = logs / ".metrics.csv.partial"
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, current)
+    for p in parts:
+        p.unlink(missing_ok=True)
+
+
+def stash_metrics(logs: Path) -> list[Path]:
+    """Before a resumed fit (the CSV logger starts its file afresh): keep ``metrics.csv`` aside."""
+    current = logs / "metrics.csv"
+    if not current.is_file():
+        return [p for p in sorted(logs.glob("metrics.part*.csv"))]
+    n = len(list(logs.glob("metrics.part*.csv")))
+    target = logs / f"metrics.part{n:03d}.csv"
+    os.replace(current, target)
+    return sorted(logs.glob("metrics.part*.csv"))
 
 
 def package_versions() -> dict[str, str | None]:

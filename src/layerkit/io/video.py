@@ -1,16 +1,19 @@
 """Read and write videos (RGB or RGBA) with PyAV, plus PNG sequences and images.
 
 Frames are always ``uint8`` arrays shaped ``[F, H, W, C]`` with ``C = 3`` (RGB)
-or ``C = 4`` (RGBA). Writes are atomic: a hidden sibling is written first and
-renamed onto the target, so a failed write never leaves a half-written file.
+or ``C = 4`` (RGBA); 16-bit images are scaled to that range (``round(v * 255 / 65535)``),
+never clipped. Writes are atomic: a hidden sibling is written first and renamed onto the
+target, so a failed write never leaves a half-written file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import numbers
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,32 +70,95 @@ _ALPHA_DECODERS = {"vp8": "libvpx", "vp9": "libvpx-vp9"}
 # ----------------------------------------------------------------------------- reading
 
 
-def read_video(path: str | os.PathLike, *, max_frames: int | None = None) -> Video:
-    """Read a video file, a directory of PNGs or one image into ``Video`` (``[F, H, W, 3|4]``)."""
+def read_video(path: str | os.PathLike, *, max_frames: int | None = None, allow_gaps: bool = False) -> Video:
+    """Read a video file, a directory of PNGs or one image into ``Video`` (``[F, H, W, 3|4]``).
+
+    A directory's PNGs are its frames in the order of their numbers (``frame_0001.png``, ...);
+    a sequence whose numbers skip one is refused unless ``allow_gaps`` (then its frames are
+    used as if consecutive).
+    """
     path = Path(path)
     if max_frames is not None and max_frames < 1:
         raise LayerkitError(f"max_frames must be a positive integer, got {max_frames}.")
-    if not path.exists():
-        raise LayerkitError(f"video file '{path}' does not exist.")
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LayerkitError(f"video file '{path}' is a symlink loop.") from None
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise LayerkitError(f"video file '{path}' cannot be read ({exc.strerror or exc}).") from None
+        if path.is_symlink():
+            raise LayerkitError(f"video file '{path}' is a broken symlink (to '{os.readlink(path)}').") from None
+        raise LayerkitError(f"video file '{path}' does not exist.") from None
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and p.is_file())
-        if not files:
-            raise LayerkitError(f"PNG sequence directory '{path}' contains no .png files.")
-        return Video(read_images(files[:max_frames], path), DEFAULT_FPS)
+        files = png_sequence(path, allow_gaps=allow_gaps, max_frames=max_frames)
+        return Video(read_images(files, path), DEFAULT_FPS)
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return Video(read_images([path], path), DEFAULT_FPS)
     return _read_av(path, max_frames)
 
 
+_NUMBERED = re.compile(r"(.*?)(\d+)")
+
+
+def png_sequence(directory: str | os.PathLike, *, allow_gaps: bool = False, max_frames: int | None = None) -> list[Path]:
+    """The ``.png`` files of ``directory`` as frames, at most ``max_frames`` of them.
+
+    Names that share one prefix and end in a number (``frame_0001.png``) are ordered by that
+    number, and the frames read must be numbered consecutively unless ``allow_gaps``; any other
+    names are ordered by name.
+    """
+    directory = Path(directory)
+    files = [p for p in directory.iterdir() if p.suffix.lower() == ".png" and p.is_file()]
+    if not files:
+        raise LayerkitError(f"PNG sequence directory '{directory}' contains no .png files.")
+    matches = [_NUMBERED.fullmatch(p.stem) for p in files]
+    if not all(matches) or len({m.group(1) for m in matches if m}) != 1:
+        return sorted(files)[:max_frames]
+    numbered = sorted(((int(m.group(2)), p) for m, p in zip(matches, files) if m), key=lambda t: (t[0], t[1].name))
+    numbered = numbered[:max_frames]
+    if not allow_gaps:
+        for (a, first), (b, second) in zip(numbered, numbered[1:]):
+            if b > a + 1:
+                missing = f"frame {a + 1} is" if b == a + 2 else f"frames {a + 1} to {b - 1} are"
+                raise LayerkitError(
+                    f"PNG sequence '{directory}' has a gap: {missing} missing between '{first.name}' and "
+                    f"'{second.name}'; fill it, or pass allow_gaps=True to use the frames as if consecutive."
+                )
+    return [p for _, p in numbered]
+
+
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _image_array(im: Image.Image, file: Path) -> np.ndarray:
+    """uint8 ``[H, W, 3|4]`` of a loaded image; 16-bit grey scaled to 8 bits (Pillow's own
+    conversion clips it to white), its tRNS grey level made transparent."""
+    if im.mode in _WIDE_GREY:
+        wide = np.asarray(im).astype(np.int64)
+        if wide.size and (wide.min() < 0 or wide.max() > 65535):
+            raise LayerkitError(f"image '{file}' has {im.mode} pixels outside 0..65535; only 8- and 16-bit images are read.")
+        grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        rgb = np.repeat(grey[..., None], 3, axis=-1)
+        level = im.info.get("transparency")
+        if isinstance(level, int):
+            return np.dstack([rgb, np.where(wide == level, 0, 255).astype(np.uint8)])
+        return rgb
+    if im.mode in ("F", "I;32", "I;32L", "I;32B") or im.mode.startswith("I;16"):
+        raise LayerkitError(f"image '{file}' has {im.mode} pixels; only 8- and 16-bit integer images are read.")
+    alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    return np.asarray(im.convert("RGBA" if alpha else "RGB"))
+
+
 def read_images(files: list[Path], source: Path) -> np.ndarray:
-    """Image files as one clip: uint8 [F, H, W, 3|4] (RGBA when any frame has alpha)."""
+    """Image files as one clip: uint8 [F, H, W, 3|4] (RGBA when any frame has alpha; 16-bit
+    images scaled to 8 bits)."""
     images = []
     for file in files:
         try:
             with Image.open(file) as im:
                 im.load()
-                alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
-                images.append(np.asarray(im.convert("RGBA" if alpha else "RGB")))
+                images.append(_image_array(im, Path(file)))
         except (OSError, ValueError) as exc:
             raise LayerkitError(f"could not read image '{file}': {exc}.") from None
     if len({im.shape[:2] for im in images}) > 1:

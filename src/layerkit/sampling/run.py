@@ -199,13 +199,54 @@ def write_outputs(result: SampleResult, output_dir: Path, cfg: DictConfig) -> Pa
     return output_dir
 
 
-def sample(overrides: Sequence[str], *, registry: Registry | None = None) -> Path:
+def check_memory(cfg: DictConfig, device: torch.device) -> None:
+    """Refuse, before any model loads, a size whose outputs and decoder activations cannot fit in
+    the device's free memory: the decoded layers in fp32 (4 layers x 4 channels per pixel of every
+    frame) plus about 1 KiB per pixel of 8 frames at a time (a video VAE decoder's widest
+    full-resolution activations). A floor, not a promise: the model itself comes on top."""
+    s = cfg.sampler
+    if not (s.get("num_frames") and s.get("height") and s.get("width")):
+        return
+    samples = int(cfg.get("inputs", {}).get("num_samples", 1) or 1)
+    frames, pixels = int(s.num_frames), int(s.height) * int(s.width)
+    estimate = samples * frames * pixels * 4 * 4 * 4 + min(frames, 8) * pixels * 1024
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = _available_ram()
+    if free and estimate > free:
+        raise LayerkitError(f"sampling {samples} x {frames} frames of {s.height} x {s.width} needs at least "
+                            f"{estimate / 2**30:.1f} GiB on {device.type} (outputs and decoder activations), and "
+                            f"{free / 2**30:.1f} GiB are free; ask for fewer frames, a smaller size or fewer samples.")
+
+
+def _available_ram() -> int | None:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def sample(overrides: Sequence[str], *, registry: Registry | None = None, cfg: DictConfig | None = None) -> Path:
     """Run one sampling job; returns the output directory."""
+    import os
+
+    from layerkit.checks import check_config, thread_count
+
     registry = registry or get_registry()
-    cfg = compose("sample", overrides, registry)
+    if cfg is None:
+        cfg = compose("sample", overrides, registry)
+        check_config("sample", cfg)
     output_dir = Path(cfg.output_dir) if cfg.get("output_dir") else default_output_dir("sample")
     check_output_dir(output_dir, overwrite=bool(cfg.overwrite))
     dtype_of(cfg.dtype)
+    if not os.environ.get("OMP_NUM_THREADS") or os.environ.get("LAYERKIT_THREADS") or cfg.get("threads") != "auto":
+        torch.set_num_threads(thread_count(cfg.get("threads", "auto")))
+    check_memory(cfg, resolve_device(str(cfg.device)))
     sampler = build_sampler(cfg, registry)
     result = sampler.run()
     return write_outputs(result, output_dir, cfg)

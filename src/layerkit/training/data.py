@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from layerkit.config import params
 from layerkit.errors import LayerkitError
@@ -57,6 +57,36 @@ class PreparedDataset(Dataset):
         return sample
 
 
+class ResumableSampler(Sampler[int]):
+    """A shuffled order that depends only on (seed, epoch), resumable mid-epoch: the checkpoint
+    stores the epoch and how many items of it were consumed (``state_dict``), and the resumed run
+    sees exactly the items the uninterrupted run would have seen. Each ``__iter__`` is one epoch."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = int(size), int(seed)
+        self.epoch = 0       # the epoch the next __iter__ yields
+        self.skip = 0        # items of that epoch already consumed (set on resume)
+        self.current = 0     # the epoch being yielded
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        skip, self.skip = self.skip, 0
+        self.current, self.epoch = self.epoch, self.epoch + 1
+        yield from order[skip:]
+
+    def state_dict(self, consumed: int) -> dict[str, int]:
+        return {"epoch": self.current, "consumed": int(consumed)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.skip = int(state["epoch"]), int(state["consumed"])
+        if self.skip >= self.size:  # the epoch was complete
+            self.epoch, self.skip = self.epoch + 1, 0
+
+
 class LayerkitDataModule(L.LightningDataModule):
     def __init__(self, cfg: DictConfig, registry: Registry, prepares: list[Callable] | None = None,
                  collate: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None) -> None:
@@ -75,6 +105,9 @@ class LayerkitDataModule(L.LightningDataModule):
             self.size = len(self.dataset)
         except TypeError:
             self.size = None
+        seed = int(cfg.get("seed", 0))
+        self.sampler = ResumableSampler(self.size, seed) if self.size else None
+        self.generator = torch.Generator().manual_seed(seed)  # worker seeds: not from the global RNG
 
     def check(self) -> None:
         """Read one sample now so a broken dataset fails before a run directory exists."""
@@ -87,7 +120,9 @@ class LayerkitDataModule(L.LightningDataModule):
         return DataLoader(
             PreparedDataset(self.dataset, self.prepares, index=self.cache),
             batch_size=int(self.cfg.train.batch_size),
-            shuffle=True,
+            shuffle=self.sampler is None,
+            sampler=self.sampler,
+            generator=self.generator,
             num_workers=workers,
             collate_fn=self.collate,
             drop_last=self.size is not None and self.size >= int(self.cfg.train.batch_size),

@@ -120,7 +120,11 @@ class LayerkitModule(L.LightningModule):
             self.ema = EMAModel([p for p in self.parameters() if p.requires_grad], decay=self.ema_decay)
         return self.ema
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimiser's step, then the EMA's: once per optimiser step (not per accumulated
+        micro-batch), and before any callback's ``on_train_batch_end`` (so a checkpoint written
+        there holds the EMA of the same step as the weights: resume is exact)."""
+        super().optimizer_step(*args, **kwargs)
         ema = self._ema()
         if ema is not None:
             ema.to(device=self.device)

@@ -1,8 +1,16 @@
-"""``layerkit train``: compose, build, fit with Lightning, export safetensors, write the record."""
+"""``layerkit train``: compose, build, fit with Lightning, export safetensors, write the record.
+
+A run owns its folder (a lock naming its pid and host); it resumes exactly: the checkpoint holds
+the trainable weights, optimiser, schedule, EMA, every random-number state and the data order's
+position, so a run killed and resumed ends with the weights of the uninterrupted run, bit for bit
+(on the same machine and software; a dataset that draws from the global random state, or
+``train.cache_latents`` with a sampling VAE posterior, breaks that). A damaged ``last.ckpt``
+falls back to ``previous.ckpt`` with a warning; every unusable checkpoint is one sentence."""
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,11 +23,17 @@ from layerkit.errors import LayerkitError
 from layerkit.io.weights import save_weights
 from layerkit.registry import Registry, get_registry
 from layerkit.runs import (
+    RECORD_NAME,
     RUN_DIR_ENV,
     check_output_dir,
     default_output_dir,
     is_child_process,
     list_files,
+    merge_metrics,
+    only_traces,
+    run_lock,
+    set_aside,
+    stash_metrics,
     write_record,
 )
 
@@ -28,10 +42,11 @@ WEIGHTS_NAME = "weights.safetensors"
 
 def build_trainer(cfg: DictConfig, output_dir: Path, extra_callbacks: Sequence[Any] = ()) -> Any:
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
     from layerkit.training.checkpoint import AtomicCheckpointIO
+    from layerkit.training.state import ResumeState, StderrProgressBar
 
     tcfg = params(cfg.trainer)
     strategy = tcfg.pop("strategy", "auto")
@@ -41,7 +56,8 @@ def build_trainer(cfg: DictConfig, output_dir: Path, extra_callbacks: Sequence[A
     callbacks = [
         ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0,
                         every_n_train_steps=max(every, 1), save_on_train_epoch_end=False),
-        TQDMProgressBar(refresh_rate=1),
+        StderrProgressBar(refresh_rate=1),
+        ResumeState(),
         *extra_callbacks,
     ]
     return L.Trainer(
@@ -75,23 +91,64 @@ def _strategy(spec: dict[str, Any]) -> Any:
     raise LayerkitError(f"unknown strategy '{name}'; use ddp, fsdp, deepspeed or a Lightning strategy name.")
 
 
-def train(overrides: Sequence[str], *, registry: Registry | None = None, callbacks: Sequence[Any] = ()) -> Path:
+def train(overrides: Sequence[str], *, registry: Registry | None = None, callbacks: Sequence[Any] = (),
+          cfg: DictConfig | None = None) -> Path:
     """Run one training job; returns the output directory."""
-    import lightning as L
-
-    from layerkit.pipeline import build_parts, load_trainable_state, weight_files
-    from layerkit.training.data import LayerkitDataModule
-    from layerkit.training.module import LayerkitModule
+    from layerkit.checks import check_config
 
     registry = registry or get_registry()
-    cfg = compose("train", overrides, registry)
+    if cfg is None:
+        cfg = compose("train", overrides, registry)
+        check_config("train", cfg)
     output_dir = Path(cfg.output_dir) if cfg.get("output_dir") else None
-    if is_child_process():
+    child = is_child_process()
+    if child:
         output_dir = Path(os.environ[RUN_DIR_ENV])
     else:
         output_dir = output_dir or default_output_dir("train")
         check_output_dir(output_dir, overwrite=bool(cfg.overwrite), resumable=True)
+        finished = _finished(cfg, output_dir)
+        if finished is not None:
+            print(f"layerkit: output_dir '{output_dir}' holds a finished run (step {finished} of "
+                  f"{cfg.trainer.max_steps}); nothing to do. Raise trainer.max_steps to train on from its last "
+                  "checkpoint, or pass overwrite=true to train again.", file=sys.stderr)
+            return output_dir
+    if child:
+        return _fit(cfg, registry, output_dir, callbacks)
+    with run_lock(output_dir):
+        return _fit(cfg, registry, output_dir, callbacks)
 
+
+def _finished(cfg: DictConfig, output_dir: Path) -> int | None:
+    """The step of a finished run in ``output_dir`` that this config would not continue, or None."""
+    record = output_dir / RECORD_NAME
+    if cfg.overwrite or not record.is_file() or not (output_dir / WEIGHTS_NAME).is_file():
+        return None
+    import json
+
+    try:
+        step = int(json.loads(record.read_text()).get("global_step") or 0)
+    except (OSError, ValueError):
+        return None
+    return step if step >= int(cfg.trainer.max_steps) else None
+
+
+def _fit(cfg: DictConfig, registry: Registry, output_dir: Path, callbacks: Sequence[Any]) -> Path:
+    import lightning as L
+
+    from layerkit.checks import thread_count
+    from layerkit.pipeline import build_parts, load_trainable_state, weight_files
+    from layerkit.training.checkpoint import check_fits
+    from layerkit.training.data import LayerkitDataModule
+    from layerkit.training.module import LayerkitModule
+
+    if not os.environ.get("OMP_NUM_THREADS") or os.environ.get("LAYERKIT_THREADS") or cfg.get("threads") != "auto":
+        torch.set_num_threads(thread_count(cfg.get("threads", "auto")))
+    import warnings
+
+    # wrong for layerkit's runs: the data order resumes (ResumeState), and the log is continued
+    warnings.filterwarnings("ignore", message=r".*ended before the epoch ended and your dataloader is not resumable.*")
+    warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted.*")
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = LayerkitDataModule(cfg, registry)
     datamodule.check()  # a bad dataset fails here, before any file is written
@@ -102,16 +159,35 @@ def train(overrides: Sequence[str], *, registry: Registry | None = None, callbac
     for path in weight_files(cfg.get("init_from")):  # earlier stages' weights, in order
         load_trainable_state(module, path, parts=parts, allow_pickle=bool(cfg.get("allow_pickle", False)))
 
-    resume = _resume_path(cfg, output_dir)
-    if not is_child_process():
-        if cfg.overwrite and output_dir.exists() and resume is None:
-            import shutil
-
-            shutil.rmtree(output_dir)
+    resume, checkpoint = _resume_checkpoint(cfg, output_dir)
+    if checkpoint is not None:
+        check_fits(checkpoint, module, resume)
+        del checkpoint
+    child = is_child_process()
+    if not child:
+        if resume is None and cfg.overwrite:
+            set_aside(output_dir)
+        elif resume is None and output_dir.is_dir() and only_traces(output_dir) and any(
+                p.name != ".layerkit.lock" for p in output_dir.iterdir()):
+            print(f"layerkit: output_dir '{output_dir}' holds only an interrupted run's traces and no usable "
+                  "checkpoint; starting the run afresh there.", file=sys.stderr)
         output_dir.mkdir(parents=True, exist_ok=True)
         os.environ[RUN_DIR_ENV] = str(output_dir.resolve())
+    parts_logs = stash_metrics(output_dir / "logs") if resume is not None and not child else []
     trainer = build_trainer(cfg, output_dir, callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into SystemExit(1) after its own teardown
+            if not child:
+                merge_metrics(output_dir / "logs", parts_logs)
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if not child and trainer.is_global_zero and (output_dir / "logs" / "metrics.csv").is_file():
+            merge_metrics(output_dir / "logs", parts_logs)
+    if trainer.interrupted:
+        raise KeyboardInterrupt
 
     if trainer.is_global_zero:
         config = to_plain(cfg)
@@ -147,17 +223,37 @@ def train(overrides: Sequence[str], *, registry: Registry | None = None, callbac
     return output_dir
 
 
-def _resume_path(cfg: DictConfig, output_dir: Path) -> Path | None:
+def _resume_checkpoint(cfg: DictConfig, output_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint to resume from and its contents: ``resume=PATH`` (one sentence if unusable),
+    or with ``resume=auto`` the folder's ``last.ckpt``, falling back to ``previous.ckpt`` with a
+    warning when the last one is damaged."""
+    from layerkit.training.checkpoint import PREVIOUS_NAME, read_checkpoint
+
     resume = cfg.get("resume")
-    if resume in (None, "auto"):
-        last = output_dir / "checkpoints" / "last.ckpt"
-        return last if last.is_file() and not cfg.overwrite else None
     if resume is False or str(resume).lower() in {"false", "no", "never"}:
-        return None
-    path = Path(str(resume))
-    if not path.is_file():
-        raise LayerkitError(f"resume checkpoint '{path}' does not exist.")
-    return path
+        return None, None
+    if resume not in (None, "auto"):
+        path = Path(str(resume))
+        return path, read_checkpoint(path)
+    if cfg.overwrite:
+        return None, None
+    folder = output_dir / "checkpoints"
+    candidates = [p for p in (folder / "last.ckpt", folder / PREVIOUS_NAME) if p.is_file()]
+    problems = []
+    for path in candidates:
+        try:
+            checkpoint = read_checkpoint(path)
+        except LayerkitError as exc:
+            problems.append(str(exc))
+            continue
+        for problem in problems:
+            print(f"layerkit: warning: {problem} Resuming from '{path}' (step {checkpoint['global_step']}).",
+                  file=sys.stderr)
+        return path, checkpoint
+    if problems:
+        raise LayerkitError(f"cannot resume: {' '.join(problems)} Pass resume=false to start over in this folder, "
+                            "or overwrite=true to move it aside.")
+    return None, None
 
 
 def _final_loss(trainer: Any) -> float | None:

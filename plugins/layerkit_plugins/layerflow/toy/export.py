@@ -18,22 +18,12 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
+from layerkit.io.weights import save_fp16_copy
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
-def to_fp16(src: Path, dst: Path) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(src), framework="pt") as f:
-        metadata = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    state = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(dst), metadata=metadata)
-    dst.chmod(0o644)
+to_fp16 = save_fp16_copy
 
 
 def export_base(src: Path, dst: Path) -> None:

@@ -1,0 +1,183 @@
+"""Checks of a composed config that run before any heavy import or model load.
+
+Every bad value fails here, in well under two seconds, with one sentence naming the key, the value
+and what is allowed, and nothing is written: ``layerkit train`` and ``layerkit sample`` call
+:func:`check_config` right after composing. Components check their own options when they are
+built; this module knows only the keys of the primary configs (``conf/train.yaml``,
+``conf/sample.yaml``) and the trainer's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from layerkit.errors import LayerkitError
+
+MAX_STEPS_SAMPLING = 1000   # a scheduler's training timesteps; more sampling steps than that mean nothing
+RGBA_FORMATS = ("mov", "webm", "png")
+DTYPE_NAMES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+
+
+def _show(value: Any) -> str:
+    return f"'{value}'" if isinstance(value, str) else str(value)
+
+
+def _fail(key: str, value: Any, expected: str) -> LayerkitError:
+    return LayerkitError(f"{key} is {_show(value)}; expected {expected}.")
+
+
+def _whole(key: str, value: Any, low: int, high: int | None = None, *, null: bool = False) -> None:
+    if value is None and null:
+        return
+    span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        raise _fail(key, value, f"a whole number {span}" + (" (or null)" if null else ""))
+
+
+def _number(key: str, value: Any, low: float, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False, null: bool = False) -> None:
+    if value is None and null:
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (
+            high is None or (value < high if high_open else value <= high))
+    if not ok:
+        lo = f"{'above' if low_open else 'at least'} {low}"
+        hi = "" if high is None else f" and {'below' if high_open else 'at most'} {high}"
+        raise _fail(key, value, f"a number {lo}{hi}" + (" (or null)" if null else ""))
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise _fail(key, value, "one of " + ", ".join(allowed))
+
+
+def _get(cfg: DictConfig, dotted: str) -> tuple[bool, Any]:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False, None
+        node = node.get(part)
+    return True, node
+
+
+def _rules_common() -> list[tuple[str, Callable[[str, Any], None]]]:
+    return [
+        ("seed", lambda k, v: _whole(k, v, 0)),
+        ("threads", lambda k, v: None if v == "auto" else _whole(k, v, 1, 512)),
+    ]
+
+
+def _rules_sample() -> list[tuple[str, Callable[[str, Any], None]]]:
+    return [
+        ("sampler.steps", lambda k, v: _whole(k, v, 1, MAX_STEPS_SAMPLING)),
+        ("sampler.guidance_scale", lambda k, v: _number(k, v, 0.0, 100.0)),
+        ("sampler.guidance_rescale", lambda k, v: _number(k, v, 0.0, 1.0)),
+        ("sampler.num_frames", lambda k, v: _whole(k, v, 1, 1024, null=True)),
+        ("sampler.height", lambda k, v: _whole(k, v, 8, 8192, null=True)),
+        ("sampler.width", lambda k, v: _whole(k, v, 8, 8192, null=True)),
+        ("fps", lambda k, v: _number(k, v, 0.0, 1000.0, low_open=True)),
+        ("rgba_format", lambda k, v: _choice(k, v, RGBA_FORMATS)),
+        ("dtype", lambda k, v: _choice(k, v, DTYPE_NAMES)),
+        ("device", lambda k, v: None if isinstance(v, str) and (v in ("auto", "cpu", "cuda", "mps") or (
+            v.startswith("cuda:") and v[5:].isdigit())) else (_ for _ in ()).throw(
+            _fail(k, v, "auto, cpu, cuda or cuda:N"))),
+        ("inputs.num_samples", lambda k, v: _whole(k, v, 1, 4096)),
+    ]
+
+
+def _rules_train() -> list[tuple[str, Callable[[str, Any], None]]]:
+    return [
+        ("trainer.max_steps", lambda k, v: _whole(k, v, 1)),
+        ("trainer.accumulate_grad_batches", lambda k, v: _whole(k, v, 1)),
+        ("trainer.gradient_clip_val", lambda k, v: _number(k, v, 0.0, null=True)),
+        ("trainer.log_every_n_steps", lambda k, v: _whole(k, v, 1)),
+        ("train.batch_size", lambda k, v: _whole(k, v, 1)),
+        ("train.num_workers", lambda k, v: _whole(k, v, 0, 256)),
+        ("train.prompt_dropout", lambda k, v: _number(k, v, 0.0, 1.0)),
+        ("train.ema_decay", lambda k, v: _number(k, v, 0.0, 1.0, high_open=True)),
+        ("train.checkpoint_every", lambda k, v: _whole(k, v, 1)),
+        ("optim.lr", lambda k, v: _number(k, v, 0.0, 10.0, low_open=True)),
+        ("optim.weight_decay", lambda k, v: _number(k, v, 0.0)),
+        ("optim.eps", lambda k, v: _number(k, v, 0.0, 1.0, low_open=True)),
+        ("optim.warmup_steps", lambda k, v: _whole(k, v, 0)),
+        ("optim.warmup_ratio", lambda k, v: _number(k, v, 0.0, 1.0, high_open=True)),
+        ("optim.betas", _betas),
+    ]
+
+
+def _betas(key: str, value: Any) -> None:
+    values = list(value) if hasattr(value, "__iter__") and not isinstance(value, str) else None
+    if values is None or len(values) != 2:
+        raise _fail(key, value, "two numbers in [0, 1)")
+    for i, beta in enumerate(values):
+        _number(f"{key}[{i}]", beta, 0.0, 1.0, high_open=True)
+
+
+def check_output_location(path: Path) -> None:
+    """The output folder must be a folder of its own (not the working directory or one holding it)
+    in a place this process can write; checked before any compute."""
+    resolved = path.expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve() or resolved.parent == resolved:
+        raise LayerkitError(f"output_dir '{path}' is the working directory, a folder above it, the home folder or "
+                            "the root; choose a folder of its own for the run, e.g. output_dir=runs/NAME.")
+    if resolved.exists() and not resolved.is_dir():
+        raise LayerkitError(f"output_dir '{path}' exists and is a file, not a directory.")
+    probe = resolved
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise LayerkitError(f"output_dir '{path}' cannot be created: '{probe}' is a file.")
+    try:  # the real test (permission bits say nothing for root, read-only mounts, /proc)
+        import tempfile
+
+        os.rmdir(tempfile.mkdtemp(prefix=".layerkit-probe-", dir=probe))
+    except OSError as exc:
+        raise LayerkitError(f"output_dir '{path}' cannot be written: nothing can be created in '{probe}' "
+                            f"({exc.strerror or type(exc).__name__}).") from None
+
+
+def check_config(primary: str, cfg: DictConfig) -> None:
+    """Fail on the first bad value of ``cfg`` (a composed ``train`` or ``sample`` config)."""
+    rules = _rules_common() + (_rules_train() if primary == "train" else _rules_sample())
+    for key, rule in rules:
+        present, value = _get(cfg, key)
+        if present:
+            rule(key, value)
+    if primary == "sample":
+        frames, height, width = (_get(cfg, f"sampler.{k}")[1] for k in ("num_frames", "height", "width"))
+        samples = _get(cfg, "inputs.num_samples")[1] or 1
+        if frames and height and width and frames * height * width * samples > 1024 * 1024 * 1024:
+            raise LayerkitError(f"sampler.num_frames x height x width x inputs.num_samples is {frames} x {height} x "
+                                f"{width} x {samples} pixels, more than any video model here can hold; ask for less.")
+    if cfg.get("output_dir"):
+        check_output_location(Path(str(cfg.output_dir)))
+
+
+def thread_count(setting: Any = "auto") -> int:
+    """Torch threads: ``LAYERKIT_THREADS`` or the ``threads`` setting; ``auto`` takes the cores this
+    process may use less the machine's current load (1-minute average), at least 1, so a busy
+    machine is not thrashed (see docs/performance.md for the measurement behind it)."""
+    env = os.environ.get("LAYERKIT_THREADS")
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise LayerkitError(f"LAYERKIT_THREADS is '{env}'; expected a whole number of at least 1.")
+        return int(env)
+    if setting not in (None, "auto"):
+        return int(setting)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return max(1, min(cores, cores - int(round(load))))
