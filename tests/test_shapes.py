@@ -274,7 +274,7 @@ def test_evaluator_scores_wrong_inputs_badly():
         assert out["background_leak"] > 0.05 and out["compositing_error"] > 1e-3
     assert wrong_colour == 10 and wrong_dir == 10
     blank = evaluate_layered({"foreground_alpha": torch.zeros_like(fa)}, s)
-    assert blank == {"alpha_iou": 0.0, "shape_correct": 0.0, "direction_correct": 0.0}
+    assert blank == {"alpha_iou": 0.0, "alpha_iou_heldout": 0.0, "shape_correct": 0.0, "direction_correct": 0.0}
 
 
 def test_evaluator_parts():

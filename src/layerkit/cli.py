@@ -118,6 +118,8 @@ def _plugins(as_json: bool) -> int:
             print(f"{line}: {component.description}" if component.description else line)
         for path in row["config_dirs"]:
             print(f"  configs: {path}")
+        for conflict in row.get("conflicts") or []:
+            print(f"  CONFLICT: {conflict}")
     return 0
 
 

@@ -97,7 +97,9 @@ def _alive(pid: int) -> bool:
 def run_lock(path: Path) -> Iterator[None]:
     """One run per folder: ``path/.layerkit.lock`` holds the owner's pid and host while it runs.
     A second run fails with one sentence naming the first; a lock left by a dead process on this
-    host is taken over."""
+    host is taken over. A folder this run created and left empty (it failed before writing
+    anything) is removed again: a failed start leaves nothing behind."""
+    created = [p for p in (path, *path.parents) if not p.exists()]
     path.mkdir(parents=True, exist_ok=True)
     lock = path / LOCK_NAME
     me = {"pid": os.getpid(), "host": socket.gethostname(),
@@ -130,6 +132,11 @@ def run_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         lock.unlink(missing_ok=True)
+        for folder in created:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 @contextlib.contextmanager

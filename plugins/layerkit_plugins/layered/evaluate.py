@@ -19,18 +19,45 @@ from layerkit.data.evaluate import (
 )
 from layerkit.errors import ShapeError
 
-__all__ = ["evaluate_layered", "summarise"]
+__all__ = ["PLACED", "composite_alpha", "evaluate_layered", "summarise"]
 
 
-def evaluate_layered(pred: dict[str, torch.Tensor], sample: dict[str, Any]) -> dict[str, float]:
+#: modes whose given input fixes where the sprite is: there the matte is scored against the true one
+PLACED = ("decompose", "fg2bg")
+
+
+def composite_alpha(fg_rgb: torch.Tensor, fg_alpha: torch.Tensor, background: torch.Tensor,
+                    blended: torch.Tensor) -> torch.Tensor:
+    """The matte a composite implies [F, 1, H, W]: per pixel, how far the blended video has moved
+    from the background towards the foreground's colour, ``(blended - bg) . (c - bg) / |c - bg|^2``
+    clamped to [0, 1], with ``c`` the foreground's mean colour under its own matte (one sprite; the
+    mid-grey of an empty matte). Equal to the matte wherever blended = fg x alpha + bg x (1 - alpha)."""
+    a = fg_alpha.float()
+    mass = a.sum()
+    c = (fg_rgb.float() * a).sum((0, 2, 3)) / mass if mass > 1e-6 else torch.full((3,), 0.5)
+    towards = c.view(1, 3, 1, 1) - background.float()
+    moved = blended.float() - background.float()
+    return ((moved * towards).sum(1, keepdim=True) / towards.pow(2).sum(1, keepdim=True).clamp_min(0.05)).clamp(0, 1)
+
+
+def evaluate_layered(pred: dict[str, torch.Tensor], sample: dict[str, Any], mode: str = "decompose") -> dict[str, float]:
     """Score predicted layers against a ``make_sample`` ground truth.
 
     ``pred`` may hold "foreground_rgb" [F, 3, H, W], "foreground_alpha" [F, 1, H, W], "background"
     [F, 3, H, W] and "blended" [F, 3, H, W]; metrics whose inputs are missing are skipped.  Returns:
-    alpha_iou; compositing_error (pred layers against pred "blended", or the true blended clip when
-    pred has none); colour_correct (per sprite, inside its true visible mask, averaged); shape_correct
-    and direction_correct (single-sprite samples only); background_leak; background_static_drift
-    (only when the true background is static).
+
+    - ``alpha_iou_heldout``: the matte against the held-out clip's own alpha;
+    - ``alpha_iou_composite``: the matte against the one the output composite implies
+      (:func:`composite_alpha`: does the matte cover exactly the sprite the output blended video
+      shows over the output background); 0 when neither shows a sprite (every shapes prompt asks for one);
+    - ``alpha_iou``: the one of the two that measures quality in ``mode``: the held-out alpha when
+      the given input fixes where the sprite is (decompose: the blended clip; fg2bg: the matte
+      itself), the composite's when nothing does (generate, bg2fg: the prompt names colour, shape
+      and motion, not the place, so the held-out alpha would measure luck of placement);
+    - compositing_error (pred layers against pred "blended", or the true blended clip when pred has
+      none); colour_correct (per sprite, inside its true visible mask, averaged); shape_correct
+      and direction_correct (single-sprite samples only); background_leak; background_static_drift
+      (only when the true background is static).
     """
     out: dict[str, float] = {}
     sprites = sample["meta"]["sprites"]
@@ -39,7 +66,14 @@ def evaluate_layered(pred: dict[str, torch.Tensor], sample: dict[str, Any]) -> d
         if key in sample and isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(sample[key].shape):
             raise ShapeError(f"pred['{key}'] has shape {tuple(value.shape)}, expected {tuple(sample[key].shape)}.")
     if fg_alpha is not None:
-        out["alpha_iou"] = alpha_iou(fg_alpha, sample["foreground_alpha"])
+        out["alpha_iou_heldout"] = alpha_iou(fg_alpha, sample["foreground_alpha"])
+        out["alpha_iou"] = out["alpha_iou_heldout"]
+    if fg_rgb is not None and fg_alpha is not None and bg is not None and "blended" in pred:
+        implied = composite_alpha(fg_rgb, fg_alpha, bg, pred["blended"])
+        shown = (implied >= 0.5).any() or (fg_alpha >= 0.5).any()
+        out["alpha_iou_composite"] = alpha_iou(fg_alpha, implied) if shown else 0.0
+        if mode not in PLACED:
+            out["alpha_iou"] = out["alpha_iou_composite"]
     if fg_rgb is not None and fg_alpha is not None and bg is not None:
         out["compositing_error"] = compositing_error(fg_rgb, fg_alpha, bg, pred.get("blended", sample["blended"]))
     if fg_rgb is not None and fg_alpha is not None:

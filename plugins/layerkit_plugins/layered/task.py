@@ -249,17 +249,25 @@ class LayeredTask(Task):
         return outputs
 
     def evaluate(self, outputs: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> dict[str, float] | None:
-        """Shapes-world metrics when the inputs came from the shapes world."""
+        """Shapes-world metrics when the inputs came from the shapes world.
+
+        ``alpha_iou`` follows the mode (``layered.evaluate.evaluate_layered``): against the held-out
+        clip's alpha where the given input fixes the sprite's place (decompose, fg2bg), against the
+        matte the output composite implies where nothing does (generate, bg2fg: the prompt does not
+        say where the sprite is); both are recorded as ``alpha_iou_heldout`` and ``alpha_iou_composite``."""
         truth = batch.get("ground_truth")
         if not truth or "alpha" not in outputs[0]:
             return None
         from layerkit_plugins.layered.evaluate import evaluate_layered, summarise
 
+        modes = batch.get("mode") or []
+        modes = [modes] * len(outputs) if isinstance(modes, str) else list(modes)
         rows = []
-        for out, sample in zip(outputs, truth, strict=True):
+        for i, (out, sample) in enumerate(zip(outputs, truth, strict=True)):
             pred = {"foreground_rgb": out["foreground"][:, :3], "foreground_alpha": out["alpha"],
                     "background": out["background"], "blended": out["blended"]}
-            rows.append(evaluate_layered(pred, sample))
+            mode = modes[i] if i < len(modes) else ("generate" if self.mode == "auto" else self.mode)
+            rows.append(evaluate_layered(pred, sample, mode=mode))
         return summarise(rows)
 
 
