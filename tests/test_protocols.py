@@ -149,6 +149,12 @@ EXPERIMENTS: dict[str, tuple[str, list[str]]] = {
     "layeranimate": ("train", ["backbone=tooncrafter_tiny"]),
     "layeranimate_demo": ("compose", ["backbone=tooncrafter_tiny"]),
     "tooncrafter_interpolate": ("train", ["backbone=tooncrafter_tiny"]),
+    # the toy LayerAnimate: its stages train on the committed toy base (test_toy_layeranimate.py
+    # samples it); the base stage needs the folder its VAE step writes under runs/
+    "toy_layeranimate": ("train", ["data.size=4", "train.batch_size=2"]),
+    "toy_layeranimate_no_ma": ("train", ["data.size=4", "train.batch_size=2"]),
+    "toy_layeranimate_common": ("compose", []),
+    "toy_layeranimate_base": ("compose", []),
 }
 FAST_SAMPLE = ["sampler.steps=1", "sampler.progress=false", "sampler.num_frames=4", "sampler.height=32",
                "sampler.width=32", "device=cpu"]

@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiments", help="list experiments (+experiment=NAME) and task configs, one line each")
     p.add_argument("--json", action="store_true", help="print JSON")
     p = sub.add_parser("config", help="print the composed config")
-    p.add_argument("primary", choices=["train", "sample"])
+    p.add_argument("primary", choices=["train", "sample", "curate"])
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p = sub.add_parser("convert", help="convert a pickled checkpoint to safetensors (read with weights_only=True)")
     p.add_argument("source")

@@ -35,9 +35,20 @@ def register_datasets(register):
     register("layeranimate.shapes", "layerkit_plugins.layeranimate.data:ShapesLayers",
              description="shapes-world clips with layer masks, motion scores, trajectories and sketches; the paper's "
                          "training-time choices (mask dropout, one control per layer, i2v/interpolation, flip)")
+    register("layeranimate.toy_clips", "layerkit_plugins.layeranimate.toy.data:ShapesClips",
+             description="shapes-world clips (video, prompt, fps, i2v or interpolation per item) for the toy's base "
+                         "ToonCrafter stage; cacheable")
     register("layeranimate.folder", "layerkit_plugins.layeranimate.data:CuratedClips",
              description="clips written by layerkit curate (masklets, motion scores, tracks, sketches), with the "
                          "paper's training-time choices")
+
+
+@hookimpl
+def register_commands(register):
+    register("toy-layeranimate-vae", "layerkit_plugins.layeranimate.toy.train_vae:main",
+             description="train the toy LayerAnimate's VAE on shapes-world frames and write its base folder")
+    register("toy-layeranimate-eval", "layerkit_plugins.layeranimate.toy.evaluate:main",
+             description="score the toy LayerAnimate on held-out shapes clips; the motion-based assignment ablation")
 
 
 @hookimpl

@@ -58,10 +58,14 @@ class LayerControl(Control):
     provides = ("layer_features",)
 
     def __init__(self, backbone: Backbone, path: str | None = None, capacity: int = 4, layer_chunk: int | None = None,
-                 trainable: bool = True, controlnet: dict[str, Any] | None = None) -> None:
+                 trainable: bool = True, controlnet: dict[str, Any] | None = None,
+                 motion_assignment: bool = True) -> None:
         """``path``: the authors' ``layer_controlnet/`` folder; without it the ControlNet is a copy of
         the backbone UNet's encoder (the paper's initialisation) with zero-initialised control
-        encoders. ``layer_chunk``: layers per ControlNet call (memory; the same result)."""
+        encoders. ``layer_chunk``: layers per ControlNet call (memory; the same result).
+        ``controlnet``: config fields for the copy (e.g. ``trajectory_block_out_channels``).
+        ``motion_assignment=False`` is the paper's ablation "w/o MA" (Tab. 2): every layer is treated
+        as dynamic (its region only on the keyframes, zeros elsewhere), whatever ``layer_static`` says."""
         super().__init__()
         from layerkit_plugins.layeranimate.controlnet import LayerControlNet
 
@@ -71,6 +75,7 @@ class LayerControl(Control):
         self.controlnet = load_layer_controlnet(path) if path else \
             LayerControlNet.from_unet(backbone.denoiser, **(controlnet or {}))
         self.capacity, self.layer_chunk = int(capacity), layer_chunk
+        self.motion_assignment = bool(motion_assignment)
         self.controlnet.requires_grad_(bool(trainable))
         self._memo: tuple[Any, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
@@ -118,8 +123,10 @@ class LayerControl(Control):
         region_latents = latents.permute(0, 2, 1, 3, 4).unflatten(0, (b, n))  # [B, N, K, 4, h, w]
         mask_latents = latent_masks(masks, (h, w)).to(region_latents.dtype)
         modes = list(ex["mode"]) if not isinstance(ex["mode"], str) else [ex["mode"]] * b
-        layer_latents, layer_mask = motion_based_assignment(region_latents, mask_latents, ex["layer_static"].bool(),
-                                                            num_frames, modes)
+        static = ex["layer_static"].bool()
+        if not self.motion_assignment:  # the ablation: no layer repeats over the frames
+            static = torch.zeros_like(static)
+        layer_latents, layer_mask = motion_based_assignment(region_latents, mask_latents, static, num_frames, modes)
         sketch = ex["sketch"].float()  # [B, N, F, 3, H, W] in [0, 1], white = no sketch
         sketch_latents = backbone.encode_video(sketch.flatten(0, 1) * 2 - 1)  # [B*N, 4, F, h, w]
         sketch_latents = sketch_latents.permute(0, 2, 1, 3, 4).unflatten(0, (b, n))

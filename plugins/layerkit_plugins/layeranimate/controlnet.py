@@ -87,7 +87,10 @@ class LayerControlNet(ImageAttentionMixin, GradientCheckpointingMixin, ModelMixi
     ``{"motion_score": 2, "sketch": 4, "trajectory": 3}``. Supported: ``ignore_noisy_latents=True``
     and ``control_injection_mode="add"`` (the released model); ``use_vae_for_trajectory`` makes the
     trajectory encoder a single zero-initialised 3x3 conv on a latent-size map. ``out_channels`` is
-    accepted and unused, as in the authors' class.
+    accepted and unused, as in the authors' class. ``trajectory_block_out_channels`` (not in the
+    authors' config; default theirs, 16/32/96/256: three stride-2 steps, 8x) sets the trajectory
+    encoder's widths and so its down-sampling, ``2 ** (len - 1)``, which must be the VAE's (a toy
+    VAE with 4x compression takes three widths).
     """
 
     _supports_gradient_checkpointing = True
@@ -128,6 +131,7 @@ class LayerControlNet(ImageAttentionMixin, GradientCheckpointingMixin, ModelMixi
         condition_channels: dict[str, int] | None = None,
         control_injection_mode: str = "add",
         use_vae_for_trajectory: bool = False,
+        trajectory_block_out_channels: Sequence[int] = (16, 32, 96, 256),
     ) -> None:
         super().__init__()
         if not ignore_noisy_latents:
@@ -159,7 +163,8 @@ class LayerControlNet(ImageAttentionMixin, GradientCheckpointingMixin, ModelMixi
                 self.trajectory_embedding = zero_init(
                     nn.Conv2d(conditions["trajectory"], model_channels, 3, padding=1))
             else:
-                self.trajectory_embedding = TrajectoryEncoder(model_channels, conditions["trajectory"])
+                self.trajectory_embedding = TrajectoryEncoder(model_channels, conditions["trajectory"],
+                                                              tuple(trajectory_block_out_channels))
 
         self.input_blocks, _ = spec.input_blocks(in_channels)
         if addition_attention:

@@ -8,8 +8,10 @@ modes as the authors' training does 50/50); the layer inputs travel in ``Packed.
 ``layeranimate.layer_controlnet`` control.
 
 Sampling inputs: ``inputs.demo`` (a folder laid out like the authors' demos, or one of their demo
-yaml files; see ``demo.py``), or with no input held-out shapes-world clips with every control
-present (their ground truth scores the result). Outputs: the video, and per valid layer a preview of
+yaml files; see ``demo.py``), or with no input held-out shapes-world clips (their ground truth
+scores the result) with ``inputs.controls``: ``all`` (every control on every layer, the default),
+``one`` (one control per layer drawn 20/40/40 as in training, the same draw for a seed), or one
+control's name (``motion_score``, ``trajectory``, ``sketch``) on every layer. Outputs: the video, and per valid layer a preview of
 its region as assigned to the frames and of its control (trajectory heat map, sketch, or the motion
 score as a grey level).
 """
@@ -25,7 +27,7 @@ from layerkit_plugins.tooncrafter.task import KeyframeTask
 
 
 class LayerAnimateTask(KeyframeTask):
-    input_keys = ("num_samples", "seed", "prompt", "demo", "demo_root", "fps")
+    input_keys = ("num_samples", "seed", "prompt", "demo", "demo_root", "fps", "controls")
 
     def __init__(self, mode: str = "i2v", capacity: int = 4, fps: float | None = None, default_seed: int = 0,
                  num_samples: int = 1, previews: bool = True) -> None:
@@ -57,8 +59,12 @@ class LayerAnimateTask(KeyframeTask):
             raise LayerkitError("layeranimate animates layers: give inputs.demo=DIR (a folder laid out like the "
                                 "authors' demos) with the prompt, or no input for held-out shapes-world clips.")
         from layerkit.data.shapes import ShapesConfig, seed_for
+        from layerkit_plugins.layeranimate.controls import CONTROL_PROBS, CONTROLS, keep_one_control
         from layerkit_plugins.layeranimate.shapes import shapes_layeranimate_sample
 
+        controls = str(inputs.get("controls", "all"))
+        if controls not in ("all", "one", *CONTROLS):
+            raise LayerkitError(f"inputs.controls is '{controls}'; expected all, one or one of {', '.join(CONTROLS)}.")
         seed = int(inputs.get("seed", self.default_seed))
         config = ShapesConfig(num_frames=num_frames, height=height, width=width)
         out = []
@@ -66,6 +72,12 @@ class LayerAnimateTask(KeyframeTask):
             generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
             sample = shapes_layeranimate_sample(seed_for("test", seed, i), mode=self.mode, generator=generator,
                                                 capacity=self.capacity, config=config)
+            if controls == "one":
+                picks = torch.multinomial(torch.as_tensor(CONTROL_PROBS, dtype=torch.float64), self.capacity,
+                                          replacement=True, generator=generator).tolist()
+                sample = keep_one_control(sample, tuple(CONTROLS[p] for p in picks))
+            elif controls != "all":
+                sample = keep_one_control(sample, (controls,) * self.capacity)
             if self.fps is not None or inputs.get("fps") is not None:
                 sample["fps"] = float(inputs.get("fps", self.fps))
             out.append(sample)

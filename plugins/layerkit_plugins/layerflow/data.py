@@ -27,6 +27,8 @@ class LayerFlowMixture(Dataset):
     """Samples with ``foreground_rgb`` [F, 3, H, W], ``foreground_alpha`` [F, 1, H, W], ``background``,
     ``blended`` (in [0, 1]), the three prompts, ``is_static`` (bool) and ``seed``."""
 
+    cacheable = True  # item i is the same every epoch: its rng is seeded by (split, seed, index)
+
     def __init__(self, size: int = 512, seed: int = 0, split: str = "train", static_fraction: float = 0.5,
                  copy_paste: bool = True, **config: Any) -> None:
         if not 0.0 <= static_fraction <= 1.0:

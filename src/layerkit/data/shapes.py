@@ -381,6 +381,8 @@ class ShapesDataset(torch.utils.data.Dataset):
     a training clip.  Items are rendered on demand (deterministically).
     """
 
+    cacheable = True  # item i is the same every epoch (train.cache_latents may keep its latents)
+
     def __init__(self, size: int, seed: int = 0, config: ShapesConfig | None = None, split: str = "train") -> None:
         if size < 0:
             raise LayerkitError(f"ShapesDataset size must not be negative; got {size}.")

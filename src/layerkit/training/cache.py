@@ -4,7 +4,9 @@
   which :class:`layerkit.training.data.PreparedDataset` adds as ``_index``), in memory on the
   CPU. It needs a dataset whose item i is the same every epoch (``cacheable = True``: the
   shapes world; not a dataset with random augmentation). A cached latent is one draw of the
-  VAE posterior, reused.
+  VAE posterior, reused. The key also holds the packed clip's segments (names and frame
+  counts): one item packs differently per task mode (LayerFlow's fg2bg and bg2fg put a copy of
+  frame 0 in front), so each packing is cached on its own.
 - :func:`cache_prompt_embeddings` memoises ``backbone.encode_prompts`` per prompt string for a
   frozen text encoder.
 """
@@ -20,7 +22,7 @@ from layerkit.errors import LayerkitError
 
 class LatentCache:
     def __init__(self) -> None:
-        self.latents: dict[int, torch.Tensor] = {}
+        self.latents: dict[tuple, torch.Tensor] = {}
         self.hits = 0
         self.misses = 0
 
@@ -31,7 +33,8 @@ class LatentCache:
         if index is None:
             raise LayerkitError("train.cache_latents needs a dataset that marks its items as cacheable "
                                 "(the same item every epoch); this dataset does not.")
-        keys = [int(i) for i in index]
+        packing = tuple((seg.name, seg.num_frames) for seg in packed.segments)
+        keys = [(int(i), packing) for i in index]
         if all(k in self.latents for k in keys):
             self.hits += len(keys)
             device = backbone.execution_device

@@ -1,16 +1,24 @@
-"""Diagnostics behind the "Why" section of the toy LayerFlow's model card (committed weights).
+"""Diagnostics behind the toy LayerFlow's model card (committed weights unless told otherwise).
 
-    python -m layerkit_plugins.layerflow.toy.diagnose colours     # what the VAE does to sprite colours
-    python -m layerkit_plugins.layerflow.toy.diagnose given       # does decomposition read the given clip?
-    python -m layerkit_plugins.layerflow.toy.diagnose step-time   # VAE encoding's share of a stage-1 step
+    layerkit toy-layerflow-diagnose colours     # what the VAE does to sprite colours (one pass, packed clip)
+    layerkit toy-layerflow-diagnose given       # does decomposition read the given clip?
+    layerkit toy-layerflow-diagnose step-time   # VAE encoding's share of a stage-1 step
+    layerkit toy-layerflow-diagnose rebase --out DIR --patch 1 --width 64 --layers 6   # a base with another transformer
+    layerkit toy-layerflow-diagnose heldout --base DIR --weights RUN/weights.safetensors   # held-out v-loss
 
-- ``colours``: the foreground layer (sprite over mid-grey) of held-out test clips through the
-  committed VAE; per true sprite colour, the mean decoded RGB where the true alpha is > 0.9.
+- ``colours``: packed held-out test clips ([fg, alpha, bg, blended], one VAE pass) through the
+  committed VAE; per true sprite colour, the mean decoded foreground RGB where the true alpha > 0.9.
 - ``given``: stage-1 weights, decomposition inputs (the blended clip given) of held-out clips; the
   v-prediction loss on the generated parts at fixed timesteps with the right blended clip, with
   another sample's, and with it noised like the rest (nothing given).
 - ``step-time``: one stage-1 training step of the toy (batch 8) against the VAE encoding inside
   it, median of a few repeats, with the torch threads of ``--threads``.
+- ``rebase``: the committed base (VAE, T5, tokenizer, scheduler) with a seeded transformer of
+  another patch size / width / depth, for measuring geometries
+  (``layerkit train +experiment=toy_layerflow_stage1 backbone.path=DIR ...``).
+- ``heldout``: the v-prediction loss of stage-1 weights on held-out test clips at fixed
+  timesteps and noise, per task (generate, decompose), on the generated parts only: the figure
+  that compares geometries trained for the same wall time.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ def colours(num: int) -> dict[str, list[float]]:
     from layerkit.pipeline import build_parts
     from layerkit.registry import get_registry
     from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
-    from layerkit_plugins.layerflow.toy.train_vae import layer_clips
+    from layerkit_plugins.layerflow.toy.train_vae import packed_clip
 
     registry = get_registry()
     backbone = build_parts(compose("sample", [], registry), registry, training=False).backbone.eval()
@@ -40,8 +48,8 @@ def colours(num: int) -> dict[str, list[float]]:
     with torch.no_grad():
         for i in range(num):
             sample = make_sample(seed_for("test", 0, i), config)
-            fg = layer_clips(sample)[0].permute(1, 0, 2, 3)[None]                 # [1, F, 3, H, W] in [-1, 1]
-            decoded = backbone.decode_latents(backbone.encode_video(fg))[0].float()
+            clip = packed_clip(sample).permute(1, 0, 2, 3)[None]                   # [1, 4F, 3, H, W] in [-1, 1]
+            decoded = backbone.decode_latents(backbone.encode_video(clip))[0, :FRAMES].float()  # the fg sub-clip
             inside = (sample["foreground_alpha"][:, 0] > 0.9).float()               # [F, H, W]
             rgb = ((decoded.clamp(-1, 1) + 1) / 2 * inside[:, None]).sum((0, 2, 3)) / inside.sum()
             entry = sums.setdefault(sample["meta"]["sprites"][0]["colour"], [torch.zeros(3), 0])
@@ -100,7 +108,7 @@ def step_time(repeats: int) -> dict[str, float]:
     from layerkit.training.module import LayerkitModule
 
     registry = get_registry()
-    cfg = compose("train", ["+experiment=toy_layerflow_stage1"], registry)
+    cfg = compose("train", ["+experiment=toy_layerflow_stage1", "train.cache_latents=false"], registry)
     module = LayerkitModule(build_parts(cfg, registry, training=True), to_plain(cfg))
     module.on_train_start()
     dataset = LayerkitDataModule(cfg, registry).dataset
@@ -122,13 +130,70 @@ def step_time(repeats: int) -> dict[str, float]:
     return {"vae_encode_ms": round(e * 1e3, 1), "training_step_ms": round(s * 1e3, 1), "encode_share": round(e / s, 2)}
 
 
+def rebase(out: str, patch: int, width: int, heads: int, layers: int, source: str | None = None) -> int:
+    """Write a base directory: ``source``'s (default: the committed) VAE, T5, tokenizer and scheduler
+    with a seeded toy transformer of another geometry; returns its parameter count."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKLCogVideoX
+
+    from layerkit_plugins.cogvideox.backbone import save_components
+    from layerkit_plugins.layerflow.toy.model import build_components
+
+    src = Path(source) if source else Path(__file__).resolve().parent / "weights"
+    vae = AutoencoderKLCogVideoX.from_pretrained(str(src / "vae"), torch_dtype=torch.float32)
+    components = build_components(0, vae=vae, patch_size=patch, num_attention_heads=heads,
+                                  attention_head_dim=width // heads, num_layers=layers)
+    save_components(components, out)
+    return sum(p.numel() for p in components["transformer"].parameters())
+
+
+def heldout(base: str | None, weights: str, num: int, timesteps: list[int],
+            modes: tuple[str, ...] = ("generate", "decompose")) -> dict[str, dict[int, float]]:
+    """Held-out (test split) v-loss on the generated parts of stage-1 weights, per mode and timestep."""
+    from layerkit.config import compose, to_plain
+    from layerkit.data.shapes import ShapesConfig, ShapesDataset
+    from layerkit.pipeline import build_parts, load_trainable_state
+    from layerkit.registry import get_registry
+    from layerkit.training.module import LayerkitModule
+    from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
+
+    registry = get_registry()
+    overrides = ["+experiment=toy_layerflow_stage1", "train.cache_latents=false", "train.cache_text=false"]
+    cfg = compose("train", overrides + ([f"backbone.path={base}"] if base else []), registry)
+    module = LayerkitModule(build_parts(cfg, registry, training=True), to_plain(cfg)).eval()
+    load_trainable_state(module, weights, parts=module.parts)
+    module.prompt_dropout = 0.0
+    data = ShapesDataset(num, seed=0, config=ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE), split="test")
+    batch = module.task.collate([data[i] for i in range(num)])
+    out: dict[str, dict[int, float]] = {}
+    with torch.no_grad():
+        for mode in modes:
+            module.task.train_modes = {mode: 1.0}
+            out[mode] = {}
+            for t in timesteps:
+                generator = torch.Generator().manual_seed(t)
+                loss = module.diffusion_loss(batch, timesteps=torch.full((num,), t), generator=generator)
+                out[mode][t] = round(loss.item(), 4)
+            out[mode]["mean"] = round(sum(out[mode].values()) / len(timesteps), 4)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["colours", "given", "step-time"])
-    parser.add_argument("--num", type=int, default=16, help="held-out clips (colours, given)")
+    parser.add_argument("what", choices=["colours", "given", "step-time", "rebase", "heldout"])
+    parser.add_argument("--num", type=int, default=16, help="held-out clips (colours, given, heldout)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[200, 500, 800, 950])
     parser.add_argument("--repeats", type=int, default=10, help="timed steps (step-time)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", help="rebase: the new base directory")
+    parser.add_argument("--source", default=None, help="rebase: the base whose VAE to take (default: committed)")
+    parser.add_argument("--patch", type=int, default=1)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--base", default=None, help="heldout: backbone.path (default: committed)")
+    parser.add_argument("--weights", default=None, help="heldout: stage-1 weights.safetensors")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.what == "colours":
@@ -139,6 +204,16 @@ def main(argv: list[str] | None = None) -> None:
         print("timestep -> v-loss on the generated parts (stage 1, decomposition inputs)")
         for t, row in given(args.num, args.timesteps).items():
             print(t, json.dumps(row))
+    elif args.what == "rebase":
+        if not args.out:
+            parser.error("rebase needs --out DIR")
+        count = rebase(args.out, args.patch, args.width, args.heads, args.layers, args.source)
+        print(f"wrote {args.out}: transformer patch {args.patch}, width {args.width}, {args.layers} blocks, "
+              f"{count} parameters")
+    elif args.what == "heldout":
+        if not args.weights:
+            parser.error("heldout needs --weights FILE")
+        print(json.dumps(heldout(args.base, args.weights, args.num, args.timesteps)))
     else:
         print(json.dumps(step_time(args.repeats)))
 

@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-FRAMES = 9            # per layer: (9 - 1) // 4 + 1 = 3 latent frames (an odd count: the decoder
-                      # doubles frames after the first, so 8k + 1 frames round-trip)
+FRAMES = 8            # per layer: the packed 32-frame clip goes through the VAE in one pass, in chunks of
+                      # 8 frames (4x time compression): 2 latent frames per layer, 8 in all (9 with the
+                      # frame-0 copy fg2bg and bg2fg put in front: 33 frames)
 SIZE = 32             # height = width
 TEXT_TOKENS = 16      # per prompt block ("0, ...", "1, ...", "2, ...")
 
@@ -48,8 +49,9 @@ def build_vae(seed: int = 0, **changes: Any):
         return AutoencoderKLCogVideoX(**{**VAE_CONFIG, **changes})
 
 
-def build_components(seed: int = 0, vae: Any = None) -> dict[str, Any]:
-    """Seeded toy components (the VAE given, e.g. trained by ``toy.train_vae``, or a fresh one)."""
+def build_components(seed: int = 0, vae: Any = None, **transformer_changes: Any) -> dict[str, Any]:
+    """Seeded toy components (the VAE given, e.g. trained by ``toy.train_vae``, or a fresh one;
+    ``transformer_changes`` override ``TRANSFORMER_CONFIG``, for measurements)."""
     from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
     from transformers import T5Config, T5EncoderModel
 
@@ -58,7 +60,7 @@ def build_components(seed: int = 0, vae: Any = None) -> dict[str, Any]:
     tokenizer = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        transformer = CogVideoXTransformer3DModel(**TRANSFORMER_CONFIG)
+        transformer = CogVideoXTransformer3DModel(**{**TRANSFORMER_CONFIG, **transformer_changes})
         text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **T5_CONFIG))
     return {"transformer": transformer.eval(), "vae": (vae if vae is not None else build_vae(seed)).eval(),
             "text_encoder": text_encoder.eval(), "tokenizer": tokenizer,

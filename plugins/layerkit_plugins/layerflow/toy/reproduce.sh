@@ -1,23 +1,43 @@
 #!/usr/bin/env bash
-# Rebuild the toy LayerFlow from nothing and print its evaluation table (CPU; run from the repo
-# root). Every step is deterministic in its seed; each stage is exported into toy/weights (fp16)
-# before the next stage trains from it, so the committed files are exactly what was evaluated.
-# Timings in MODEL_CARD.md: one job at a time on an otherwise idle 2-core machine, 2 torch threads.
-# On a machine shared with other jobs use OMP_NUM_THREADS=1 (two threads then thrash, 5-8x slower).
+# Rebuild the toy LayerFlow from nothing and print its tables (CPU; run from the repo root). Every
+# step is deterministic in its seed; each stage is exported into toy/weights (fp16) before the next
+# stage trains from it, so the committed files are exactly what was evaluated. Timings in
+# MODEL_CARD.md: one job at a time, 1 torch thread, on a 2-core machine shared with other jobs.
+#   TRIED=1 plugins/layerkit_plugins/layerflow/toy/reproduce.sh   # also the runs behind "what was tried"
 set -euo pipefail
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export_=(python -m layerkit_plugins.layerflow.toy.export)
+R=runs/toy_layerflow
 
-python -m layerkit_plugins.layerflow.toy.train_vae --out runs/toy_layerflow/base --threads "$OMP_NUM_THREADS"
-"${export_[@]}" base runs/toy_layerflow/base
+if [[ "${TRIED:-0}" == 1 ]]; then
+  # issue 12's finding, rerun on the recipe before it (single layers drawn 3:3:1:1, 9 frames):
+  # alpha in the mix from step 0, then with the alpha weight at 0 for 300 steps (both fail the check)
+  layerkit toy-layerflow-vae --packing single --frames 9 --clips-per-step 8 --layer-weights 3 3 1 1 \
+      --alpha-warmup 0 --chroma-weight 0 --steps 500 --val-every 25 --no-write --out $R/tried/vae_single || true
+  layerkit toy-layerflow-vae --packing single --frames 9 --clips-per-step 8 --layer-weights 3 3 1 1 \
+      --alpha-warmup 300 --chroma-weight 0 --steps 500 --val-every 25 --no-write --out $R/tried/vae_single_warmup || true
+  # packed clips, one pass: the warm-up alone, then with the colour-opponent L1 term (600 steps each)
+  layerkit toy-layerflow-vae --steps 600 --val-every 50 --layer-weights 2 2 1 1 --alpha-warmup 300 \
+      --chroma-weight 0 --no-write --out $R/tried/vae_packed_warmup || true
+  layerkit toy-layerflow-vae --steps 600 --val-every 50 --layer-weights 2 2 1 1 --alpha-warmup 300 \
+      --chroma-weight 1 --no-write --out $R/tried/vae_packed_warmup_chroma || true
+fi
 
-layerkit train +experiment=toy_layerflow_stage1 output_dir=runs/toy_layerflow/stage1
-"${export_[@]}" stage1 runs/toy_layerflow/stage1
+layerkit toy-layerflow-vae --out $R/base --threads "$OMP_NUM_THREADS"
+"${export_[@]}" base $R/base
 
-layerkit train +experiment=toy_layerflow_stage2 output_dir=runs/toy_layerflow/stage2
-"${export_[@]}" stage2 runs/toy_layerflow/stage2
+layerkit train +experiment=toy_layerflow_stage1 output_dir=$R/stage1
+"${export_[@]}" stage1 $R/stage1
 
-layerkit train +experiment=toy_layerflow_stage3 output_dir=runs/toy_layerflow/stage3
-"${export_[@]}" stage3 runs/toy_layerflow/stage3
+layerkit train +experiment=toy_layerflow_stage2 output_dir=$R/stage2
+"${export_[@]}" stage2 $R/stage2
 
-python -m layerkit_plugins.layerflow.toy.evaluate --num-samples 16 --seed 0
+layerkit train +experiment=toy_layerflow_stage3 output_dir=$R/stage3
+"${export_[@]}" stage3 $R/stage3
+
+# the issue-12 targets as a user sees them (record.json of each run), then every table of the card
+layerkit sample +inputs.num_samples=16 output_dir=$R/sample16 sampler.progress=false
+layerkit sample +inputs.num_samples=16 task.mode=decompose output_dir=$R/sample16_decompose sampler.progress=false
+layerkit toy-layerflow-eval --num-samples 16 --seed 0 --json $R/eval.json
+layerkit toy-layerflow-diagnose colours
+layerkit toy-layerflow-diagnose given

@@ -1,15 +1,30 @@
-"""Train the toy VAE on shapes-world clips and write the toy base model (a diffusers-format dir).
+"""Train the toy VAE on packed shapes-world clips and write the toy base model (a diffusers dir).
 
-    nice -n 5 python -m layerkit_plugins.layerflow.toy.train_vae --out runs/toy_layerflow/base
+    OMP_NUM_THREADS=1 nice -n 5 layerkit toy-layerflow-vae --out runs/toy_layerflow/base --threads 1
 
 The VAE (``AutoencoderKLCogVideoX``, see ``toy.model``) is trained as a deterministic
 reconstruction autoencoder (L1 + MSE on the decoded posterior mode + a small L2 on the latents;
-the log-variance head is then zeroed to std ~3e-7, so training and sampling encode alike) on exactly the clips LayerFlow encodes: the foreground over
-mid-grey, the alpha matte as RGB, the background and the blended video, 9 frames of 32x32, a
-share of them frozen (one frame repeated, as stages 2-3 feed them). Its ``scaling_factor`` is
-set to 1 / std of the latents, as CogVideoX's is. The directory then gets the seeded (untrained)
-toy transformer, the T5 encoder, the offline tokenizer and the scheduler: the "pretrained base"
-the LayerFlow stages start from.
+the log-variance head is then zeroed to std ~3e-7, so training and sampling encode alike) on
+what LayerFlow feeds it: the packed clip [foreground over mid-grey, alpha matte as RGB,
+background, blended], 8 frames of 32x32 each, 32 frames through the causal VAE in ONE pass
+(``backbone.vae_pass=clip``), a share of them with a copy of frame 0 in front (33 frames, as
+fg2bg and bg2fg pack them), frozen (one frame repeated, as stages 2-3 feed them) or copy-pasted
+(the foreground over another clip's background, as ``layerflow.mixture``).
+
+Colour: with the alpha mattes (grey) in the loss from step 0 the encoder loses red/green and
+cyan/magenta (issue 12; ``--packing single`` reruns that finding on the old single-layer recipe).
+The alpha sub-clip's loss weight is therefore 0 for the first ``--alpha-warmup`` steps. Every
+``--val-every`` steps, and at the end, fixed validation clips (8 per sprite colour) go through the
+VAE: the decoded foreground's colour per clip (mean decoded RGB where the true alpha > 0.9,
+nearest palette colour), the red/green and cyan/magenta separations
+((R - G of the decoded red or magenta - (R - G) of the decoded green or cyan) / 2: 1 faithful,
+0 tied) and the alpha IoU (decoded matte >= 0.5 against the true one). The run FAILS (exit 1, no
+model written) when a sprite colour (red, green, cyan and magenta above all) is classified right
+on fewer than 90% of its clips or the alpha IoU is under ``--min-alpha-iou``.
+
+Its ``scaling_factor`` is 1 / std of the latents (as CogVideoX's). The directory then gets the
+seeded (untrained) toy transformer, the T5 encoder, the offline tokenizer and the scheduler: the
+"pretrained base" the LayerFlow stages start from.
 """
 
 from __future__ import annotations
@@ -23,8 +38,13 @@ from pathlib import Path
 
 import torch
 
-from layerkit.data.shapes import ShapesConfig, make_sample, seed_for
+from layerkit.data.shapes import COLOURS, ShapesConfig, make_sample, seed_for
 from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE, build_components, build_vae
+
+LAYERS = ("foreground", "alpha", "background", "blended")
+CHECKED = tuple(COLOURS)  # every sprite colour: a collapsing VAE ties R with G (red/green, cyan/magenta) or G with B
+_NAMES = list(COLOURS)
+_TABLE = torch.tensor([COLOURS[c] for c in _NAMES])
 
 
 def layer_clips(sample: dict, static_frame: int | None = None) -> list[torch.Tensor]:
@@ -37,16 +57,52 @@ def layer_clips(sample: dict, static_frame: int | None = None) -> list[torch.Ten
     return [c.permute(1, 0, 2, 3).contiguous() for c in clips]
 
 
-def make_batch(rng: random.Random, split: str, seed: int, start: int, clips: int, static_prob: float,
-               config: ShapesConfig, weights: tuple[float, ...] = (3, 3, 2, 2)) -> torch.Tensor:
-    """``clips`` clips, each one layer of its own shapes-world sample, drawn with ``weights``
-    (foreground, alpha, background, blended)."""
+def copy_paste(sample: dict, other: dict) -> dict:
+    """``sample``'s foreground over ``other``'s background (as ``layerflow.mixture``)."""
+    alpha = sample["foreground_alpha"]
+    return {**sample, "background": other["background"],
+            "blended": sample["foreground_rgb"] * alpha + other["background"] * (1 - alpha)}
+
+
+def packed_clip(sample: dict, first_frame: bool = False, static_frame: int | None = None) -> torch.Tensor:
+    """[3, F', H, W]: the four sub-clips in time, with a copy of the foreground's frame 0 in front
+    when ``first_frame`` (F' = 4F + 1), as the ``layerflow`` task packs fg2bg and bg2fg."""
+    clips = layer_clips(sample, static_frame)
+    if first_frame:
+        clips.insert(0, clips[0][:, :1])
+    return torch.cat(clips, dim=1)
+
+
+def frame_weights(frames: int, first_frame: bool, weights: tuple[float, ...]) -> torch.Tensor:
+    """Per-frame loss weights [F'] of a packed clip from per-layer weights (the copy: the foreground's)."""
+    w = torch.tensor([float(x) for x in weights]).repeat_interleave(frames)
+    return torch.cat([w[:1], w]) if first_frame else w
+
+
+def make_batch(rng: random.Random, split: str, seed: int, start: int, clips: int, config: ShapesConfig, *,
+               packing: str = "clip", first_frame: bool = False, static_prob: float = 0.3,
+               copy_paste_prob: float = 0.3, weights: tuple[float, ...] = (1, 1, 1, 1)) -> torch.Tensor:
+    """``clips`` training clips [N, 3, F', H, W] from consecutive items of a split.
+
+    ``packing="clip"``: each a packed clip (``first_frame`` for all of them). ``"single"`` (the
+    recipe before issue 12): each one layer of its own clip, drawn with ``weights``."""
     out = []
     for i in range(clips):
         sample = make_sample(seed_for(split, seed, start + i), config)
         frame = rng.randrange(config.num_frames) if rng.random() < static_prob else None
-        out.append(layer_clips(sample, frame)[rng.choices(range(4), weights=weights)[0]])
+        if packing == "single":
+            out.append(layer_clips(sample, frame)[rng.choices(range(4), weights=weights)[0]])
+            continue
+        if rng.random() < copy_paste_prob:
+            sample = copy_paste(sample, make_sample(seed_for(split, seed ^ 0x5A5A, start + i), config))
+        out.append(packed_clip(sample, first_frame, frame))
     return torch.stack(out)
+
+
+def chroma(video: torch.Tensor) -> torch.Tensor:
+    """Colour-opponent channels of [N, 3, ...]: R - G and (R + G) / 2 - B (zero on grey, so on every matte)."""
+    r, g, b = video[:, 0], video[:, 1], video[:, 2]
+    return torch.stack([r - g, (r + g) / 2 - b], dim=1)
 
 
 def make_deterministic(vae) -> None:
@@ -59,35 +115,130 @@ def make_deterministic(vae) -> None:
         conv.bias[half:].fill_(-30.0)
 
 
-def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_weight: float,
-          static_prob: float, max_minutes: float, norm_groups: int = 4, mse_weight: float = 1.0,
-          layer_weights: tuple[float, ...] = (3, 3, 1, 1)) -> dict:
+# -- validation: sprite colours and mattes through the VAE -------------------------------------
+def validation_samples(seed: int, config: ShapesConfig, per_colour: int = 8) -> list[dict]:
+    """The first ``per_colour`` val-split clips of each sprite colour (fixed for a seed)."""
+    found: dict[str, list] = {c: [] for c in COLOURS}
+    i = 0
+    while any(len(v) < per_colour for v in found.values()):
+        sample = make_sample(seed_for("val", seed, i), config)
+        bucket = found[sample["meta"]["sprites"][0]["colour"]]
+        if len(bucket) < per_colour:
+            bucket.append(sample)
+        i += 1
+    return [s for c in COLOURS for s in found[c]]
+
+
+@torch.no_grad()
+def round_trip(vae, clips: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    out = []
+    for chunk in clips.split(batch):
+        out.append(vae.decode(vae.encode(chunk).latent_dist.mode()).sample)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def validate(vae, samples: list[dict], packing: str = "clip", first_frame: bool = False) -> dict:
+    """Per colour: mean decoded RGB inside the sprite and the share of clips classified right;
+    red/green and cyan/magenta separations; alpha IoU through the VAE."""
+    n = samples[0]["foreground_alpha"].shape[0]
+    if packing == "single":  # each layer through the VAE on its own
+        fg = round_trip(vae, torch.stack([layer_clips(s)[0] for s in samples]))
+        alpha = round_trip(vae, torch.stack([layer_clips(s)[1] for s in samples]))
+    else:
+        decoded = round_trip(vae, torch.stack([packed_clip(s, first_frame) for s in samples]))
+        offset = 1 if first_frame else 0
+        fg, alpha = decoded[:, :, offset:offset + n], decoded[:, :, offset + n:offset + 2 * n]
+    rgb: dict[str, list[torch.Tensor]] = {}
+    right: dict[str, list[float]] = {}
+    inter = union = 0
+    for i, sample in enumerate(samples):
+        colour = sample["meta"]["sprites"][0]["colour"]
+        inside = (sample["foreground_alpha"][:, 0] > 0.9).float()                      # [F, H, W]
+        frames = ((fg[i].clamp(-1, 1) + 1) / 2).permute(1, 0, 2, 3)                   # [F, 3, H, W]
+        mean = (frames * inside[:, None]).sum((0, 2, 3)) / inside.sum().clamp_min(1)
+        rgb.setdefault(colour, []).append(mean)
+        right.setdefault(colour, []).append(float(_NAMES[int(torch.cdist(mean[None], _TABLE).argmin())] == colour))
+        pred = (alpha[i].mean(0) + 1) / 2 >= 0.5                                        # [F, H, W]
+        true = sample["foreground_alpha"][:, 0] >= 0.5
+        inter += (pred & true).sum().item()
+        union += (pred | true).sum().item()
+    means = {c: torch.stack(v).mean(0) for c, v in rgb.items()}
+
+    def separation(a: str, b: str) -> float:  # (R - G) of a minus (R - G) of b, halved: 1 faithful, 0 tied
+        return round(float((means[a][0] - means[a][1]) - (means[b][0] - means[b][1])) / 2, 3)
+
+    return {"rgb": {c: [round(x, 3) for x in m.tolist()] for c, m in means.items()},
+            "colour_correct": {c: round(sum(v) / len(v), 3) for c, v in right.items()},
+            "rg_separation": separation("red", "green"), "cm_separation": separation("magenta", "cyan"),
+            "alpha_iou": round(inter / max(union, 1), 4)}
+
+
+def check(result: dict, min_alpha_iou: float) -> list[str]:
+    """What fails the run: a checked colour classified right on < 90% of its clips, or a low IoU."""
+    failures = [f"{c} decodes as its own colour on {result['colour_correct'][c]:.0%} of the validation clips "
+                f"(mean decoded RGB {result['rgb'][c]})" for c in CHECKED if result["colour_correct"][c] < 0.9]
+    if result["alpha_iou"] < min_alpha_iou:
+        failures.append(f"alpha IoU through the VAE {result['alpha_iou']:.3f} < {min_alpha_iou}")
+    return failures
+
+
+def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_weight: float, static_prob: float,
+          max_minutes: float, *, packing: str = "clip", frames: int = FRAMES, first_frame_prob: float = 0.3,
+          copy_paste_prob: float = 0.3, norm_groups: int = 4, mse_weight: float = 1.0,
+          layer_weights: tuple[float, ...] = (1, 1, 1, 1), alpha_warmup: int = 300, val_every: int = 250,
+          min_alpha_iou: float = 0.9, chroma_weight: float = 0.0, write: bool = True,
+          init: Path | None = None) -> dict:
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    config = ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE)
-    vae = build_vae(seed, norm_num_groups=norm_groups).train()
+    config = ShapesConfig(num_frames=frames, height=SIZE, width=SIZE)
+    val = validation_samples(seed, config)
+    if init is not None:  # continue a VAE (e.g. a run's rejected_vae/) with this recipe
+        from diffusers import AutoencoderKLCogVideoX
+
+        vae = AutoencoderKLCogVideoX.from_pretrained(str(init), torch_dtype=torch.float32).train()
+    else:
+        vae = build_vae(seed, norm_num_groups=norm_groups).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    started, log = time.perf_counter(), []
+    started, log, checks = time.perf_counter(), [], []
     done = 0
     for step in range(steps):
         for group in opt.param_groups:  # short warm-up, then cosine decay to 5% of lr
             warm = min(1.0, (step + 1) / 20)
             group["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        x = make_batch(rng, "train", seed, step * clips_per_step, clips_per_step, static_prob, config, layer_weights)
+        weights = tuple(layer_weights)
+        if step < alpha_warmup:  # no matte in the loss (or, single: in the mix) until colour has settled
+            weights = (weights[0], 0.0, *weights[2:])
+        first = packing == "clip" and rng.random() < first_frame_prob
+        x = make_batch(rng, "train", seed, step * clips_per_step, clips_per_step, config, packing=packing,
+                       first_frame=first, static_prob=static_prob, copy_paste_prob=copy_paste_prob, weights=weights)
         z = vae.encode(x).latent_dist.mode()
         recon = vae.decode(z).sample
-        rec = (recon - x).abs().mean()
-        kl = z.pow(2).mean()  # keeps the latent scale in check (the encoder is deterministic, see below)
-        loss = rec + mse_weight * (recon - x).pow(2).mean() + kl_weight * kl
+        if packing == "single":
+            w = torch.ones(x.shape[2])
+        else:
+            w = frame_weights(frames, first, weights)
+        w = (w / w.mean()).view(1, 1, -1, 1, 1)
+        rec = ((recon - x).abs() * w).mean()
+        latent = z.pow(2).mean()  # keeps the latent scale in check (the encoder is deterministic, see below)
+        loss = rec + mse_weight * ((recon - x).pow(2) * w).mean() + kl_weight * latent
+        if chroma_weight:
+            loss = loss + chroma_weight * ((chroma(recon) - chroma(x)).abs() * w).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         done = step + 1
         if step % 50 == 0 or step == steps - 1:
-            elapsed = time.perf_counter() - started
-            log.append({"step": step, "l1": round(rec.item(), 4), "z2": round(kl.item(), 3), "s": round(elapsed, 1)})
+            log.append({"step": step, "l1": round(rec.item(), 4), "z2": round(latent.item(), 3),
+                        "s": round(time.perf_counter() - started, 1)})
             print(json.dumps(log[-1]), flush=True)
+        if val_every and done % val_every == 0:
+            vae.eval()
+            result = validate(vae, val, packing)
+            vae.train()
+            checks.append({"step": done, **{k: v for k, v in result.items() if k != "rgb"}})
+            print(json.dumps(checks[-1]), flush=True)
         if (time.perf_counter() - started) / 60 > max_minutes:
             print(f"stopping at step {done}: --max-minutes {max_minutes} reached", flush=True)
             break
@@ -97,20 +248,38 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
 
     # scaling factor: 1 / std of the latent means on held-out (val) clips, as CogVideoX's 1.15258426
     with torch.no_grad():
-        x = make_batch(random.Random(seed + 1), "val", seed, 0, 32, static_prob, config)
+        x = make_batch(random.Random(seed + 1), "val", seed, 1000, 16, config, packing=packing,
+                       static_prob=static_prob)
         z = vae.encode(x).latent_dist.mode()
-        recon = vae.decode(z).sample
-        val_l1 = (recon - x).abs().mean().item()
+        val_l1 = (vae.decode(z).sample - x).abs().mean().item()
         scaling = 1.0 / z.std().item()
-    vae.register_to_config(scaling_factor=round(scaling, 6))
-    from layerkit_plugins.cogvideox.backbone import save_components
-
-    save_components(build_components(seed, vae=vae), out)
+    final = validate(vae, val, packing)
+    print("final:", json.dumps(final), flush=True)
+    if packing == "clip":
+        final_first = validate(vae, val, packing, first_frame=True)
+        print("final, frame-0 copy in front:", json.dumps(final_first), flush=True)
+    else:
+        final_first = None
+    failures = check(final, min_alpha_iou) + (check(final_first, min_alpha_iou) if final_first else [])
     info = {"steps": done, "minutes": round(minutes, 2), "seed": seed, "lr": lr, "clips_per_step": clips_per_step,
-            "kl_weight": kl_weight, "static_prob": static_prob, "norm_groups": norm_groups,
-            "mse_weight": mse_weight, "layer_weights": list(layer_weights), "val_l1": round(val_l1, 4),
-            "scaling_factor": round(scaling, 6), "log": log}
+            "packing": packing, "frames": frames, "first_frame_prob": first_frame_prob,
+            "copy_paste_prob": copy_paste_prob, "kl_weight": kl_weight, "static_prob": static_prob,
+            "norm_groups": norm_groups, "mse_weight": mse_weight, "layer_weights": list(layer_weights),
+            "alpha_warmup": alpha_warmup, "chroma_weight": chroma_weight, "init": str(init) if init else None, "val_l1": round(val_l1, 4), "scaling_factor": round(scaling, 6),
+            "validation": final, "validation_first_frame": final_first, "failures": failures,
+            "validation_log": checks, "log": log}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "vae_training.json").write_text(json.dumps(info, indent=1))
+    vae.register_to_config(scaling_factor=round(scaling, 6))
+    if failures:
+        if write:  # kept for inspection, never where the stages look for a base
+            vae.save_pretrained(str(out / "rejected_vae"))
+        raise SystemExit("toy VAE check FAILED, no model written (the VAE is in rejected_vae/):\n  "
+                         + "\n  ".join(failures))
+    if write:
+        from layerkit_plugins.cogvideox.backbone import save_components
+
+        save_components(build_components(seed, vae=vae), out)
     return info
 
 
@@ -120,22 +289,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--clips-per-step", type=int, default=8)
+    parser.add_argument("--clips-per-step", type=int, default=2)
+    parser.add_argument("--packing", choices=["clip", "single"], default="clip",
+                        help="clip: the packed 4-layer clip in one pass (LayerFlow); single: one layer per clip "
+                             "(the recipe before issue 12, for rerunning its finding)")
+    parser.add_argument("--frames", type=int, default=FRAMES, help="frames per layer")
+    parser.add_argument("--first-frame-prob", type=float, default=0.3,
+                        help="share of steps whose clips get a copy of frame 0 in front (fg2bg, bg2fg)")
+    parser.add_argument("--copy-paste-prob", type=float, default=0.3)
     parser.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the latent L2 term")
     parser.add_argument("--static-prob", type=float, default=0.3)
-    parser.add_argument("--max-minutes", type=float, default=30.0, help="stop early past this wall time")
+    parser.add_argument("--max-minutes", type=float, default=40.0, help="stop early past this wall time")
     parser.add_argument("--norm-groups", type=int, default=4, help="GroupNorm groups of the VAE")
     parser.add_argument("--mse-weight", type=float, default=1.0, help="weight of an MSE term beside the L1")
-    parser.add_argument("--layer-weights", type=float, nargs=4, default=[3, 3, 1, 1],
-                        help="how often each layer is drawn: foreground, alpha, background, blended")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch threads (2 on an otherwise idle 2-core machine; use 1 when other jobs run:"
-                             " two threads on a busy machine thrash, 5-8x slower)")
+    parser.add_argument("--layer-weights", type=float, nargs=4, default=[1, 1, 1, 1],
+                        help="loss weight of each layer (single: how often each is drawn): foreground, alpha, "
+                             "background, blended")
+    parser.add_argument("--alpha-warmup", type=int, default=300, help="steps with the alpha weight at 0")
+    parser.add_argument("--val-every", type=int, default=250, help="steps between colour checks (0: only at the end)")
+    parser.add_argument("--min-alpha-iou", type=float, default=0.9)
+    parser.add_argument("--chroma-weight", type=float, default=0.0,
+                        help="weight of an L1 term on the colour-opponent channels (R - G, (R + G) / 2 - B)")
+    parser.add_argument("--no-write", action="store_true", help="only the training record (experiments)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from this VAE folder (e.g. an earlier run's rejected_vae/) instead of a seeded one")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 on a machine shared with other jobs: two threads there thrash)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    info = train(args.out, args.steps, args.seed, args.lr, args.clips_per_step, args.kl_weight,
-                 args.static_prob, args.max_minutes, args.norm_groups, args.mse_weight, tuple(args.layer_weights))
-    print(json.dumps({k: v for k, v in info.items() if k != "log"}))
+    info = train(args.out, args.steps, args.seed, args.lr, args.clips_per_step, args.kl_weight, args.static_prob,
+                 args.max_minutes, packing=args.packing, frames=args.frames, first_frame_prob=args.first_frame_prob,
+                 copy_paste_prob=args.copy_paste_prob, norm_groups=args.norm_groups, mse_weight=args.mse_weight,
+                 layer_weights=tuple(args.layer_weights), alpha_warmup=args.alpha_warmup, val_every=args.val_every,
+                 min_alpha_iou=args.min_alpha_iou, chroma_weight=args.chroma_weight, write=not args.no_write,
+                 init=args.init)
+    print(json.dumps({k: v for k, v in info.items() if k not in ("log", "validation_log")}))
 
 
 if __name__ == "__main__":
