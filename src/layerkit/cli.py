@@ -309,7 +309,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(f"layerkit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("layerkit: interrupted", file=sys.stderr)
+        hint = "; rerun the same command to resume from its last checkpoint" if args.command == "train" else ""
+        print(f"layerkit: interrupted{hint}", file=sys.stderr)
         return 130
 
 

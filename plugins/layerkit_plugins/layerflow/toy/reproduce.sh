@@ -23,8 +23,18 @@ if [[ "${TRIED:-0}" == 1 ]]; then
       --chroma-weight 1 --no-write --out $R/tried/vae_packed_warmup_chroma || true
 fi
 
-layerkit toy-layerflow-vae --out $R/base --threads "$OMP_NUM_THREADS"
-"${export_[@]}" base $R/base
+# the VAE as it was built (four runs; vae_training_{1,2,3,4_accept}.json): 3000 steps with the alpha
+# warm-up (colours right, alpha IoU 0.846 < 0.9: rejected), 1000 more with the matte weighted 3
+# (0.874: rejected), 1200 more weighted 6 at lr 5e-4 (0.896 / 0.898: rejected), then accepted as it
+# was at a 0.85 floor (no training; the 0.9 was not reached)
+layerkit toy-layerflow-vae --out $R/base --threads "$OMP_NUM_THREADS" || true
+layerkit toy-layerflow-vae --init $R/base/rejected_vae --steps 1000 --lr 3e-4 --alpha-warmup 0 \
+    --layer-weights 1 3 1 1 --val-every 250 --out $R/base2 --threads "$OMP_NUM_THREADS" || true
+layerkit toy-layerflow-vae --init $R/base2/rejected_vae --steps 1200 --lr 5e-4 --alpha-warmup 0 \
+    --layer-weights 1 6 1 1 --val-every 300 --out $R/base3 --threads "$OMP_NUM_THREADS" || true
+layerkit toy-layerflow-vae --init $R/base3/rejected_vae --steps 0 --min-alpha-iou 0.85 --val-every 0 \
+    --out $R/base4 --threads "$OMP_NUM_THREADS"
+"${export_[@]}" base $R/base4
 
 layerkit train +experiment=toy_layerflow_stage1 output_dir=$R/stage1
 "${export_[@]}" stage1 $R/stage1
