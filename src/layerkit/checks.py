@@ -161,6 +161,23 @@ def check_config(primary: str, cfg: DictConfig) -> None:
         check_output_location(Path(str(cfg.output_dir)))
 
 
+def check_inputs(cfg: DictConfig, registry: Any) -> None:
+    """Unknown ``inputs.*`` keys and missing input files fail before any model loads (the task
+    object is light; the same checks run again inside ``Sampler.samples``)."""
+    from layerkit.config import params
+
+    task = registry.build("task", cfg.task.name, **params(cfg.task))
+    inputs = params(cfg.get("inputs"))
+    unknown = sorted(set(inputs) - set(task.input_keys))
+    if unknown:
+        raise LayerkitError(f"task '{task.name}' takes no input {', '.join('inputs.' + k for k in unknown)}; "
+                            f"its inputs are {', '.join('inputs.' + k for k in task.input_keys)}.")
+    for key in getattr(task, "file_keys", ()):
+        value = inputs.get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().exists():
+            raise LayerkitError(f"input '{key}' file '{value}' does not exist.")
+
+
 def thread_count(setting: Any = "auto") -> int:
     """Torch threads: ``LAYERKIT_THREADS`` or the ``threads`` setting; ``auto`` takes the cores this
     process may use less the machine's current load (1-minute average), at least 1, so a busy

@@ -61,6 +61,7 @@ QUIET_WARNINGS = (
     r".*`resume_download` is deprecated.*",
     r".*Precision .* is not supported by the model summary.*",
     r".*should be kept in float32.*",
+    r".*Already found a `peft_config` attribute in the model.*",  # layerkit's LoRA adapters are several, by design
 )
 
 
@@ -278,6 +279,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
             registry = get_registry()
             cfg = compose(args.command, args.overrides, registry)
             check_config(args.command, cfg)  # every bad value fails here, before torch or a model loads
+            if args.command == "sample":
+                from layerkit.checks import check_inputs
+
+                check_inputs(cfg, registry)  # unknown inputs and missing files, before any model loads
             if args.command == "train":
                 from layerkit.training.run import train
 

@@ -506,6 +506,8 @@ class Task:
     name: str = "task"
     #: the ``inputs.*`` keys ``sample_inputs`` understands (anything else is refused)
     input_keys: tuple[str, ...] = ("num_samples", "seed", "prompt")
+    #: those of them that name a file or folder: checked to exist before any model loads
+    file_keys: tuple[str, ...] = ()
 
     def pack(self, batch: dict[str, Any], *, training: bool) -> Packed:
         raise NotImplementedError

@@ -28,6 +28,7 @@ from layerkit_plugins.tooncrafter.task import KeyframeTask
 
 class LayerAnimateTask(KeyframeTask):
     input_keys = ("num_samples", "seed", "prompt", "demo", "demo_root", "fps", "controls")
+    file_keys = ("demo",)
 
     def __init__(self, mode: str = "i2v", capacity: int = 4, fps: float | None = None, default_seed: int = 0,
                  num_samples: int = 1, previews: bool = True) -> None:

@@ -44,6 +44,7 @@ FIRST = "first_frame"
 class LayeredTask(Task):
     name = "layered"
     input_keys = ("num_samples", "seed", *PROMPT_KEYS, *FILE_KEYS, "fit")
+    file_keys = FILE_KEYS
 
     def __init__(self, mode: str = "auto", layout: str = "rgba", index_prefix: bool = True,
                  scale_from: dict[str, str] | None = None, default_seed: int = 0, num_samples: int = 1,

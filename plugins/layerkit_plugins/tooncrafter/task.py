@@ -54,6 +54,7 @@ def read_frame(path: str | Path, height: int, width: int, name: str) -> torch.Te
 
 class KeyframeTask(Task):
     input_keys = ("num_samples", "seed", "prompt", "first_frame", "last_frame", "fps")
+    file_keys = ("first_frame", "last_frame")
 
     def __init__(self, mode: str = "i2v", fps: float | None = None, default_seed: int = 0, num_samples: int = 1) -> None:
         keyframes(mode, 2)

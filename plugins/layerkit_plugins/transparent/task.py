@@ -35,6 +35,7 @@ from layerkit_plugins.transparent.inter_frame import reference_frame
 
 class TransparentTask(Task):
     input_keys = ("num_samples", "seed", "prompt", "image")
+    file_keys = ("image",)
 
     def __init__(self, mode: str = "i2v", reference: int | None = None, default_seed: int = 0,
                  num_samples: int = 1, given_reference: bool = True) -> None:

@@ -235,7 +235,7 @@ def sample(overrides: Sequence[str], *, registry: Registry | None = None, cfg: D
     """Run one sampling job; returns the output directory."""
     import os
 
-    from layerkit.checks import check_config, thread_count
+    from layerkit.checks import check_config, check_inputs, thread_count
 
     registry = registry or get_registry()
     if cfg is None:
@@ -246,6 +246,7 @@ def sample(overrides: Sequence[str], *, registry: Registry | None = None, cfg: D
     dtype_of(cfg.dtype)
     if not os.environ.get("OMP_NUM_THREADS") or os.environ.get("LAYERKIT_THREADS") or cfg.get("threads") != "auto":
         torch.set_num_threads(thread_count(cfg.get("threads", "auto")))
+    check_inputs(cfg, registry)  # again, for callers that come here without the CLI
     check_memory(cfg, resolve_device(str(cfg.device)))
     sampler = build_sampler(cfg, registry)
     result = sampler.run()
