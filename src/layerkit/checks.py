@@ -20,6 +20,10 @@ from layerkit.errors import LayerkitError
 
 MAX_STEPS_SAMPLING = 1000   # a scheduler's training timesteps; more sampling steps than that mean nothing
 RGBA_FORMATS = ("mov", "webm", "png")
+#: an ``inputs.*`` value ending so names a file: it must exist (checked before torch is imported;
+#: the task's own ``file_keys`` are checked again once it is built)
+MEDIA_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif", ".png", ".jpg", ".jpeg", ".webp", ".tif",
+                  ".tiff", ".npz", ".yaml", ".yml")
 DTYPE_NAMES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 
 
@@ -157,6 +161,11 @@ def check_config(primary: str, cfg: DictConfig) -> None:
         if frames and height and width and frames * height * width * samples > 1024 * 1024 * 1024:
             raise LayerkitError(f"sampler.num_frames x height x width x inputs.num_samples is {frames} x {height} x "
                                 f"{width} x {samples} pixels, more than any video model here can hold; ask for less.")
+        inputs = cfg.get("inputs")
+        for key, value in (inputs.items() if isinstance(inputs, DictConfig) else []):
+            if isinstance(value, str) and Path(value).suffix.lower() in MEDIA_SUFFIXES and \
+                    not Path(value).expanduser().exists():
+                raise LayerkitError(f"input '{key}' file '{value}' does not exist.")
     if cfg.get("output_dir"):
         check_output_location(Path(str(cfg.output_dir)))
 
