@@ -232,3 +232,22 @@ def write_record(directory: Path, *, command: str, config: dict[str, Any], seed:
 
 def list_files(directory: Path) -> list[str]:
     return [str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")]
+
+
+def run_summary(run: Path) -> dict[str, Any]:
+    """What a model card needs of a ``layerkit train`` run folder: step count, final loss,
+    trainable parameters, seed, versions, the loss curve from ``logs/metrics.csv``, the fit's wall
+    time (the log folder appears when fitting starts, the weights at the end) and the config."""
+    import csv
+
+    record = json.loads((run / RECORD_NAME).read_text())
+    metrics = run / "logs" / "metrics.csv"
+    losses = []
+    if metrics.is_file():
+        with metrics.open() as handle:
+            losses = [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(handle) if r.get("train/loss")]
+    keep = {k: record.get(k) for k in ("global_step", "final_loss", "trainable_parameters", "seed", "versions", "time")}
+    keep["wall_seconds"] = round((run / "weights.safetensors").stat().st_mtime - (run / "logs").stat().st_ctime, 1)
+    keep["loss_every_25_steps"] = losses
+    keep["config"] = record.get("config")
+    return keep

@@ -14,7 +14,6 @@ what is committed is exactly what was trained and evaluated.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 import tempfile
@@ -22,24 +21,10 @@ from pathlib import Path
 
 from layerkit.errors import LayerkitError
 from layerkit.io.weights import load_weights, save_fp16_copy
+from layerkit.runs import run_summary
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 PREFIX = "backbone.denoiser."
-
-
-def run_summary(run: Path) -> dict:
-    """Steps, loss curve, wall time and resolved config of a ``layerkit train`` run directory."""
-    record = json.loads((run / "record.json").read_text())
-    metrics = run / "logs" / "metrics.csv"
-    losses = []
-    if metrics.is_file():
-        with metrics.open() as f:
-            losses = [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
-    keep = {k: record.get(k) for k in ("global_step", "final_loss", "trainable_parameters", "seed", "versions", "time")}
-    keep["wall_seconds"] = round((run / "weights.safetensors").stat().st_mtime - (run / "logs").stat().st_ctime, 1)
-    keep["loss_every_25_steps"] = losses
-    keep["config"] = record.get("config")
-    return keep
 
 
 def export_base(folder: Path, run: Path, dst: Path) -> None:

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from layerkit.io.weights import save_fp16_copy
+from layerkit.runs import run_summary
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
@@ -45,20 +46,7 @@ def export_base(src: Path, dst: Path) -> None:
 
 def export_stage(name: str, run: Path, dst: Path) -> None:
     to_fp16(run / "weights.safetensors", dst / f"{name}.safetensors")
-    record = json.loads((run / "record.json").read_text())
-    metrics = run / "logs" / "metrics.csv"
-    losses = []
-    if metrics.is_file():
-        import csv
-
-        with metrics.open() as f:
-            losses = [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
-    keep = {k: record.get(k) for k in ("global_step", "final_loss", "trainable_parameters", "seed", "versions", "time")}
-    # wall time of the fit: the logger's directory appears when fitting starts, the weights at the end
-    keep["wall_seconds"] = round((run / "weights.safetensors").stat().st_mtime - (run / "logs").stat().st_ctime, 1)
-    keep["loss_every_25_steps"] = losses
-    keep["config"] = record.get("config")
-    (dst / f"{name}.json").write_text(json.dumps(keep, indent=1, default=str))
+    (dst / f"{name}.json").write_text(json.dumps(run_summary(run), indent=1, default=str))
 
 
 def main(argv: list[str] | None = None) -> None:
