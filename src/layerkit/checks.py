@@ -177,20 +177,35 @@ def check_inputs(cfg: DictConfig, registry: Any) -> None:
 
     task = registry.build("task", cfg.task.name, **params(cfg.task))
     inputs = params(cfg.get("inputs"))
-    unknown = sorted(set(inputs) - set(task.input_keys))
-    if unknown:
-        raise LayerkitError(f"task '{task.name}' takes no input {', '.join('inputs.' + k for k in unknown)}; "
-                            f"its inputs are {', '.join('inputs.' + k for k in task.input_keys)}.")
+    check_input_keys(task, inputs)
     for key in getattr(task, "file_keys", ()):
         value = inputs.get(key)
         if isinstance(value, str) and value and not Path(value).expanduser().exists():
             raise LayerkitError(f"input '{key}' file '{value}' does not exist.")
 
 
+def check_input_keys(task: Any, inputs: dict[str, Any]) -> None:
+    """Every ``inputs.*`` key must be one ``task`` takes (``Task.input_keys``)."""
+    unknown = sorted(set(inputs) - set(task.input_keys))
+    if unknown:
+        raise LayerkitError(f"task '{task.name}' takes no input {', '.join('inputs.' + k for k in unknown)}; "
+                            f"its inputs are {', '.join('inputs.' + k for k in task.input_keys)}.")
+
+
+def apply_threads(setting: Any = "auto") -> None:
+    """Set torch's threads from :func:`thread_count`, except that an ``OMP_NUM_THREADS`` the user
+    set is left alone when neither ``LAYERKIT_THREADS`` nor an explicit ``threads=N`` asks otherwise."""
+    if os.environ.get("OMP_NUM_THREADS") and not os.environ.get("LAYERKIT_THREADS") and setting in (None, "auto"):
+        return
+    import torch
+
+    torch.set_num_threads(thread_count(setting))
+
+
 def thread_count(setting: Any = "auto") -> int:
     """Torch threads: ``LAYERKIT_THREADS`` or the ``threads`` setting; ``auto`` takes the cores this
     process may use less the machine's current load (1-minute average), at least 1, so a busy
-    machine is not thrashed (see docs/performance.md for the measurement behind it)."""
+    machine is not thrashed (docs/benchmarks.md, benchmarks/bench_threads.py)."""
     env = os.environ.get("LAYERKIT_THREADS")
     if env:
         if not env.isdigit() or int(env) < 1:

@@ -114,12 +114,11 @@ class Sampler:
 
     def samples(self, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
         """Task inputs -> the collated batch (controls' ``prepare`` applied, stages run)."""
+        from layerkit.checks import check_input_keys
+
         inputs = params(self.cfg.inputs) if inputs is None else dict(inputs)
         task = self.parts.task
-        unknown = sorted(set(inputs) - set(task.input_keys))
-        if unknown:
-            raise LayerkitError(f"task '{task.name}' takes no input {', '.join('inputs.' + k for k in unknown)}; "
-                                f"its inputs are {', '.join('inputs.' + k for k in task.input_keys)}.")
+        check_input_keys(task, inputs)
         frames, height, width = self.size()
         samples = task.sample_inputs(inputs, height=height, width=width, num_frames=frames)
         for control in self.parts.controls.values():
@@ -233,9 +232,8 @@ def _available_ram() -> int | None:
 
 def sample(overrides: Sequence[str], *, registry: Registry | None = None, cfg: DictConfig | None = None) -> Path:
     """Run one sampling job; returns the output directory."""
-    import os
 
-    from layerkit.checks import check_config, check_inputs, thread_count
+    from layerkit.checks import apply_threads, check_config, check_inputs
 
     registry = registry or get_registry()
     if cfg is None:
@@ -244,8 +242,7 @@ def sample(overrides: Sequence[str], *, registry: Registry | None = None, cfg: D
     output_dir = Path(cfg.output_dir) if cfg.get("output_dir") else default_output_dir("sample")
     check_output_dir(output_dir, overwrite=bool(cfg.overwrite))
     dtype_of(cfg.dtype)
-    if not os.environ.get("OMP_NUM_THREADS") or os.environ.get("LAYERKIT_THREADS") or cfg.get("threads") != "auto":
-        torch.set_num_threads(thread_count(cfg.get("threads", "auto")))
+    apply_threads(cfg.get("threads", "auto"))
     check_inputs(cfg, registry)  # again, for callers that come here without the CLI
     check_memory(cfg, resolve_device(str(cfg.device)))
     sampler = build_sampler(cfg, registry)

@@ -136,14 +136,13 @@ def _finished(cfg: DictConfig, output_dir: Path) -> int | None:
 def _fit(cfg: DictConfig, registry: Registry, output_dir: Path, callbacks: Sequence[Any]) -> Path:
     import lightning as L
 
-    from layerkit.checks import thread_count
+    from layerkit.checks import apply_threads
     from layerkit.pipeline import build_parts, load_trainable_state, weight_files
     from layerkit.training.checkpoint import check_fits
     from layerkit.training.data import LayerkitDataModule
     from layerkit.training.module import LayerkitModule
 
-    if not os.environ.get("OMP_NUM_THREADS") or os.environ.get("LAYERKIT_THREADS") or cfg.get("threads") != "auto":
-        torch.set_num_threads(thread_count(cfg.get("threads", "auto")))
+    apply_threads(cfg.get("threads", "auto"))
     import warnings
 
     # wrong for layerkit's runs: the data order resumes (ResumeState), and the log is continued
