@@ -36,6 +36,8 @@ BAD_VALUES = [
     ("sample", "threads=0", "threads is 0"),
     ("sample", "+inputs.blended=/nonexistent/scene.mp4", "input 'blended' file '/nonexistent/scene.mp4' does not exist"),
     ("sample", "+inputs.blend=scene", "takes no input inputs.blend; its inputs are"),
+    ("sample", "+inputs.blend=x.mp4", "takes no input inputs.blend; its inputs are"),
+    ("sample", "+inputs.blended=/nonexistent/folder", "input 'blended' file '/nonexistent/folder' does not exist"),
     ("train", "trainer.max_steps=-3", "trainer.max_steps is -3; expected a whole number of at least 1"),
     ("train", "train.batch_size=0", "train.batch_size is 0; expected a whole number of at least 1"),
     ("train", "optim.lr=-1", "optim.lr is -1; expected a number above 0.0"),
@@ -72,6 +74,50 @@ def test_too_large_a_size_is_refused_with_an_estimate(capsys, tmp_path):
     assert main(["sample", "sampler.height=4096", "sampler.width=4096", f"output_dir={tmp_path / 'o'}"]) == 2
     err = capsys.readouterr().err
     assert "GiB" in err and "free" in err and not (tmp_path / "o").exists()
+
+
+#: refusals that must come before torch is imported (issue 13: each under 2 s; torch's import alone
+#: takes about 2.6 s on the 2-core CI machine)
+EARLY = [
+    ["sample", "sampler.steps=-5"],
+    ["sample", "+inputs.blend=x.mp4"],
+    ["sample", "+inputs.blended=/nonexistent/folder"],
+    ["sample", "+experiment=toy_layeranimate", "+inputs.demo=/nonexistent/folder"],
+    ["sample", "+experiment=toy_transparent", "+inputs.imag=x.png"],
+    ["sample", "device=cpu", "sampler.height=4096", "sampler.width=4096"],
+    ["train", "optim.lr=-1"],
+]
+
+
+@pytest.mark.parametrize("argv", EARLY, ids=[" ".join(a) for a in EARLY])
+def test_refusals_come_before_torch_is_imported(argv, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from layerkit.cli import main; rc = main(sys.argv[1:]); "
+            "assert rc == 2, rc; assert 'torch' not in sys.modules, 'torch was imported'")
+    run = subprocess.run([sys.executable, "-c", code, *argv, f"output_dir={tmp_path / 'o'}"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.startswith("layerkit: error: ") and run.stderr.count("\n") == 1, run.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_every_task_declares_its_inputs_as_its_class_does():
+    """What a task registers (``inputs=``, ``files=``: checked before torch) is what it takes."""
+    from layerkit.registry import get_registry
+
+    registry = get_registry()
+    for name in registry.names("task"):
+        component = registry.get("task", name)
+        if component.plugin.startswith("layerkit") or component.first_party:
+            assert component.inputs is not None, f"task {name} declares no inputs="
+        if component.inputs is None:
+            continue
+        task = component.resolve()
+        task = task() if not isinstance(task, type) else task
+        assert tuple(task.input_keys) == component.inputs, name
+        assert tuple(task.file_keys) == component.files, name
 
 
 def test_a_comma_in_a_prompt_says_how_to_quote_it(capsys):

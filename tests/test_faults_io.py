@@ -26,7 +26,7 @@ import torch
 from layerkit import hookimpl
 from layerkit import registry as registry_module
 from layerkit.errors import LayerkitError
-from layerkit.io.video import png_sequence, read_video
+from layerkit.io.video import png_sequence, read_video, unit_float
 from layerkit.io.weights import CHECKSUM_KEY, load_weights, read_metadata, save_fp16_copy, save_weights
 from layerkit.registry import STRICT_ENV, PluginInfo, Registry
 
@@ -589,22 +589,49 @@ GREY = np.array([[0, 257, 1000, 32896], [40000, 60000, 50000, 65535]], np.uint16
         pytest.param(6, lambda g: np.stack([g, g // 2, 65535 - g, g[::-1]], -1), 4, id="rgba16"),
     ],
 )
-def test_16_bit_pngs_are_scaled_not_clipped(tmp_path, color_type, make, channels):
+def test_16_bit_pngs_keep_their_depth(tmp_path, color_type, make, channels):
     wide = make(GREY)
-    frames = read_video(_png16(tmp_path / "image.png", wide, color_type)).frames
-    assert frames.shape == (1, 2, 4, channels) and frames.dtype == np.uint8
-    expected = _to8(wide if wide.ndim == 3 else np.repeat(wide[..., None], 3, -1))
+    path = _png16(tmp_path / "image.png", wide, color_type)
+    frames = read_video(path).frames
+    assert frames.shape == (1, 2, 4, channels) and frames.dtype == np.uint16
+    expected = wide if wide.ndim == 3 else np.repeat(wide[..., None], 3, -1)
     if color_type == 4:  # grey + alpha -> grey repeated, alpha kept
         expected = np.concatenate([np.repeat(expected[..., :1], 3, -1), expected[..., 1:]], -1)
-    assert np.abs(frames[0].astype(np.int64) - expected).max() <= 1
-    assert frames[0, 0, 0, 0] == 0 and frames[0, 1, 3, 0] == 255  # black stays black, white white
-    assert len(np.unique(frames[0, ..., 0])) == 8  # no clipping to white
+    assert np.array_equal(frames[0], expected)  # every 16-bit value as written
+    assert np.allclose(unit_float(frames)[0], expected / 65535)
+    eight = read_video(path, bits=8).frames  # 8 bits only when asked: scaled, never clipped
+    assert eight.dtype == np.uint8 and np.abs(eight[0].astype(np.int64) - _to8(expected)).max() == 0
+    assert eight[0, 0, 0, 0] == 0 and eight[0, 1, 3, 0] == 255 and len(np.unique(eight[0, ..., 0])) == 8
 
 
 def test_a_16_bit_grey_png_keeps_its_transparent_level(tmp_path):
     frames = read_video(_png16(tmp_path / "t.png", GREY, 0, trns=struct.pack(">H", 1000))).frames
-    assert frames.shape == (1, 2, 4, 4)
-    assert frames[0, 0, 2, 3] == 0 and (np.delete(frames[0, ..., 3].ravel(), 2) == 255).all()
+    assert frames.shape == (1, 2, 4, 4) and frames.dtype == np.uint16
+    assert frames[0, 0, 2, 3] == 0 and (np.delete(frames[0, ..., 3].ravel(), 2) == 65535).all()
+
+
+def test_a_sequence_mixing_8_and_16_bit_frames_is_read_at_16_bits(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "seq"
+    root.mkdir()
+    Image.fromarray(np.full((2, 4, 3), 128, np.uint8)).save(root / "f_1.png")
+    _png16(root / "f_2.png", np.stack([GREY, GREY, GREY], -1), 2)
+    frames = read_video(root).frames
+    assert frames.dtype == np.uint16 and (frames[0] == 128 * 257).all() and np.array_equal(frames[1, ..., 0], GREY)
+
+
+def test_deep_video_keeps_its_depth(tmp_path):
+    from layerkit.io.video import write_video
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (2, 16, 16, 4), dtype=np.uint8)
+    frames[..., :3] = np.clip(frames[..., :3] // 32 * 32 + 16, 0, 255)  # flat enough for ProRes to keep
+    video = read_video(write_video(tmp_path / "a.mov", frames, fps=8))  # ProRes 4444: 10 bits per channel
+    assert video.frames.dtype == np.uint16 and video.frames.shape == (2, 16, 16, 4)
+    eight = read_video(tmp_path / "a.mov", bits=8).frames
+    assert eight.dtype == np.uint8 and np.array_equal(eight, (unit_float(video.frames) * 255 + 0.5).astype(np.uint8))
+    assert np.abs(eight[..., 3].astype(int) - frames[..., 3]).max() <= 2
 
 
 def test_8_bit_images_read_as_before(tmp_path):
@@ -675,3 +702,34 @@ def test_a_video_path_that_is_a_symlink_loop_says_so(tmp_path):
     _one_line(str(err.value), "a.mp4", "is a symlink loop")
     with pytest.raises(LayerkitError, match="does not exist"):
         read_video(tmp_path / "missing.mp4")
+
+
+def test_model_image_inputs_keep_16_bits(tmp_path):
+    """The image inputs of the tasks (transparent's RGBA image, ToonCrafter's keyframes) read
+    16-bit PNGs at their depth, not clipped to white as Pillow's conversion does."""
+    from layerkit_plugins.tooncrafter.task import read_frame
+    from layerkit_plugins.transparent.task import read_rgba_image
+
+    grey = np.tile(np.linspace(0, 65535, 8).astype(np.uint16), (8, 1))
+    path = _png16(tmp_path / "grey.png", grey, 0)
+    frame = read_frame(path, 8, 8, "first_frame")
+    assert torch.allclose(frame[0], torch.from_numpy(grey / 65535).float(), atol=1e-6)
+    rgba = _png16(tmp_path / "rgba.png", np.stack([grey, grey, grey, grey[:, ::-1]], -1)[:4], 6)  # 8 wide, 4 high
+    image, note = read_rgba_image(rgba, 8, 8)
+    assert image.shape == (4, 8, 8) and note == "inputs.image: 8x4 scaled to 8x4 and padded to 8x8"
+    assert (image[3, :2] == 0).all() and (image[3, -2:] == 0).all()  # transparent borders, nothing cut
+    assert torch.allclose(image[0, 2:6], torch.from_numpy(grey[:4] / 65535).float(), atol=1e-6)
+
+
+def test_a_gapped_png_clip_in_an_rgba_folder_is_refused(tmp_path):
+    from layerkit_plugins.transparent.data import RGBAFolder
+    from PIL import Image
+
+    clip = tmp_path / "data" / "clip"
+    clip.mkdir(parents=True)
+    for i in (1, 2, 4):
+        Image.fromarray(np.full((8, 8, 4), 200, np.uint8)).save(clip / f"frame_{i:04d}.png")
+    (tmp_path / "data" / "clip.txt").write_text("a clip")
+    with pytest.raises(LayerkitError, match="frame 3 is missing"):
+        RGBAFolder(str(tmp_path / "data"), num_frames=2, height=8, width=8)
+    assert len(RGBAFolder(str(tmp_path / "data"), num_frames=2, height=8, width=8, allow_gaps=True)) == 1

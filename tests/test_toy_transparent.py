@@ -42,7 +42,7 @@ def test_toy_transparent_samples_with_no_other_argument(tmp_path, one_thread):
     from layerkit.sampling.run import sample
 
     out = sample(["+experiment=toy_transparent", f"output_dir={tmp_path / 'toy'}"])
-    video = read_video(out / "foreground.mov")
+    video = read_video(out / "foreground.mov", bits=8)
     assert video.frames.shape == (FRAMES, SIZE, SIZE, 4)  # RGBA survives ProRes 4444
     alpha = video.frames[..., 3]
     assert alpha.min() < 32 and alpha.max() > 224  # a sprite on a transparent background

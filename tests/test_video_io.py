@@ -72,14 +72,14 @@ def test_float_and_torch_inputs(tmp_path):
 
 def test_prores_4444_mov_keeps_alpha(tmp_path):
     frames = rgba_frames()
-    video = read_video(write_video(tmp_path / "a.mov", frames, fps=8))
+    video = read_video(write_video(tmp_path / "a.mov", frames, fps=8), bits=8)
     assert video.frames.shape == (F, H, W, 4) and video.has_alpha and video.fps == pytest.approx(8)
     check_alpha(video.frames[..., 3], frames[..., 3], tol_max=2, tol_mean=1)
     assert np.abs(video.frames[..., :3].astype(int) - frames[..., :3]).mean() < 3
 
 
 def test_prores_rgb_input_gets_opaque_alpha(tmp_path):
-    video = read_video(write_video(tmp_path / "rgb.mov", smooth_rgb(2)))
+    video = read_video(write_video(tmp_path / "rgb.mov", smooth_rgb(2)), bits=8)
     assert video.has_alpha and (video.frames[..., 3] >= 254).all()
 
 

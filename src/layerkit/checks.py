@@ -166,22 +166,37 @@ def check_config(primary: str, cfg: DictConfig) -> None:
             if isinstance(value, str) and Path(value).suffix.lower() in MEDIA_SUFFIXES and \
                     not Path(value).expanduser().exists():
                 raise LayerkitError(f"input '{key}' file '{value}' does not exist.")
+        if runs_on_cpu(str(cfg.get("device", "auto"))):  # a GPU's free memory needs torch: checked later
+            check_memory(cfg, "cpu", available_ram())
     if cfg.get("output_dir"):
         check_output_location(Path(str(cfg.output_dir)))
 
 
 def check_inputs(cfg: DictConfig, registry: Any) -> None:
-    """Unknown ``inputs.*`` keys and missing input files fail before any model loads (the task
-    object is light; the same checks run again inside ``Sampler.samples``)."""
+    """Unknown ``inputs.*`` keys and missing input files fail before any model loads. A task that
+    declared its ``inputs=`` and ``files=`` at registration is checked from the registry alone
+    (no torch, no import of its module); another is built to ask it (the same checks run again
+    inside ``Sampler.samples``)."""
     from layerkit.config import params
 
-    task = registry.build("task", cfg.task.name, **params(cfg.task))
     inputs = params(cfg.get("inputs"))
+    component = registry.get("task", str(cfg.task.name))
+    if component.inputs is not None:
+        task: Any = _Declared(component.name, component.inputs, component.files or ())
+    else:
+        task = registry.build("task", cfg.task.name, **params(cfg.task))
     check_input_keys(task, inputs)
     for key in getattr(task, "file_keys", ()):
         value = inputs.get(key)
         if isinstance(value, str) and value and not Path(value).expanduser().exists():
             raise LayerkitError(f"input '{key}' file '{value}' does not exist.")
+
+
+class _Declared:
+    """What :func:`check_input_keys` reads of a task, from its registration."""
+
+    def __init__(self, name: str, input_keys: tuple[str, ...], file_keys: tuple[str, ...]) -> None:
+        self.name, self.input_keys, self.file_keys = name, input_keys, file_keys
 
 
 def check_input_keys(task: Any, inputs: dict[str, Any]) -> None:
@@ -190,6 +205,50 @@ def check_input_keys(task: Any, inputs: dict[str, Any]) -> None:
     if unknown:
         raise LayerkitError(f"task '{task.name}' takes no input {', '.join('inputs.' + k for k in unknown)}; "
                             f"its inputs are {', '.join('inputs.' + k for k in task.input_keys)}.")
+
+
+def memory_estimate(cfg: DictConfig) -> int | None:
+    """Bytes a sampling run needs at least for its outputs and decoder activations: the decoded
+    layers in fp32 (4 layers x 4 channels per pixel of every frame) plus about 1 KiB per pixel of 8
+    frames at a time (a video VAE decoder's widest full-resolution activations). A floor, not a
+    promise: the model itself comes on top. None when the size is not set."""
+    s = cfg.get("sampler") or {}
+    if not (s.get("num_frames") and s.get("height") and s.get("width")):
+        return None
+    samples = int((cfg.get("inputs") or {}).get("num_samples", 1) or 1)
+    frames, pixels = int(s["num_frames"]), int(s["height"]) * int(s["width"])
+    return samples * frames * pixels * 4 * 4 * 4 + min(frames, 8) * pixels * 1024
+
+
+def check_memory(cfg: DictConfig, device_type: str, free: int | None) -> None:
+    """Refuse a size whose :func:`memory_estimate` exceeds ``free`` bytes of ``device_type``."""
+    estimate = memory_estimate(cfg)
+    if estimate is None or not free or estimate <= free:
+        return
+    s, samples = cfg.sampler, int((cfg.get("inputs") or {}).get("num_samples", 1) or 1)
+    raise LayerkitError(f"sampling {samples} x {s.num_frames} frames of {s.height} x {s.width} needs at least "
+                        f"{estimate / 2**30:.1f} GiB on {device_type} (outputs and decoder activations), and "
+                        f"{free / 2**30:.1f} GiB are free; ask for fewer frames, a smaller size or fewer samples.")
+
+
+def available_ram() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), None elsewhere."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def runs_on_cpu(device: str) -> bool:
+    """Whether a ``device`` setting means the CPU, told without importing torch: ``cpu``, or
+    ``auto`` on a machine with no NVIDIA driver loaded."""
+    if device == "cpu":
+        return True
+    return device == "auto" and not Path("/proc/driver/nvidia/version").exists() and not Path("/dev/nvidia0").exists()
 
 
 def apply_threads(setting: Any = "auto") -> None:

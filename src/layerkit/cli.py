@@ -278,11 +278,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
             registry = get_registry()
             cfg = compose(args.command, args.overrides, registry)
-            check_config(args.command, cfg)  # every bad value fails here, before torch or a model loads
             if args.command == "sample":
                 from layerkit.checks import check_inputs
 
                 check_inputs(cfg, registry)  # unknown inputs and missing files, before any model loads
+            check_config(args.command, cfg)  # every bad value fails here, before torch or a model loads
             if args.command == "train":
                 from layerkit.training.run import train
 

@@ -2,7 +2,10 @@
 
 ``register(name, target, description="", *, override=False)`` records one component.
 ``target`` is either a dotted path ``"package.module:Attribute"`` (imported only when the
-component is built, so ``layerkit --help`` stays light) or a callable factory.
+component is built, so ``layerkit --help`` stays light) or a callable factory. A task may also
+declare ``inputs=`` and ``files=`` (its ``input_keys`` and ``file_keys``): then a misspelt
+``inputs.*`` key or a missing input file is refused before torch or the task's module is
+imported (about a second instead of several); without them the task is built to ask it.
 
 A name belongs to one plugin. The names layerkit's own plugins register (``toy.dit``, ``lora``,
 ...) can never be taken: a plugin registering one fails to load, listed by ``layerkit plugins``

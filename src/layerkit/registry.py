@@ -75,6 +75,10 @@ class Component:
     first_party: bool = False
     override: bool = False
     conflict: str | None = None  # set on the stand-in for a name claimed twice: the sentence to raise
+    #: a task's ``input_keys`` and ``file_keys`` as registered (``register(..., inputs=, files=)``):
+    #: checked before torch or the task's module is imported; None when not declared
+    inputs: tuple[str, ...] | None = None
+    files: tuple[str, ...] | None = None
 
     def resolve(self) -> Callable[..., Any]:
         """Import a dotted ``module:attr`` target (or return a callable one)."""
@@ -212,8 +216,13 @@ class Registry:
         return info
 
     def _registrar(self, kind: str, info: PluginInfo) -> Callable[..., None]:
-        def register(name: str, target: Any, description: str = "", *, override: bool = False) -> None:
-            self._add(kind, name, target, info, description, override=bool(override))
+        def register(name: str, target: Any, description: str = "", *, override: bool = False,
+                     inputs: Any = None, files: Any = None) -> None:
+            if (inputs is not None or files is not None) and kind != "task":
+                raise LayerkitError(f"{kind} '{name}': only a task declares inputs= and files=.")
+            self._add(kind, name, target, info, description, override=bool(override),
+                      inputs=None if inputs is None else tuple(inputs),
+                      files=None if files is None and inputs is None else tuple(files or ()))
 
         return register
 
@@ -256,10 +265,11 @@ class Registry:
         info.traceback = traceback.format_exception(exc)  # type: ignore[attr-defined]
 
     def _add(self, kind: str, name: str, target: Any, info: PluginInfo, description: str, *,
-             override: bool = False) -> None:
+             override: bool = False, inputs: tuple[str, ...] | None = None,
+             files: tuple[str, ...] | None = None) -> None:
         claims = self.claims[kind].setdefault(name, [])
         claim = Component(kind, name, target, info.name, description, distribution=info.label,
-                          first_party=info.first_party, override=override)
+                          first_party=info.first_party, override=override, inputs=inputs, files=files)
         others = [c for c in claims if c.plugin != info.name]
         owners = [c for c in others if c.first_party]
         if owners and not claim.first_party:  # layerkit's own names are never taken over

@@ -118,7 +118,7 @@ def read_clip(path: str | os.PathLike) -> dict[str, Any]:
     """
     import torch
 
-    from layerkit.io.video import read_video
+    from layerkit.io.video import read_video, unit_float
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -132,9 +132,9 @@ def read_clip(path: str | os.PathLike) -> dict[str, Any]:
     except (OSError, ValueError, KeyError) as exc:
         raise LayerkitError(f"curated clip '{path}' is incomplete or damaged ({type(exc).__name__}: {exc}).") from None
     f, h, w = manifest["num_frames"], manifest["height"], manifest["width"]
-    frames = torch.from_numpy(video.frames[:f, :h, :w, :3].copy()).permute(0, 3, 1, 2).float() / 255.0
+    frames = torch.from_numpy(unit_float(video.frames[:f, :h, :w, :3])).permute(0, 3, 1, 2)
     masks = np.stack([decode_masks(rles) for rles in masklets["layers"]]).astype(np.float32)
-    lines = np.stack([1.0 - s[:f, :h, :w].astype(np.float32).mean(-1) / 255.0 for s in sketches])
+    lines = np.stack([1.0 - unit_float(s[:f, :h, :w]).mean(-1) for s in sketches])
     return {
         "id": manifest["id"],
         "frames": frames,

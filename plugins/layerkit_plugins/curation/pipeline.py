@@ -88,10 +88,10 @@ class Dropped:
 class Timer:
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
 
-    def run(self, stage: str, fn, *args):
+    def run(self, stage: str, fn, *args, **kwargs):
         start = time.perf_counter()
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         finally:
             self.seconds[stage] += time.perf_counter() - start
 
@@ -260,7 +260,7 @@ def curate(cfg: Any, registry: Any) -> dict[str, Any]:
                 bars.done("read")
                 continue
             try:
-                clip = timer.run("read", read_video, video)
+                clip = timer.run("read", read_video, video, bits=8)  # the curation models work on 8-bit frames
                 frames = clip.frames
                 if len(frames) < need:
                     raise LayerkitError(f"video '{video}' has {len(frames)} frames; a clip needs {need} "

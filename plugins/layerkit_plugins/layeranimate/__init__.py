@@ -7,6 +7,11 @@ from __future__ import annotations
 
 from layerkit import hookimpl
 
+#: what ``inputs.*`` the tasks take (their ``input_keys`` and ``file_keys``), declared here so a
+#: wrong key or a missing file is refused before torch is imported
+INPUT_KEYS = ("num_samples", "seed", "prompt", "demo", "demo_root", "fps", "controls")
+FILE_KEYS = ("demo",)
+
 
 @hookimpl
 def register_controls(register):
@@ -24,9 +29,9 @@ def register_adapters(register):
 
 @hookimpl
 def register_tasks(register):
-    register("layeranimate.i2v", "layerkit_plugins.layeranimate.task:i2v_task",
+    register("layeranimate.i2v", "layerkit_plugins.layeranimate.task:i2v_task", inputs=INPUT_KEYS, files=FILE_KEYS,
              description="layer-controlled image-to-video (first frame given)")
-    register("layeranimate.interpolate", "layerkit_plugins.layeranimate.task:interpolate_task",
+    register("layeranimate.interpolate", "layerkit_plugins.layeranimate.task:interpolate_task", inputs=INPUT_KEYS, files=FILE_KEYS,
              description="layer-controlled interpolation (first and last frames given)")
 
 

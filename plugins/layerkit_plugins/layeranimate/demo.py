@@ -51,7 +51,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from layerkit.errors import LayerkitError
-from layerkit.io.video import read_video
+from layerkit.io.video import read_image, read_video, unit_float
 from layerkit_plugins.layeranimate.layers import MODES, check_motion_scores, keyframe_indices
 from layerkit_plugins.layeranimate.schema import no_sketch, validate_sample
 from layerkit_plugins.layeranimate.trajectory import fit_tracks, load_tracks, no_trajectory, trajectory_maps
@@ -187,26 +187,39 @@ def find_image(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _open(path: Path, mode: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert(mode)
-    except (OSError, ValueError) as exc:
-        raise LayerkitError(f"could not read image '{path}': {exc}.") from None
+def _open(path: Path, mode: str) -> Image.Image | torch.Tensor:
+    """An image file (``layerkit.io.video.read_image``) in ``mode`` (RGB or L)."""
+    return _as_image(read_image(path), mode)
 
 
-def _fit(image: Image.Image, height: int, width: int) -> Image.Image:
-    image = TF.resize(image, min(height, width), interpolation=InterpolationMode.BILINEAR)
+def _as_image(array: np.ndarray, mode: str) -> Image.Image | torch.Tensor:
+    """An 8-bit ``[H, W, C]`` array as a PIL image in ``mode`` (the authors' transforms, exactly);
+    a 16-bit one as a float ``[C, H, W]`` tensor in [0, 1] (its depth kept; L is ITU-R 601 luma,
+    as PIL's)."""
+    if array.dtype == np.uint8:
+        return Image.fromarray(np.ascontiguousarray(array)).convert(mode)
+    rgb = torch.from_numpy(unit_float(array[..., :3])).permute(2, 0, 1)
+    if mode == "L":
+        return (rgb * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
+    return rgb
+
+
+def _fit(image: Image.Image | torch.Tensor, height: int, width: int) -> Image.Image | torch.Tensor:
+    image = TF.resize(image, min(height, width), interpolation=InterpolationMode.BILINEAR, antialias=True)
     return TF.center_crop(image, [height, width])
 
 
-def transform_image(image: Image.Image, height: int, width: int) -> torch.Tensor:
+def transform_image(image: Image.Image | torch.Tensor, height: int, width: int) -> torch.Tensor:
     """An RGB image -> ``[3, H, W]`` in [0, 1] after ``Resize(min(H, W)) + CenterCrop(H, W)``."""
+    if isinstance(image, torch.Tensor):
+        return _fit(image, height, width).clamp(0, 1)
     return TF.to_tensor(_fit(image.convert("RGB"), height, width))
 
 
-def transform_mask(image: Image.Image, height: int, width: int) -> torch.Tensor:
+def transform_mask(image: Image.Image | torch.Tensor, height: int, width: int) -> torch.Tensor:
     """A mask image -> ``[1, H, W]`` float {0, 1}: grayscale, resized/cropped like the frames, ``> 0.5``."""
+    if isinstance(image, torch.Tensor):
+        return (_fit(image, height, width) > 0.5).float()
     return (TF.to_tensor(_fit(image.convert("L"), height, width)) > 0.5).float()
 
 
@@ -290,7 +303,7 @@ def read_demo(path: str | os.PathLike, settings: Mapping[str, Any] | str | os.Pa
         frames = read_video(sketch_file).frames
         if frames.shape[0] != L:
             raise LayerkitError(f"'{sketch_file}' has {frames.shape[0]} frames, expected L = {L}.")
-        sketch[index] = torch.stack([transform_image(Image.fromarray(f[..., :3]), H, W) for f in frames])
+        sketch[index] = torch.stack([transform_image(_as_image(f, "RGB"), H, W) for f in frames])
 
     # trajectory
     trajectory = no_trajectory(capacity, L, H, W)

@@ -23,12 +23,13 @@ from typing import Any
 import torch
 
 from layerkit.errors import LayerkitError
+from layerkit_plugins.layeranimate import FILE_KEYS, INPUT_KEYS
 from layerkit_plugins.tooncrafter.task import KeyframeTask
 
 
 class LayerAnimateTask(KeyframeTask):
-    input_keys = ("num_samples", "seed", "prompt", "demo", "demo_root", "fps", "controls")
-    file_keys = ("demo",)
+    input_keys = INPUT_KEYS
+    file_keys = FILE_KEYS
 
     def __init__(self, mode: str = "i2v", capacity: int = 4, fps: float | None = None, default_seed: int = 0,
                  num_samples: int = 1, previews: bool = True) -> None:

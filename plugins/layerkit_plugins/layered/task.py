@@ -30,12 +30,11 @@ import torch
 from layerkit.errors import LayerkitError, expect_shape
 from layerkit.layers import check_frame_counts
 from layerkit.protocols import Packed, Segment, Task, given_per_frame
+from layerkit_plugins.layered import FILE_KEYS, INPUT_KEYS, PROMPT_KEYS
 
 LAYOUTS = {"rgba": ("foreground", "alpha", "background", "blended"), "rgb": ("foreground", "background", "blended")}
 GIVEN = {"generate": (), "decompose": ("blended",), "fg2bg": ("foreground", "alpha"), "bg2fg": ("background",)}
 MODES = (*GIVEN, "auto")
-PROMPT_KEYS = ("foreground_prompt", "background_prompt", "prompt")
-FILE_KEYS = ("foreground", "alpha", "background", "blended")
 #: the mode each given file selects
 FILE_MODE = {"blended": "decompose", "foreground": "fg2bg", "alpha": "fg2bg", "background": "bg2fg"}
 FIRST = "first_frame"
@@ -43,7 +42,7 @@ FIRST = "first_frame"
 
 class LayeredTask(Task):
     name = "layered"
-    input_keys = ("num_samples", "seed", *PROMPT_KEYS, *FILE_KEYS, "fit")
+    input_keys = INPUT_KEYS
     file_keys = FILE_KEYS
 
     def __init__(self, mode: str = "auto", layout: str = "rgba", index_prefix: bool = True,
@@ -200,7 +199,7 @@ class LayeredTask(Task):
 
     def _read_inputs(self, files: dict[str, str], height: int, width: int, num_frames: int, fit: str,
                      notes: list[str]) -> dict[str, Any]:
-        from layerkit.io.video import fit_frames, read_video
+        from layerkit.io.video import fit_frames, read_video, unit_float
 
         out: dict[str, torch.Tensor] = {}
         for key, path in files.items():
@@ -212,7 +211,7 @@ class LayeredTask(Task):
                                     f"{num_frames} (sampler.num_frames).")
             if video.num_frames > num_frames:
                 notes.append(f"inputs.{key}: the first {num_frames} of {video.num_frames} frames used")
-            frames = torch.from_numpy(video.frames[:num_frames]).float().div(255).permute(0, 3, 1, 2)
+            frames = torch.from_numpy(unit_float(video.frames[:num_frames])).permute(0, 3, 1, 2)
             frames, note = fit_frames(frames, height, width, fit, name=f"inputs.{key}")
             if note:
                 notes.append(note)

@@ -93,13 +93,12 @@ def count_frames(path: Path) -> int:
 
 def read_frames(path: Path, indices: Sequence[int]) -> torch.Tensor:
     """Frames ``indices`` of a file as float [F, C, H, W] in [0, 1] (C = 3 or 4)."""
-    from layerkit.io.video import read_video
+    from layerkit.io.video import read_video, unit_float
 
     video = read_video(path, max_frames=max(indices) + 1)
     if video.num_frames <= max(indices):
         raise LayerkitError(f"'{path}' decoded to {video.num_frames} frames; frame {max(indices)} is needed.")
-    frames = torch.from_numpy(video.frames[list(indices)]).permute(0, 3, 1, 2)
-    return frames.float().div_(255.0)
+    return torch.from_numpy(unit_float(video.frames[list(indices)])).permute(0, 3, 1, 2)
 
 
 def fit(frames: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:

@@ -6,6 +6,11 @@ from __future__ import annotations
 
 from layerkit import hookimpl
 
+#: what ``inputs.*`` the tasks take (their ``input_keys`` and ``file_keys``), declared here so a
+#: wrong key or a missing file is refused before torch is imported
+INPUT_KEYS = ("num_samples", "seed", "prompt", "first_frame", "last_frame", "fps")
+FILE_KEYS = ("first_frame", "last_frame")
+
 
 @hookimpl
 def register_backbones(register):
@@ -16,9 +21,9 @@ def register_backbones(register):
 
 @hookimpl
 def register_tasks(register):
-    register("tooncrafter.i2v", "layerkit_plugins.tooncrafter.task:i2v_task",
+    register("tooncrafter.i2v", "layerkit_plugins.tooncrafter.task:i2v_task", inputs=INPUT_KEYS, files=FILE_KEYS,
              description="image-to-video: the first frame given as the concatenated image latent and image tokens")
-    register("tooncrafter.interpolate", "layerkit_plugins.tooncrafter.task:interpolate_task",
+    register("tooncrafter.interpolate", "layerkit_plugins.tooncrafter.task:interpolate_task", inputs=INPUT_KEYS, files=FILE_KEYS,
              description="interpolation: the first and last frames given")
 
 

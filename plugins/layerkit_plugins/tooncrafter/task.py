@@ -20,6 +20,7 @@ import torch
 
 from layerkit.errors import LayerkitError
 from layerkit.protocols import Packed, Segment, Task
+from layerkit_plugins.tooncrafter import FILE_KEYS, INPUT_KEYS
 
 MODES = ("i2v", "interpolate")
 
@@ -35,26 +36,16 @@ def keyframes(mode: str, num_frames: int) -> list[int]:
 def read_frame(path: str | Path, height: int, width: int, name: str) -> torch.Tensor:
     """An image file -> [3, H, W] in [0, 1], resized (shorter side) and centre-cropped as LayerAnimate's
     demos are (``Resize(min(H, W))`` + ``CenterCrop``)."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from layerkit.io.video import fit_frames, read_image, unit_float
 
-    from layerkit.io.video import fit_frames
-
-    path = Path(path)
-    if not path.is_file():
-        raise LayerkitError(f"inputs.{name} '{path}' does not exist.")
-    try:
-        with Image.open(path) as img:
-            rgb = np.asarray(img.convert("RGB")).copy()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise LayerkitError(f"inputs.{name} '{path}' is not a readable image ({type(exc).__name__}).") from None
-    frame = torch.from_numpy(rgb).float().div(255).permute(2, 0, 1)[None]
+    rgb = unit_float(read_image(path, name=f"inputs.{name}")[..., :3])  # 8 or 16 bits, alpha dropped
+    frame = torch.from_numpy(rgb).permute(2, 0, 1)[None]
     return fit_frames(frame, height, width, "crop", name=f"inputs.{name}")[0][0]
 
 
 class KeyframeTask(Task):
-    input_keys = ("num_samples", "seed", "prompt", "first_frame", "last_frame", "fps")
-    file_keys = ("first_frame", "last_frame")
+    input_keys = INPUT_KEYS
+    file_keys = FILE_KEYS
 
     def __init__(self, mode: str = "i2v", fps: float | None = None, default_seed: int = 0, num_samples: int = 1) -> None:
         keyframes(mode, 2)

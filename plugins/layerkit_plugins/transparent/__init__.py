@@ -6,6 +6,11 @@ from __future__ import annotations
 
 from layerkit import hookimpl
 
+#: what ``inputs.*`` the tasks take (their ``input_keys`` and ``file_keys``), declared here so a
+#: wrong key or a missing file is refused before torch is imported
+INPUT_KEYS = ("num_samples", "seed", "prompt", "image", "fit")
+FILE_KEYS = ("image",)
+
 
 @hookimpl
 def register_adapters(register):
@@ -16,9 +21,9 @@ def register_adapters(register):
 
 @hookimpl
 def register_tasks(register):
-    register("transparent.i2v", "layerkit_plugins.transparent.task:i2v_task",
+    register("transparent.i2v", "layerkit_plugins.transparent.task:i2v_task", inputs=INPUT_KEYS, files=FILE_KEYS,
              description="RGBA image as the clean middle frame -> RGBA video")
-    register("transparent.t2v", "layerkit_plugins.transparent.task:t2v_task",
+    register("transparent.t2v", "layerkit_plugins.transparent.task:t2v_task", inputs=INPUT_KEYS, files=FILE_KEYS,
              description="prompt -> transparent image (stage 1, LayerDiffuse) -> RGBA video around it (stage 2)")
 
 

@@ -82,8 +82,9 @@ class RGBAFolder(torch.utils.data.Dataset):
     """A folder of RGBA clips with captions -> ``rgba`` [F, 4, H, W] in [0, 1] + ``prompt``.
 
     Items (top level of ``root``, sorted by name): ``*.mov`` (ProRes 4444 with alpha),
-    ``*.webm`` (VP9 with alpha) and directories of ``*.png`` frames (RGBA, read in name
-    order). Each needs a caption: ``<name>.txt`` beside it (``clip.mov`` -> ``clip.txt``,
+    ``*.webm`` (VP9 with alpha) and directories of ``*.png`` frames (RGBA, in the order of
+    their numbers; a sequence whose numbers skip one is refused unless ``allow_gaps``). 16-bit
+    sources keep their depth until they are scaled to floats. Each needs a caption: ``<name>.txt`` beside it (``clip.mov`` -> ``clip.txt``,
     directory ``clip/`` -> ``clip.txt``) or an entry in ``captions.json`` keyed by the file
     name or its stem; a ``.txt`` wins over the JSON entry.
 
@@ -99,7 +100,8 @@ class RGBAFolder(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: str | None = None, num_frames: int = 16, height: int = 64, width: int = 64,
-                 stride: int = 1, clip_start: str = "random", crop: str = "center", probe: bool = True) -> None:
+                 stride: int = 1, clip_start: str = "random", crop: str = "center", probe: bool = True,
+                 allow_gaps: bool = False) -> None:
         if not root:
             raise LayerkitError("transparent.rgba_folder needs data.root: a folder of RGBA videos with captions.")
         self.root = Path(root).expanduser()
@@ -114,6 +116,7 @@ class RGBAFolder(torch.utils.data.Dataset):
             raise LayerkitError(f"crop must be 'center' or 'random'; got '{crop}'.")
         self.num_frames, self.height, self.width = int(num_frames), int(height), int(width)
         self.stride, self.clip_start, self.crop = int(stride), clip_start, crop
+        self.allow_gaps = bool(allow_gaps)
         self.items = self._scan()
         if probe:
             self._probe_all()
@@ -132,9 +135,11 @@ class RGBAFolder(torch.utils.data.Dataset):
                 continue
             suffix = path.suffix.lower()
             if path.is_dir():
-                pngs = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and p.is_file())
-                if not pngs:
+                if not any(p.suffix.lower() == ".png" and p.is_file() for p in path.iterdir()):
                     continue  # not a PNG sequence
+                from layerkit.io.video import png_sequence
+
+                pngs = png_sequence(path, allow_gaps=self.allow_gaps)  # in frame order; a gap is refused
                 kind = "png"
             elif suffix in VIDEO_SUFFIXES:
                 pngs, kind = [], "video"
@@ -261,7 +266,9 @@ class RGBAFolder(torch.utils.data.Dataset):
         item = self.items[index]
         start = self._start(item.frames)
         frames, fps, start = self._read(item, start)
-        rgba = self._resize_crop(torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(255))
+        from layerkit.io.video import unit_float
+
+        rgba = self._resize_crop(torch.from_numpy(unit_float(frames)).permute(0, 3, 1, 2))
         return {"rgba": rgba, "prompt": item.caption,
                 "meta": {"path": str(item.path), "start": start, "stride": self.stride, "fps": fps}}
 
@@ -271,7 +278,8 @@ class RGBAFolder(torch.utils.data.Dataset):
         return int(torch.randint(0, frames - self.span + 1, ()).item())
 
     def _read(self, item: _Item, start: int) -> tuple[Any, float, int]:
-        """uint8 [F, H, W, 4] of the clip's frames, the source fps, the start actually used."""
+        """[F, H, W, 4] of the clip's frames (uint8, or uint16 from a deeper source), the source fps,
+        the start actually used."""
         import numpy as np
 
         from layerkit.io.video import DEFAULT_FPS, read_images, read_video

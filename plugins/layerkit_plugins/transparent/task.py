@@ -26,16 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from layerkit.errors import LayerkitError
 from layerkit.protocols import Packed, Segment, Task
+from layerkit_plugins.transparent import FILE_KEYS, INPUT_KEYS
 from layerkit_plugins.transparent.inter_frame import reference_frame
 
 
 class TransparentTask(Task):
-    input_keys = ("num_samples", "seed", "prompt", "image")
-    file_keys = ("image",)
+    input_keys = INPUT_KEYS
+    file_keys = FILE_KEYS
 
     def __init__(self, mode: str = "i2v", reference: int | None = None, default_seed: int = 0,
                  num_samples: int = 1, given_reference: bool = True) -> None:
@@ -118,7 +118,8 @@ class TransparentTask(Task):
         seed = int(inputs.get("seed", self.default_seed))
         cfg = ShapesConfig(num_frames=num_frames, height=height, width=width)
         user = bool(inputs.get("prompt") or inputs.get("image"))
-        image = read_rgba_image(inputs["image"], height, width) if inputs.get("image") else None
+        image, fitted = (read_rgba_image(inputs["image"], height, width, str(inputs.get("fit", "pad")))
+                         if inputs.get("image") else (None, None))
         if self.mode == "i2v" and user and image is None:
             raise LayerkitError("transparent.i2v animates an RGBA image: give inputs.image=FILE (or use "
                                 "task=transparent_t2v to make the image from the prompt).")
@@ -127,8 +128,11 @@ class TransparentTask(Task):
             sample: dict[str, Any] = {"num_frames": num_frames, "height": height, "width": width}
             if user:
                 sample["prompt"] = str(inputs.get("prompt") or "")
-                if not inputs.get("prompt"):
-                    sample["notes"] = ["inputs.prompt not given: empty prompt"]
+                notes = [] if inputs.get("prompt") else ["inputs.prompt not given: empty prompt"]
+                if fitted:
+                    notes.append(fitted)
+                if notes:
+                    sample["notes"] = notes
             else:
                 clip = make_rgba_sprite_clip(seed_for("test", seed, i), cfg)
                 sample["prompt"] = clip["prompt"]
@@ -174,20 +178,21 @@ def _first(value: Any) -> int:
     return int(value)
 
 
-def read_rgba_image(path: str | Path, height: int, width: int) -> torch.Tensor:
-    """An image file -> [4, H, W] straight RGBA in [0, 1] (opaque when it has no alpha)."""
+def read_rgba_image(path: str | Path, height: int, width: int, fit: str = "pad") -> tuple[torch.Tensor, str | None]:
+    """An image file (8 or 16 bits) -> [4, H, W] straight RGBA in [0, 1] (opaque when it has no
+    alpha), fitted to the size with its aspect ratio kept (``pad``: transparent borders, the
+    default, so no part of the element is cut; ``crop``; ``stretch``), and a note saying what was
+    done (None when the size matched)."""
     import numpy as np
-    from PIL import Image
 
-    path = Path(path)
-    if not path.is_file():
-        raise LayerkitError(f"input image '{path}' does not exist.")
-    with Image.open(path) as img:
-        rgba = torch.from_numpy(np.asarray(img.convert("RGBA")).copy()).float().div(255).permute(2, 0, 1)
-    if tuple(rgba.shape[1:]) != (height, width):
-        rgba = F.interpolate(rgba[None], size=(height, width), mode="bilinear", align_corners=False,
-                             antialias=True)[0].clamp(0, 1)
-    return rgba
+    from layerkit.io.video import fit_frames, read_image, unit_float
+
+    image = read_image(path, name="inputs.image")
+    if image.shape[-1] == 3:
+        image = np.dstack([image, np.full(image.shape[:2], np.iinfo(image.dtype).max, image.dtype)])
+    rgba = torch.from_numpy(unit_float(image)).permute(2, 0, 1)
+    fitted, note = fit_frames(rgba[None], height, width, fit, name="inputs.image")
+    return fitted[0], note
 
 
 def i2v_task(**kwargs: Any) -> TransparentTask:

@@ -1,8 +1,10 @@
 """Read and write videos (RGB or RGBA) with PyAV, plus PNG sequences and images.
 
-Frames are always ``uint8`` arrays shaped ``[F, H, W, C]`` with ``C = 3`` (RGB)
-or ``C = 4`` (RGBA); 16-bit images are scaled to that range (``round(v * 255 / 65535)``),
-never clipped. Writes are atomic: a hidden sibling is written first and renamed onto the
+Frames are arrays shaped ``[F, H, W, C]`` with ``C = 3`` (RGB) or ``C = 4`` (RGBA): ``uint8``
+from 8-bit sources, ``uint16`` from deeper ones (16-bit PNGs, 10- to 16-bit video such as ProRes
+4444), whose depth is kept, never clipped or silently cut to 8 bits; :func:`unit_float` turns
+either into floats in [0, 1], and ``read_video(..., bits=8)`` asks for 8 bits explicitly (scaled,
+``round(v * 255 / 65535)``) where a consumer works on bytes. Writes are atomic: a hidden sibling is written first and renamed onto the
 target, so a failed write never leaves a half-written file.
 """
 
@@ -33,7 +35,8 @@ RGBA_FORMATS = ("mov", "webm", "png")
 
 @dataclass
 class Video:
-    """Decoded frames ``uint8 [F, H, W, C]`` (C = 3 RGB or 4 RGBA) and their frame rate."""
+    """Decoded frames ``[F, H, W, C]`` (C = 3 RGB or 4 RGBA; ``uint8``, or ``uint16`` from a source
+    deeper than 8 bits) and their frame rate."""
 
     frames: np.ndarray
     fps: float
@@ -70,14 +73,51 @@ _ALPHA_DECODERS = {"vp8": "libvpx", "vp9": "libvpx-vp9"}
 # ----------------------------------------------------------------------------- reading
 
 
-def read_video(path: str | os.PathLike, *, max_frames: int | None = None, allow_gaps: bool = False) -> Video:
+def read_video(path: str | os.PathLike, *, max_frames: int | None = None, allow_gaps: bool = False,
+               bits: int | None = None) -> Video:
     """Read a video file, a directory of PNGs or one image into ``Video`` (``[F, H, W, 3|4]``).
 
     A directory's PNGs are its frames in the order of their numbers (``frame_0001.png``, ...);
     a sequence whose numbers skip one is refused unless ``allow_gaps`` (then its frames are
-    used as if consecutive).
+    used as if consecutive). ``bits``: None keeps the source's depth (``uint8``, or ``uint16``
+    from a deeper source); 8 or 16 converts to that depth.
     """
+    if bits not in (None, 8, 16):
+        raise LayerkitError(f"bits must be 8, 16 or None (the source's depth), got {bits!r}.")
+    video = _read_video(Path(path), max_frames, allow_gaps)
+    if bits is not None:
+        video.frames = to_depth(video.frames, bits)
+    return video
+
+
+def to_depth(frames: np.ndarray, bits: int) -> np.ndarray:
+    """``uint8`` or ``uint16`` frames at ``bits`` = 8 or 16 (rounded, full range to full range)."""
+    if bits == 16:
+        return frames if frames.dtype == np.uint16 else frames.astype(np.uint16) * 257
+    if frames.dtype == np.uint8:
+        return frames
+    return ((frames.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def unit_float(frames: np.ndarray) -> np.ndarray:
+    """``uint8`` or ``uint16`` frames as ``float32`` in [0, 1], each at its own full range."""
+    if frames.dtype not in (np.uint8, np.uint16):
+        raise LayerkitError(f"frames have dtype {frames.dtype}; expected uint8 or uint16.")
+    return frames.astype(np.float32) / float(np.iinfo(frames.dtype).max)
+
+
+def read_image(path: str | os.PathLike, *, name: str = "image") -> np.ndarray:
+    """One image as ``[H, W, 3|4]`` (``uint8``, or ``uint16`` from a 16-bit PNG); ``name`` says
+    what it is in the errors (e.g. ``inputs.image``)."""
     path = Path(path)
+    if path.is_dir():
+        raise LayerkitError(f"{name} '{path}' is a folder, not an image file.")
+    if not path.is_file():
+        raise LayerkitError(f"{name} '{path}' does not exist.")
+    return read_images([path], path, name=name)[0]
+
+
+def _read_video(path: Path, max_frames: int | None, allow_gaps: bool) -> Video:
     if max_frames is not None and max_frames < 1:
         raise LayerkitError(f"max_frames must be a positive integer, got {max_frames}.")
     try:
@@ -131,18 +171,41 @@ def png_sequence(directory: str | os.PathLike, *, allow_gaps: bool = False, max_
 _WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
+def _png_bit_depth(file: Path) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG's IHDR, None when ``file`` is not a PNG."""
+    with open(file, "rb") as handle:
+        head = handle.read(26)
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
+def _png16_colour(file: Path, colour_type: int) -> np.ndarray:
+    """uint16 ``[H, W, 3|4]`` of a 16-bit colour or grey+alpha PNG (Pillow reads these as 8 bits),
+    decoded by ffmpeg's PNG decoder."""
+    try:
+        with av.open(str(file)) as container:
+            frame = next(container.decode(video=0))
+    except (av.FFmpegError, StopIteration) as exc:
+        raise LayerkitError(f"could not read image '{file}': {exc}.") from None
+    return frame.to_ndarray(format="rgb48le" if colour_type == 2 else "rgba64le")
+
+
 def _image_array(im: Image.Image, file: Path) -> np.ndarray:
-    """uint8 ``[H, W, 3|4]`` of a loaded image; 16-bit grey scaled to 8 bits (Pillow's own
-    conversion clips it to white), its tRNS grey level made transparent."""
+    """``[H, W, 3|4]`` of a loaded image: uint8, or uint16 from a 16-bit PNG, whose depth is kept
+    (Pillow's own conversion clips 16-bit grey to white and cuts 16-bit colour to 8 bits); a
+    16-bit grey's tRNS level is made transparent."""
+    depth = _png_bit_depth(file) if im.format == "PNG" else None
+    if depth is not None and depth[0] == 16 and depth[1] in (2, 4, 6):
+        return _png16_colour(file, depth[1])
     if im.mode in _WIDE_GREY:
         wide = np.asarray(im).astype(np.int64)
         if wide.size and (wide.min() < 0 or wide.max() > 65535):
             raise LayerkitError(f"image '{file}' has {im.mode} pixels outside 0..65535; only 8- and 16-bit images are read.")
-        grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)
-        rgb = np.repeat(grey[..., None], 3, axis=-1)
+        rgb = np.repeat(wide.astype(np.uint16)[..., None], 3, axis=-1)
         level = im.info.get("transparency")
         if isinstance(level, int):
-            return np.dstack([rgb, np.where(wide == level, 0, 255).astype(np.uint8)])
+            return np.dstack([rgb, np.where(wide == level, 0, 65535).astype(np.uint16)])
         return rgb
     if im.mode in ("F", "I;32", "I;32L", "I;32B") or im.mode.startswith("I;16"):
         raise LayerkitError(f"image '{file}' has {im.mode} pixels; only 8- and 16-bit integer images are read.")
@@ -150,22 +213,25 @@ def _image_array(im: Image.Image, file: Path) -> np.ndarray:
     return np.asarray(im.convert("RGBA" if alpha else "RGB"))
 
 
-def read_images(files: list[Path], source: Path) -> np.ndarray:
-    """Image files as one clip: uint8 [F, H, W, 3|4] (RGBA when any frame has alpha; 16-bit
-    images scaled to 8 bits)."""
+def read_images(files: list[Path], source: Path, *, name: str = "image") -> np.ndarray:
+    """Image files as one clip ``[F, H, W, 3|4]``: RGBA when any frame has alpha; uint8, or
+    uint16 when any frame is 16-bit (8-bit frames then scaled up exactly, ``v * 257``)."""
     images = []
     for file in files:
         try:
             with Image.open(file) as im:
                 im.load()
                 images.append(_image_array(im, Path(file)))
-        except (OSError, ValueError) as exc:
-            raise LayerkitError(f"could not read image '{file}': {exc}.") from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise LayerkitError(f"could not read {name} '{file}': {exc}.") from None
     if len({im.shape[:2] for im in images}) > 1:
         raise LayerkitError(f"PNG sequence '{source}' mixes frames of different sizes.")
+    if any(im.dtype == np.uint16 for im in images):
+        images = [to_depth(im, 16) for im in images]
     if any(im.shape[-1] == 4 for im in images):  # one RGBA frame makes the sequence RGBA
+        opaque = np.iinfo(images[0].dtype).max
         images = [
-            im if im.shape[-1] == 4 else np.dstack([im, np.full(im.shape[:2], 255, np.uint8)])
+            im if im.shape[-1] == 4 else np.dstack([im, np.full(im.shape[:2], opaque, im.dtype)])
             for im in images
         ]
     return np.stack(images)
@@ -190,7 +256,9 @@ def _read_av(path: Path, max_frames: int | None) -> Video:
         raise LayerkitError(f"could not decode '{path}': it contains no video frames.")
     fmt = frames[0].format
     alpha = fmt.has_palette or any(c.is_alpha for c in fmt.components)
-    array = np.stack([f.to_ndarray(format="rgba" if alpha else "rgb24") for f in frames])
+    deep = not fmt.has_palette and max(c.bits for c in fmt.components) > 8  # e.g. ProRes 4444: 10 bits
+    target = ("rgba64le" if alpha else "rgb48le") if deep else ("rgba" if alpha else "rgb24")
+    array = np.stack([f.to_ndarray(format=target) for f in frames])
     # GIF and palette decoders always report an alpha format; drop alpha when it is all opaque.
     if alpha and (fmt.has_palette or decoder.name == "gif") and array[..., 3].min() == 255:
         array = np.ascontiguousarray(array[..., :3])
@@ -212,7 +280,7 @@ def _decode(container, stream, decoder, max_frames: int | None) -> Iterator[av.V
 
 
 def as_uint8_frames(frames, name: str = "frames", channels: tuple[int, ...] = (3, 4)) -> np.ndarray:
-    """Convert uint8/float-in-[0,1] arrays or torch tensors ``[F, H, W, C]`` to uint8 numpy."""
+    """Convert uint8, uint16 or float-in-[0,1] arrays or torch tensors ``[F, H, W, C]`` to uint8 numpy."""
     if hasattr(frames, "detach"):  # torch tensor, without importing torch
         frames = frames.detach().cpu().numpy()
     frames = np.asarray(frames)
@@ -220,8 +288,8 @@ def as_uint8_frames(frames, name: str = "frames", channels: tuple[int, ...] = (3
         frames = frames[..., None]
     ok = frames.ndim == 4 and frames.shape[-1] in channels and min(frames.shape) > 0
     expect_shape(name, frames, f"[F, H, W, C] with C in {channels} and no empty axis", ok)
-    if frames.dtype == np.uint8:
-        return frames
+    if frames.dtype in (np.uint8, np.uint16):
+        return to_depth(frames, 8)
     if frames.dtype == np.bool_ or np.issubdtype(frames.dtype, np.floating):
         return (np.clip(np.nan_to_num(frames.astype(np.float32)), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     raise LayerkitError(f"{name} have dtype {frames.dtype}, expected uint8 or float values in [0, 1].")

@@ -199,35 +199,12 @@ def write_outputs(result: SampleResult, output_dir: Path, cfg: DictConfig) -> Pa
 
 
 def check_memory(cfg: DictConfig, device: torch.device) -> None:
-    """Refuse, before any model loads, a size whose outputs and decoder activations cannot fit in
-    the device's free memory: the decoded layers in fp32 (4 layers x 4 channels per pixel of every
-    frame) plus about 1 KiB per pixel of 8 frames at a time (a video VAE decoder's widest
-    full-resolution activations). A floor, not a promise: the model itself comes on top."""
-    s = cfg.sampler
-    if not (s.get("num_frames") and s.get("height") and s.get("width")):
-        return
-    samples = int(cfg.get("inputs", {}).get("num_samples", 1) or 1)
-    frames, pixels = int(s.num_frames), int(s.height) * int(s.width)
-    estimate = samples * frames * pixels * 4 * 4 * 4 + min(frames, 8) * pixels * 1024
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = _available_ram()
-    if free and estimate > free:
-        raise LayerkitError(f"sampling {samples} x {frames} frames of {s.height} x {s.width} needs at least "
-                            f"{estimate / 2**30:.1f} GiB on {device.type} (outputs and decoder activations), and "
-                            f"{free / 2**30:.1f} GiB are free; ask for fewer frames, a smaller size or fewer samples.")
+    """Refuse, before any model loads, a size that cannot fit in the device's free memory
+    (:func:`layerkit.checks.memory_estimate`)."""
+    from layerkit import checks
 
-
-def _available_ram() -> int | None:
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else checks.available_ram()
+    checks.check_memory(cfg, device.type, free)
 
 
 def sample(overrides: Sequence[str], *, registry: Registry | None = None, cfg: DictConfig | None = None) -> Path:

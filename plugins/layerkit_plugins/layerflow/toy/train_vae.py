@@ -188,7 +188,7 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
           copy_paste_prob: float = 0.3, norm_groups: int = 4, mse_weight: float = 1.0,
           layer_weights: tuple[float, ...] = (1, 1, 1, 1), alpha_warmup: int = 300, val_every: int = 250,
           min_alpha_iou: float = 0.9, chroma_weight: float = 0.0, write: bool = True,
-          init: Path | None = None) -> dict:
+          init: Path | None = None, parts: str = "all") -> dict:
     torch.manual_seed(seed)
     rng = random.Random(seed)
     config = ShapesConfig(num_frames=frames, height=SIZE, width=SIZE)
@@ -199,7 +199,14 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
         vae = AutoencoderKLCogVideoX.from_pretrained(str(init), torch_dtype=torch.float32).train()
     else:
         vae = build_vae(seed, norm_num_groups=norm_groups).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    if parts == "decoder":  # the latent space stays as it is: denoisers trained on it stay valid
+        if init is None:
+            raise SystemExit("--parts decoder fine-tunes the decoder of an --init VAE; give --init")
+        vae.encoder.requires_grad_(False)
+        if vae.quant_conv is not None:
+            vae.quant_conv.requires_grad_(False)
+    trained = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     started, log, checks = time.perf_counter(), [], []
     done = 0
     for step in range(steps):
@@ -226,7 +233,7 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
             loss = loss + chroma_weight * ((chroma(recon) - chroma(x)).abs() * w).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         done = step + 1
         if step % 50 == 0 or step == steps - 1:
@@ -253,6 +260,8 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
         z = vae.encode(x).latent_dist.mode()
         val_l1 = (vae.decode(z).sample - x).abs().mean().item()
         scaling = 1.0 / z.std().item()
+    if parts == "decoder":  # same encoder, same latents: keep the factor the denoiser was trained with
+        scaling = float(vae.config.scaling_factor)
     final = validate(vae, val, packing)
     print("final:", json.dumps(final), flush=True)
     if packing == "clip":
@@ -265,7 +274,8 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
             "packing": packing, "frames": frames, "first_frame_prob": first_frame_prob,
             "copy_paste_prob": copy_paste_prob, "kl_weight": kl_weight, "static_prob": static_prob,
             "norm_groups": norm_groups, "mse_weight": mse_weight, "layer_weights": list(layer_weights),
-            "alpha_warmup": alpha_warmup, "chroma_weight": chroma_weight, "init": str(init) if init else None, "val_l1": round(val_l1, 4), "scaling_factor": round(scaling, 6),
+            "alpha_warmup": alpha_warmup, "chroma_weight": chroma_weight, "init": str(init) if init else None,
+            "parts": parts, "val_l1": round(val_l1, 4), "scaling_factor": round(scaling, 6),
             "validation": final, "validation_first_frame": final_first, "failures": failures,
             "validation_log": checks, "log": log}
     out.mkdir(parents=True, exist_ok=True)
@@ -313,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true", help="only the training record (experiments)")
     parser.add_argument("--init", type=Path, default=None,
                         help="start from this VAE folder (e.g. an earlier run's rejected_vae/) instead of a seeded one")
+    parser.add_argument("--parts", choices=["all", "decoder"], default="all",
+                        help="decoder: fine-tune only the decoder of --init (latents, scaling factor and every "
+                             "denoiser trained on them stay valid)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 on a machine shared with other jobs: two threads there thrash)")
     args = parser.parse_args(argv)
@@ -322,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
                  copy_paste_prob=args.copy_paste_prob, norm_groups=args.norm_groups, mse_weight=args.mse_weight,
                  layer_weights=tuple(args.layer_weights), alpha_warmup=args.alpha_warmup, val_every=args.val_every,
                  min_alpha_iou=args.min_alpha_iou, chroma_weight=args.chroma_weight, write=not args.no_write,
-                 init=args.init)
+                 init=args.init, parts=args.parts)
     print(json.dumps({k: v for k, v in info.items() if k not in ("log", "validation_log")}))
 
 
