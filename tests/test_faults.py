@@ -37,13 +37,14 @@ BAD_VALUES = [
     ("sample", "+inputs.blended=/nonexistent/scene.mp4", "input 'blended' file '/nonexistent/scene.mp4' does not exist"),
     ("sample", "+inputs.blend=scene", "takes no input inputs.blend; its inputs are"),
     ("sample", "+inputs.blend=x.mp4", "takes no input inputs.blend; its inputs are"),
-    ("sample", "+inputs.blended=/nonexistent/folder", "input 'blended' file '/nonexistent/folder' does not exist"),
+    ("sample", "+inputs.blended=/nonexistent/folder", "input 'blended' file or folder '/nonexistent/folder' does not exist"),
     ("train", "trainer.max_steps=-3", "trainer.max_steps is -3; expected a whole number of at least 1"),
     ("train", "train.batch_size=0", "train.batch_size is 0; expected a whole number of at least 1"),
     ("train", "optim.lr=-1", "optim.lr is -1; expected a number above 0.0"),
     ("train", "optim.betas=[0.9]", "optim.betas is [0.9]; expected two numbers in [0, 1)"),
     ("train", "train.ema_decay=1.0", "train.ema_decay is 1.0"),
     ("train", "train.checkpoint_every=0", "train.checkpoint_every is 0"),
+    ("train", "train.given_latents=both", "train.given_latents is 'both'; expected one of sampled, clip"),
 ]
 
 

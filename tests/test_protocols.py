@@ -142,6 +142,7 @@ EXPERIMENTS: dict[str, tuple[str, list[str]]] = {
     "toy_transparent": ("train", TOY_T),
     "toy_transparent_base": ("compose", []),
     "toy_transparent_baseline": ("train", TOY_T),
+    "toy_transparent_rgb_base": ("train", TOY_T),
     "transparent_stage2": ("train", ANIM_TINY),
     "transparent_baseline": ("sample", ["backbone=animatediff_tiny", "backbone.transparent_attn=random"]),
     "transparent_t2v": ("sample", ["backbone=animatediff_tiny", "backbone.transparent_attn=random"]),

@@ -164,3 +164,17 @@ def test_stage2_trains_two_steps_on_a_folder_of_rgba_videos(folder, tmp_path):
     with safe_open(str(out / "weights.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and all(k.startswith("adapters.inter_frame.layers.") for k in keys)
+
+
+def test_opaque_sprite_clips_are_the_scene_with_alpha_one():
+    """data.opaque=true: the RGB base's clips (the toy's AnimateDiff learns ordinary video)."""
+    from layerkit_plugins.transparent.data import RGBASpriteClips
+
+    from layerkit.data.shapes import ShapesConfig, make_sample, seed_for
+
+    config = {"num_frames": 4, "height": 16, "width": 16}
+    opaque, sprite = RGBASpriteClips(2, opaque=True, **config)[1], RGBASpriteClips(2, **config)[1]
+    scene = make_sample(seed_for("train", 0, 1), ShapesConfig(num_sprites=1, **config))
+    assert (opaque["rgba"][:, 3] == 1).all() and torch.equal(opaque["rgba"][:, :3], scene["blended"])
+    assert opaque["prompt"] == sprite["prompt"] and opaque["meta"] == sprite["meta"]
+    assert sprite["rgba"][:, 3].min() == 0

@@ -107,6 +107,7 @@ def _rules_train() -> list[tuple[str, Callable[[str, Any], None]]]:
         ("train.prompt_dropout", lambda k, v: _number(k, v, 0.0, 1.0)),
         ("train.ema_decay", lambda k, v: _number(k, v, 0.0, 1.0, high_open=True)),
         ("train.checkpoint_every", lambda k, v: _whole(k, v, 1)),
+        ("train.given_latents", lambda k, v: _choice(k, v, ("sampled", "clip"))),
         ("optim.lr", lambda k, v: _number(k, v, 0.0, 10.0, low_open=True)),
         ("optim.weight_decay", lambda k, v: _number(k, v, 0.0)),
         ("optim.eps", lambda k, v: _number(k, v, 0.0, 1.0, low_open=True)),
@@ -189,7 +190,8 @@ def check_inputs(cfg: DictConfig, registry: Any) -> None:
     for key in getattr(task, "file_keys", ()):
         value = inputs.get(key)
         if isinstance(value, str) and value and not Path(value).expanduser().exists():
-            raise LayerkitError(f"input '{key}' file '{value}' does not exist.")
+            kind = "file" if Path(value).suffix else "file or folder"
+            raise LayerkitError(f"input '{key}' {kind} '{value}' does not exist.")
 
 
 class _Declared:

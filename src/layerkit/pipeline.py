@@ -189,13 +189,25 @@ def packed_video(packed: Packed, device: torch.device | None = None) -> torch.Te
     return clip.to(device) if device is not None else clip
 
 
-def encode_packed(backbone: Backbone, packed: Packed, *, training: bool = False) -> tuple[torch.Tensor, Layout]:
+def encode_packed(backbone: Backbone, packed: Packed, *, training: bool = False,
+                  given_latents: str = "sampled") -> tuple[torch.Tensor, Layout]:
     """Encode the packed clip: latents [B, C, f, h, w] and its :class:`Layout`.
 
     Training encodes every frame. At sampling only the given frames matter: with no given
     frame nothing is encoded (zeros), a backbone without temporal compression encodes just the
     given frames, any other encodes the clip with zeros where nothing is known.
+
+    A VAE that sees the whole packed clip in one pass (``vae_pass = "clip"``) is causal in time:
+    the latents of a given layer after the first carry the context of the frames before it. At
+    sampling those frames are unknown (zeros), so training encodes the given latent frames the
+    same way (``given_latents="sampled"``: the clip with the frames that are not given set to
+    zero) and the model reads at sampling exactly what it was trained on; the other latent
+    frames, the targets, come from the whole clip. ``given_latents="clip"`` takes them from the
+    whole clip too (the released code's one pass; how the committed toy LayerFlow was trained). A
+    given prefix (fg2bg's copy of frame 0, foreground and alpha) is the same both ways.
     """
+    if given_latents not in ("sampled", "clip"):
+        raise LayerkitError(f"train.given_latents is '{given_latents}'; expected sampled or clip.")
     layout = latent_layout(backbone, packed)
     b, f = packed.batch_size, len(layout.windows)
     h, w = backbone.latent_size(packed.height, packed.width)
@@ -216,6 +228,10 @@ def encode_packed(backbone: Backbone, packed: Packed, *, training: bool = False)
         return latents, layout
     if backbone.vae_pass == "clip":
         latents = backbone.encode_video(video)
+        known = packed.given.to(video.device)
+        if training and given_latents == "sampled" and bool(layout.given.any()) and not bool(known.all()):
+            as_sampled = backbone.encode_video(video * known[:, :, None, None, None].to(video.dtype))
+            latents = torch.where(frame_mask(layout.given, latents), as_sampled.to(latents.dtype), latents)
     else:
         chunks, start = [], 0
         for seg in packed.segments:

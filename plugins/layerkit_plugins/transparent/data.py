@@ -16,10 +16,13 @@ import torch.nn.functional as F
 from layerkit.errors import LayerkitError
 
 
-def make_rgba_sprite_clip(seed: int, config: Any = None) -> dict[str, Any]:
+def make_rgba_sprite_clip(seed: int, config: Any = None, *, opaque: bool = False) -> dict[str, Any]:
     """One sprite on a transparent background: ``rgba`` [F, 4, H, W] (straight alpha, rgb 0.5 where
     alpha is 0), ``prompt`` (e.g. "a red circle moving right"), ``meta`` (the sprite's
-    shape/colour/direction/size/speed/start/velocity plus num_frames/height/width) and ``seed``."""
+    shape/colour/direction/size/speed/start/velocity plus num_frames/height/width) and ``seed``.
+
+    ``opaque``: the same sprite over its moving textured background instead, alpha 1 everywhere
+    (ordinary RGB video, what a motion module such as AnimateDiff's is trained on)."""
     from dataclasses import replace
 
     from layerkit.data.shapes import ShapesConfig, make_sample
@@ -27,15 +30,20 @@ def make_rgba_sprite_clip(seed: int, config: Any = None) -> dict[str, Any]:
     cfg = replace(config if config is not None else ShapesConfig(), num_sprites=1)
     sample = make_sample(seed, cfg)
     meta = {**sample["meta"]["sprites"][0], "num_frames": cfg.num_frames, "height": cfg.height, "width": cfg.width}
-    return {"rgba": torch.cat([sample["foreground_rgb"], sample["foreground_alpha"]], 1),
-            "prompt": sample["foreground_prompt"], "meta": meta, "seed": seed}
+    if opaque:
+        rgba = torch.cat([sample["blended"], torch.ones_like(sample["foreground_alpha"])], 1)
+    else:
+        rgba = torch.cat([sample["foreground_rgb"], sample["foreground_alpha"]], 1)
+    return {"rgba": rgba, "prompt": sample["foreground_prompt"], "meta": meta, "seed": seed}
 
 
 class RGBASpriteClips(torch.utils.data.Dataset):
     """Item i: ``make_rgba_sprite_clip(seed_for(split, seed, i), config)`` -> ``rgba`` [F, 4, H, W]
-    in [0, 1] (straight alpha), ``prompt`` ("a red circle moving right"), ``meta``, ``seed``."""
+    in [0, 1] (straight alpha), ``prompt`` ("a red circle moving right"), ``meta``, ``seed``.
+    ``opaque=True``: the sprite over its background, alpha 1 (ordinary RGB clips)."""
 
-    def __init__(self, size: int = 256, seed: int = 0, split: str = "train", **config: Any) -> None:
+    def __init__(self, size: int = 256, seed: int = 0, split: str = "train", opaque: bool = False,
+                 **config: Any) -> None:
         from layerkit.data.shapes import ShapesConfig, seed_for
 
         if size < 1:
@@ -45,7 +53,7 @@ class RGBASpriteClips(torch.utils.data.Dataset):
         config.pop("num_sprites", None)  # always one sprite
         self.config = ShapesConfig(**config)
         self.config.validate()
-        self.size, self.seed, self.split = size, seed, split
+        self.size, self.seed, self.split, self.opaque = size, seed, split, bool(opaque)
 
     cacheable = True  # item i is the same every epoch
 
@@ -57,7 +65,7 @@ class RGBASpriteClips(torch.utils.data.Dataset):
 
         if not 0 <= index < self.size:
             raise IndexError(f"shapes_rgba index {index} out of range for size {self.size}.")
-        return make_rgba_sprite_clip(seed_for(self.split, self.seed, index), self.config)
+        return make_rgba_sprite_clip(seed_for(self.split, self.seed, index), self.config, opaque=self.opaque)
 
 
 # ----------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@
   shapes world; not a dataset with random augmentation). A cached latent is one draw of the
   VAE posterior, reused. The key also holds the packed clip's segments (names and frame
   counts): one item packs differently per task mode (LayerFlow's fg2bg and bg2fg put a copy of
-  frame 0 in front), so each packing is cached on its own.
+  frame 0 in front) and marks other frames given, so each packing and given pattern is cached on
+  its own.
 - :func:`cache_prompt_embeddings` memoises ``backbone.encode_prompts`` per prompt string for a
   frozen text encoder.
 """
@@ -21,7 +22,8 @@ from layerkit.errors import LayerkitError
 
 
 class LatentCache:
-    def __init__(self) -> None:
+    def __init__(self, given_latents: str = "sampled") -> None:
+        self.given_latents = given_latents
         self.latents: dict[tuple, torch.Tensor] = {}
         self.hits = 0
         self.misses = 0
@@ -34,7 +36,8 @@ class LatentCache:
             raise LayerkitError("train.cache_latents needs a dataset that marks its items as cacheable "
                                 "(the same item every epoch); this dataset does not.")
         packing = tuple((seg.name, seg.num_frames) for seg in packed.segments)
-        keys = [(int(i), packing) for i in index]
+        given = packed.given.cpu()  # given frames are encoded as at sampling (pipeline.encode_packed)
+        keys = [(int(i), packing, bytes(given[j].numpy().tobytes())) for j, i in enumerate(index)]
         if all(k in self.latents for k in keys):
             self.hits += len(keys)
             device = backbone.execution_device
@@ -42,7 +45,7 @@ class LatentCache:
             return latents, latent_layout(backbone, packed)
         self.misses += len(keys)
         with torch.no_grad():
-            latents, layout = encode_packed(backbone, packed, training=True)
+            latents, layout = encode_packed(backbone, packed, training=True, given_latents=self.given_latents)
         for k, z in zip(keys, latents, strict=True):
             self.latents[k] = z.detach().cpu()
         return latents, layout

@@ -48,7 +48,8 @@ class LayerkitModule(L.LightningModule):
         if not 0.0 <= self.ema_decay < 1.0:
             raise LayerkitError(f"train.ema_decay must lie in [0, 1); got {self.ema_decay}.")
         self.ema: Any = None
-        self.latent_cache = LatentCache() if train.get("cache_latents") else None
+        self.given_latents = str(train.get("given_latents", "sampled"))
+        self.latent_cache = LatentCache(self.given_latents) if train.get("cache_latents") else None
         if train.get("cache_text"):
             cache_prompt_embeddings(self.backbone)
 
@@ -62,7 +63,7 @@ class LayerkitModule(L.LightningModule):
         if self.latent_cache is not None:
             return self.latent_cache.encode(self.backbone, packed, batch)
         with torch.no_grad():
-            return encode_packed(self.backbone, packed, training=True)
+            return encode_packed(self.backbone, packed, training=True, given_latents=self.given_latents)
 
     def diffusion_loss(self, batch: dict[str, Any], *, timesteps: torch.Tensor | None = None,
                        noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:

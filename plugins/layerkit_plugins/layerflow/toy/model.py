@@ -6,8 +6,9 @@ cores:
 
 - VAE: three CogVideoX down/up blocks (8, 16, 32 channels), 8 latent channels, 4x spatial and
   4x temporal compression: a 9-frame 32x32 clip -> 3 x 8 x 8 latents ((F - 1) // 4 + 1 frames);
-- transformer: 6 blocks, 4 heads of 16 (width 64), patch 2 (16 tokens per latent frame),
-  sincos positions (CogVideoX-2B style), 16 text tokens per prompt block;
+- transformer: 6 blocks, 4 heads of 16 (width 64), patch 2 (16 tokens per latent frame; patch 1
+  was tried, see the model card), sincos positions (CogVideoX-2B style), 16 text tokens per prompt
+  block;
 - text encoder: a 2-layer T5 (width 64) over the offline shapes-world tokenizer of the cogvideox
   backbone (random and frozen: the shapes vocabulary is small and the denoiser learns to read it);
 - scheduler: CogVideoX-2B's (v-prediction, zero terminal SNR, SNR shift 3).

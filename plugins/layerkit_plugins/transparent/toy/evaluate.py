@@ -26,9 +26,9 @@ import torch
 
 #: (row label, experiment, what the row is)
 ROWS = (
-    ("base (no stage 2)", "toy_transparent_base",
-     "the toy base with the middle frame imposed, nothing trained for i2v"),
-    ("baseline: motion module, no IFA", "toy_transparent_baseline", "stage 2 trains the motion module"),
+    ("motion module applied directly (no stage 2)", "toy_transparent_base",
+     "the RGB-trained motion module under the transparent image model, the middle frame imposed, nothing trained"),
+    ("motion module fine-tuned, no IFA", "toy_transparent_baseline", "stage 2 trains the motion module"),
     ("toy_transparent: Inter-Frame Attention", "toy_transparent", "stage 2 trains W_Q' and W_O' only"),
 )
 #: evaluator figures in the table: (key, header, better)

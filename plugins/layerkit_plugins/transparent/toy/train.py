@@ -1,22 +1,32 @@
-"""Train the toy transparent model from nothing on two CPU cores, then score it against the
-baseline without Inter-Frame Attention.
+"""Train the toy transparent model from nothing on two CPU cores, then score Inter-Frame
+Attention against the motion module applied directly and against fine-tuning it.
 
 No pretrained SD 1.5, AnimateDiff or LayerDiffuse weights are available offline, so the toy
-first trains its own base, then runs Layer-Animate's stage 2 twice from that same base:
+trains its own, built so that the mismatch Layer-Animate addresses exists: a motion module
+trained on ordinary (opaque RGB) video, put under spatial layers that were fine-tuned on
+transparent images.
 
-A. latent transparency (LayerDiffuse's role): the VAE, the offset encoder and the
-   transparent decoder, jointly, on single RGBA sprite frames: the VAE reconstructs the
-   sprite composited on mid-grey, the transparent decoder returns [alpha, straight RGB] from
-   the VAE's output and the adjusted latent (trained with a little latent noise so that
-   imperfect generated latents still decode). The VAE's ``scaling_factor`` is then set so
-   that the scaled latents have unit standard deviation, as SD 1.5's 0.18215 does.
-B. the text-to-video base (SD 1.5 + AnimateDiff's role): the whole UNet (spatial layers and
-   motion module) on transparent latents of 8-frame clips, every frame noised, prompts
-   dropped 10% of the time for classifier-free guidance, EMA of the weights kept.
-C. stage 2, image-to-video with the clean middle frame left out of the loss, twice with the
+A. latent transparency (LayerDiffuse's VAE side): the VAE, the offset encoder and the
+   transparent decoder, jointly, on single transparent sprite frames (``--opaque-share`` mixes in
+   opaque scenes; at 0.5 the round trip's shape correct fell from 1.0 to 0.25, so the committed
+   run uses 0): the VAE reconstructs the frame composited on mid-grey, the transparent
+   decoder returns [alpha, straight RGB] from the VAE's output and the adjusted latent (trained
+   with a little latent noise so that imperfect generated latents still decode). The VAE's
+   ``scaling_factor`` is then set so that the scaled latents have unit standard deviation, as
+   SD 1.5's 0.18215 does.
+B. the RGB video base (SD 1.5 + AnimateDiff's role), through ``layerkit train
+   +experiment=toy_transparent_rgb_base``: the whole UNet (spatial layers and motion module) on
+   opaque RGB clips (sprites over their moving backgrounds, alpha 1), every frame noised,
+   prompts dropped 10% of the time, EMA of the weights.
+C. the transparent image model (LayerDiffuse's role): the spatial layers of B's UNet (as an
+   image UNet, no motion module) fine-tuned on single transparent sprite frames, EMA kept. The
+   committed base is C's spatial layers with B's motion module: the motion module has never
+   seen a transparent clip.
+D. stage 2, image-to-video with the clean middle frame left out of the loss, twice with the
    same data order, steps, batch, learning rate and seed, through ``layerkit train``:
    ``toy_transparent`` (Inter-Frame Attention; only W_Q' and W_O' train) and
-   ``toy_transparent_baseline`` (no Inter-Frame Attention; the motion module trains).
+   ``toy_transparent_baseline`` (no Inter-Frame Attention; the motion module trains). The
+   base with nothing trained (``toy_transparent_base``) is the motion module applied directly.
 
 Then the files are written where the experiments read them (``--install``: toy/weights) and
 ``evaluate.py`` prints the evaluator's table on held-out clips.
@@ -77,12 +87,12 @@ def lr_at(step: int, steps: int, lr: float, warmup: int = 50) -> float:
 # ----------------------------------------------------------------------------------------
 # data: a fixed pool of training clips (train split, the same seeds as data=shapes_rgba)
 # ----------------------------------------------------------------------------------------
-def make_pool(num_clips: int, seed: int) -> dict[str, Any]:
+def make_pool(num_clips: int, seed: int, opaque: bool = False) -> dict[str, Any]:
     from layerkit.data.shapes import ShapesConfig, seed_for
     from layerkit_plugins.transparent.data import make_rgba_sprite_clip
 
     cfg = ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE)
-    clips = [make_rgba_sprite_clip(seed_for("train", seed, i), cfg) for i in range(num_clips)]
+    clips = [make_rgba_sprite_clip(seed_for("train", seed, i), cfg, opaque=opaque) for i in range(num_clips)]
     return {"rgba": torch.stack([c["rgba"] for c in clips]).half(), "prompt": [c["prompt"] for c in clips]}
 
 
@@ -177,25 +187,57 @@ def round_trip(backbone, seed: int, num_clips: int = 32) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------
-# B. the text-to-video base: UNet + motion module on transparent latents, all frames noised
+# B. the RGB video base, through layerkit train; C. the transparent image model
 # ----------------------------------------------------------------------------------------
+def train_rgb_base(stage_a: Path, out: Path, *, steps: int, seed: int) -> Path:
+    """``layerkit train +experiment=toy_transparent_rgb_base`` on stage A's folder; then that
+    folder with the run's (EMA) UNet written to ``out``."""
+    from layerkit.io.weights import load_weights
+    from layerkit_plugins.transparent.toy.model import load_base, save_base
+
+    run = out.parent / f"{out.name}_run"
+    if not (run / "weights.safetensors").is_file():
+        _layerkit_train(["+experiment=toy_transparent_rgb_base", f"toy.base={stage_a.resolve()}",
+                         f"output_dir={run}", f"seed={seed}", f"trainer.max_steps={steps}"])
+    backbone = load_base(stage_a)
+    state = load_weights(run / "weights.safetensors")
+    prefix = "backbone.denoiser."
+    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    missing, unexpected = backbone.denoiser.load_state_dict(own, strict=False)
+    params = dict(backbone.denoiser.named_parameters())
+    missing = [k for k in missing if k in params]  # buffers (positional tables) are not trained
+    if missing or unexpected or len(own) != len(state):
+        raise RuntimeError(f"the RGB base run's weights do not fit the UNet: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    save_base(out, backbone)
+    return out
+
+
 @torch.no_grad()
-def encode_pool(backbone, pool: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Latents [N, 4, F, h, w], prompt embeddings of the distinct prompts [P, L, D] and the
-    index of each clip's prompt [N] (index 0 is the empty prompt)."""
-    latents = torch.cat([backbone.encode_video(x.float() * 2 - 1) for x in pool["rgba"].split(64)])
+def encode_frames(backbone, pool: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latents of every frame [N * F, 4, h, w], prompt embeddings of the distinct prompts
+    [P, L, D] and the index of each frame's prompt [N * F] (index 0 is the empty prompt)."""
+    rgba = pool["rgba"]
+    n, f = rgba.shape[:2]
+    latents = torch.cat([backbone.encode_video(x.float().flatten(0, 1)[:, None] * 2 - 1)[:, :, 0]
+                         for x in rgba.split(32)])
     names = [""] + sorted(set(pool["prompt"]))
     embeds = backbone.encode_prompts(names)["prompt_embeds"]
-    index = torch.tensor([names.index(p) for p in pool["prompt"]])
+    index = torch.tensor([names.index(p) for p in pool["prompt"]]).repeat_interleave(f)
     return latents, embeds, index
 
 
-def train_base(backbone, latents: torch.Tensor, embeds: torch.Tensor, index: torch.Tensor, *, steps: int,
-               batch: int, lr: float, seed: int, prompt_dropout: float = 0.1, ema: float = 0.995,
-               log_every: int = 200) -> float:
-    denoiser = backbone.denoiser
-    denoiser.train().requires_grad_(True)
-    params = list(denoiser.parameters())
+def train_image_model(backbone, latents: torch.Tensor, embeds: torch.Tensor, index: torch.Tensor, *, steps: int,
+                      batch: int, lr: float, seed: int, prompt_dropout: float = 0.1, ema: float = 0.995,
+                      log_every: int = 200) -> float:
+    """Fine-tune the spatial layers of ``backbone.denoiser`` as an image UNet (no motion module,
+    LayerDiffuse's transparent image model) on single-frame latents; the EMA goes back into the
+    motion UNet, whose motion modules stay as they were."""
+    from layerkit_plugins.transparent.toy.model import split_unet
+
+    unet, _ = split_unet(backbone.denoiser)
+    unet.train().requires_grad_(True)
+    params = list(unet.parameters())
     shadow = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = backbone.make_scheduler("train")
@@ -210,8 +252,7 @@ def train_base(backbone, latents: torch.Tensor, embeds: torch.Tensor, index: tor
         prompt = torch.where(torch.rand(batch, generator=gen) < prompt_dropout, 0, index[idx])
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
-        noisy = scheduler.add_noise(x0, noise, t)
-        out = backbone.predict(noisy, t, {"prompt_embeds": embeds[prompt]})
+        out = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=embeds[prompt]).sample
         loss = F.mse_loss(out, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -220,30 +261,39 @@ def train_base(backbone, latents: torch.Tensor, embeds: torch.Tensor, index: tor
             decay = min(ema, (1 + step) / (10 + step))
             for s, p in zip(shadow, params):
                 s.lerp_(p.detach(), 1 - decay)
-        running = float(loss) if running is None else 0.98 * running + 0.02 * float(loss)
+        value = loss.item()
+        running = value if running is None else 0.98 * running + 0.02 * value
         if step % log_every == 0 or step == steps - 1:
-            print(f"[toy] B step {step}: loss {running:.4f}", flush=True)
+            print(f"[toy] C step {step}: loss {running:.4f}", flush=True)
     with torch.no_grad():
         for s, p in zip(shadow, params):
             p.copy_(s)
-    denoiser.eval().requires_grad_(False)
+    spatial = unet.state_dict()
+    missing, unexpected = backbone.denoiser.load_state_dict(spatial, strict=False)
+    if unexpected or any("motion_modules" not in k for k in missing):
+        raise RuntimeError(f"the image UNet does not fit the motion UNet: {unexpected[:3]} {missing[:3]}")
+    backbone.denoiser.eval().requires_grad_(False)
     return float(running or 0.0)
 
 
-# ----------------------------------------------------------------------------------------
-# C. stage 2 through layerkit train
-# ----------------------------------------------------------------------------------------
-def train_stage2(experiment: str, base: Path, out: Path, *, steps: int, seed: int) -> Path:
+def _layerkit_train(overrides: list[str]) -> None:
     from layerkit.runs import RUN_DIR_ENV
-    from layerkit.training.run import WEIGHTS_NAME, train
+    from layerkit.training.run import train
 
-    overrides = [f"+experiment={experiment}", f"toy.base={base}", f"output_dir={out}", f"seed={seed}",
-                 f"trainer.max_steps={steps}", "train.checkpoint_every=100000",
-                 "export.formats=[]"]
     try:
         train(overrides)
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
+
+
+# ----------------------------------------------------------------------------------------
+# D. stage 2 through layerkit train
+# ----------------------------------------------------------------------------------------
+def train_stage2(experiment: str, base: Path, out: Path, *, steps: int, seed: int) -> Path:
+    from layerkit.training.run import WEIGHTS_NAME
+
+    _layerkit_train([f"+experiment={experiment}", f"toy.base={base}", f"output_dir={out}", f"seed={seed}",
+                     f"trainer.max_steps={steps}", "train.checkpoint_every=100000", "export.formats=[]"])
     return out / WEIGHTS_NAME
 
 
@@ -256,8 +306,8 @@ def install(out: Path, target: Path, provenance: dict[str, Any]) -> None:
     if (target / "base").exists():
         shutil.rmtree(target / "base")
     shutil.copytree(out / "base", target / "base")
-    for run, name in (("stage_c_inter_frame", "inter_frame_attention.safetensors"),
-                      ("stage_c_baseline", "baseline_motion_module.safetensors")):
+    for run, name in (("stage_d_inter_frame", "inter_frame_attention.safetensors"),
+                      ("stage_d_baseline", "baseline_motion_module.safetensors")):
         state = load_weights(out / run / "weights.safetensors")
         save_weights(target / name, state, metadata={"layerkit_toy": {**provenance, "stage": run}})
 
@@ -266,18 +316,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="train the toy transparent model and its baseline")
     parser.add_argument("--out", default="runs/toy_transparent", help="run folder (stages resume from it)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pool", type=int, default=2048, help="training clips (train split) for stages A and B")
+    parser.add_argument("--pool", type=int, default=2048,
+                        help="training clips (train split) for stages A and C (A also takes as many opaque ones)")
     parser.add_argument("--steps-a", type=int, default=1500)
+    parser.add_argument("--opaque-share", type=float, default=0.0,
+                        help="share of opaque frames (alpha 1) in stage A's mix (0: transparent sprites only)")
     parser.add_argument("--batch-a", type=int, default=16, help="frames per step")
     parser.add_argument("--lr-a", type=float, default=2e-3)
-    parser.add_argument("--steps-b", type=int, default=3000)
-    parser.add_argument("--batch-b", type=int, default=8, help="clips per step")
-    parser.add_argument("--lr-b", type=float, default=1e-3)
-    parser.add_argument("--steps-c", type=int, default=2000, help="stage-2 steps, each of the two runs")
+    parser.add_argument("--steps-b", type=int, default=3000, help="RGB video base steps (8 clips each)")
+    parser.add_argument("--steps-c", type=int, default=1500, help="transparent image model steps")
+    parser.add_argument("--batch-c", type=int, default=32, help="frames per step")
+    parser.add_argument("--lr-c", type=float, default=5e-4)
+    parser.add_argument("--steps-d", type=int, default=2000, help="stage-2 steps, each of the two runs")
     parser.add_argument("--eval-samples", type=int, default=64, help="held-out test clips per row (0: skip)")
     parser.add_argument("--install", action="store_true", help="write the weights into the package (toy/weights)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--until", choices=("A", "B", "C"), default="C", help="stop after this stage")
+    parser.add_argument("--until", choices=("A", "B", "C", "D"), default="D", help="stop after this stage")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -291,15 +345,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     pool_file = out / "pool.pt"
     if pool_file.is_file():
-        pool = torch.load(pool_file, weights_only=True)
+        pool, opaque = torch.load(pool_file, weights_only=True)
     else:
         pool = clock.run("data", make_pool, args.pool, args.seed)
-        torch.save(pool, pool_file)
+        opaque = clock.run("data, opaque", make_pool, args.pool, args.seed, opaque=True)
+        torch.save((pool, opaque), pool_file)
 
     stage_a = out / "stage_a"
     if not (stage_a / "sd15").is_dir():
         backbone = build_backbone(args.seed)
         frames = pool["rgba"].flatten(0, 1)
+        extra = int(round(args.opaque_share / max(1e-9, 1 - args.opaque_share) * frames.shape[0]))
+        if extra:
+            frames = torch.cat([frames, opaque["rgba"].flatten(0, 1)[:extra]])
         summary["stage_a_losses"] = clock.run("A latent transparency", train_autoencoder, backbone, frames,
                                               steps=args.steps_a, batch=args.batch_a, lr=args.lr_a, seed=args.seed)
         summary["scaling_factor"] = set_scaling_factor(backbone, frames)
@@ -311,21 +369,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.until == "A":
         return 0
 
-    base = out / "base"
-    if not (base / "sd15").is_dir():
-        backbone = load_base(stage_a)
-        latents, embeds, index = clock.run("B encode", encode_pool, backbone, pool)
-        summary["stage_b_loss"] = clock.run("B text-to-video base", train_base, backbone, latents, embeds, index,
-                                            steps=args.steps_b, batch=args.batch_b, lr=args.lr_b, seed=args.seed)
-        save_base(base, backbone)
+    base_rgb = out / "base_rgb"
+    if not (base_rgb / "sd15").is_dir():
+        clock.run("B RGB video base (layerkit train)", train_rgb_base, stage_a, base_rgb, steps=args.steps_b,
+                  seed=args.seed)
         summary_file.write_text(json.dumps(summary, indent=2, default=str))
     if args.until == "B":
         return 0
 
-    for experiment, run in (("toy_transparent", "stage_c_inter_frame"),
-                            ("toy_transparent_baseline", "stage_c_baseline")):
+    base = out / "base"
+    if not (base / "sd15").is_dir():
+        backbone = load_base(base_rgb)
+        latents, embeds, index = clock.run("C encode", encode_frames, backbone, pool)
+        summary["stage_c_loss"] = clock.run("C transparent image model", train_image_model, backbone, latents, embeds,
+                                            index, steps=args.steps_c, batch=args.batch_c, lr=args.lr_c,
+                                            seed=args.seed)
+        save_base(base, backbone)
+        summary_file.write_text(json.dumps(summary, indent=2, default=str))
+    if args.until == "C":
+        return 0
+
+    for experiment, run in (("toy_transparent", "stage_d_inter_frame"),
+                            ("toy_transparent_baseline", "stage_d_baseline")):
         if not (out / run / "weights.safetensors").is_file():
-            clock.run(f"C {experiment}", train_stage2, experiment, base.resolve(), out / run, steps=args.steps_c,
+            clock.run(f"D {experiment}", train_stage2, experiment, base.resolve(), out / run, steps=args.steps_d,
                       seed=args.seed)
 
     summary["timings"] = clock.stages
@@ -340,9 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights_dir = None if args.install else str(out / "_weights")
         if weights_dir:
             Path(weights_dir).mkdir(exist_ok=True)
-            shutil.copy(out / "stage_c_inter_frame" / "weights.safetensors",
+            shutil.copy(out / "stage_d_inter_frame" / "weights.safetensors",
                         Path(weights_dir) / "inter_frame_attention.safetensors")
-            shutil.copy(out / "stage_c_baseline" / "weights.safetensors",
+            shutil.copy(out / "stage_d_baseline" / "weights.safetensors",
                         Path(weights_dir) / "baseline_motion_module.safetensors")
         results = clock.run("evaluate", evaluate, out / "eval", num_samples=args.eval_samples, seed=0,
                             base=None if args.install else str(base.resolve()), weights_dir=weights_dir)

@@ -1,0 +1,65 @@
+"""The toy LayerFlow's denoiser geometry against its training cost: what a 45-minute stage affords
+for each patch size, width and depth (the committed toy: patch 2, width 64, 6 blocks; a patch-1
+model was trained from this measurement and scored lower, ``toy/weights/MODEL_CARD.md``).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_toy_geometry.py [--repeats 3]
+
+Times one training step (forward, backward, AdamW) of ``CogVideoXTransformer3DModel`` on what a
+toy stage-1 batch holds: 8 packed clips of 8 latent frames of 8 x 8 x 8 latents and 3 prompt
+blocks of 16 tokens, for several patch sizes, widths and depths, with one torch thread (each toy
+stage trains beside another job on the 2-core machine). Prints seconds per step, the tokens per
+latent frame and the parameter count. Figures: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+#: (patch, width, heads, blocks): the committed toy (patch 2), the patch-1 model that was tried, and the
+#: wider or shallower alternatives
+GEOMETRIES = [(2, 64, 4, 6), (1, 64, 4, 6), (2, 128, 8, 6), (1, 96, 6, 6), (1, 64, 4, 4)]
+
+
+def seconds_per_step(patch: int, width: int, heads: int, blocks: int, repeats: int, batch: int = 8) -> tuple[float, int]:
+    import torch
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=heads, attention_head_dim=width // heads, in_channels=8, out_channels=8,
+        time_embed_dim=32, text_embed_dim=64, num_layers=blocks, sample_width=8, sample_height=8,
+        sample_frames=29, patch_size=patch, max_text_seq_length=48, temporal_compression_ratio=4,
+        use_rotary_positional_embeddings=False)
+    opt = torch.optim.AdamW(model.parameters(), 1e-4)
+    x, text = torch.randn(batch, 8, 8, 8, 8), torch.randn(batch, 48, 64)
+    t = torch.randint(0, 1000, (batch,))
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        model(hidden_states=x, encoder_hidden_states=text, timestep=t).sample.pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if i:  # the first step warms up
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2], sum(p.numel() for p in model.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    import torch
+
+    print(f"torch threads: {torch.get_num_threads()}")
+    rows = []
+    for patch, width, heads, blocks in GEOMETRIES:
+        seconds, params = seconds_per_step(patch, width, heads, blocks, args.repeats)
+        rows.append({"patch": patch, "width": width, "blocks": blocks, "tokens_per_latent_frame": (8 // patch) ** 2,
+                     "seconds_per_step": round(seconds, 3), "parameters": params})
+        print(json.dumps(rows[-1]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
