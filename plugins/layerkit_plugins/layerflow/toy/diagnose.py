@@ -118,7 +118,8 @@ def step_time(repeats: int) -> dict[str, float]:
         batch = module.task.collate([dataset[r * size + i] for i in range(size)])
         start = time.perf_counter()
         with torch.no_grad():
-            encode_packed(module.backbone, module.task.pack(batch, training=True), training=True)
+            encode_packed(module.backbone, module.task.pack(batch, training=True), training=True,
+                          given_latents=module.given_latents)  # as the training step encodes
         encode = time.perf_counter() - start
         start = time.perf_counter()
         module.diffusion_loss(batch).backward()
