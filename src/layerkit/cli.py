@@ -179,8 +179,6 @@ def _demo(overrides: Sequence[str]) -> int:
                   f"+inputs.num_samples={n}",
                   *[o for o in rest if not o.startswith(("trainer.", "train.", "optim.", "+inputs.num_samples="))]])
     print(DEMO_ABOUT.format(steps=steps, n=n), file=sys.stderr)
-    import json
-
     metrics = json.loads((out / "record.json").read_text()).get("metrics") or {}
     shown = [f"{name} {metrics[key]:.2f}" for key, name in (("colour_correct", "colour correct"),
              ("shape_correct", "shape correct"), ("alpha_iou", "alpha IoU"), ("compositing_error", "compositing error"))

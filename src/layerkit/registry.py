@@ -221,8 +221,7 @@ class Registry:
             if (inputs is not None or files is not None) and kind != "task":
                 raise LayerkitError(f"{kind} '{name}': only a task declares inputs= and files=.")
             self._add(kind, name, target, info, description, override=bool(override),
-                      inputs=None if inputs is None else tuple(inputs),
-                      files=None if files is None and inputs is None else tuple(files or ()))
+                      inputs=None if inputs is None else tuple(inputs), files=None if files is None else tuple(files))
 
         return register
 

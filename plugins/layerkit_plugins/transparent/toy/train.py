@@ -345,18 +345,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     pool_file = out / "pool.pt"
     if pool_file.is_file():
-        pool, opaque = torch.load(pool_file, weights_only=True)
+        pool = torch.load(pool_file, weights_only=True)
     else:
         pool = clock.run("data", make_pool, args.pool, args.seed)
-        opaque = clock.run("data, opaque", make_pool, args.pool, args.seed, opaque=True)
-        torch.save((pool, opaque), pool_file)
+        torch.save(pool, pool_file)
 
     stage_a = out / "stage_a"
     if not (stage_a / "sd15").is_dir():
         backbone = build_backbone(args.seed)
         frames = pool["rgba"].flatten(0, 1)
         extra = int(round(args.opaque_share / max(1e-9, 1 - args.opaque_share) * frames.shape[0]))
-        if extra:
+        if extra:  # opaque scenes (alpha 1), as many clips as the frames need
+            opaque = make_pool(-(-extra // FRAMES), args.seed, opaque=True)
             frames = torch.cat([frames, opaque["rgba"].flatten(0, 1)[:extra]])
         summary["stage_a_losses"] = clock.run("A latent transparency", train_autoencoder, backbone, frames,
                                               steps=args.steps_a, batch=args.batch_a, lr=args.lr_a, seed=args.seed)
