@@ -1,6 +1,7 @@
 """The toy LayerFlow's denoiser geometry against its training cost: what a 45-minute stage affords
-for each patch size, width and depth (the committed toy: patch 2, width 64, 6 blocks; a patch-1
-model was trained from this measurement and scored lower, ``toy/weights/MODEL_CARD.md``).
+for each patch size, width and depth (the committed toy: patch 2, width 128 in 4 heads, 6 blocks;
+the width-64 model before it and a patch-1 model were trained and scored lower,
+``toy/weights/MODEL_CARD.md``).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_toy_geometry.py [--repeats 3]
 
@@ -17,9 +18,9 @@ import argparse
 import json
 import time
 
-#: (patch, width, heads, blocks): the committed toy (patch 2), the patch-1 model that was tried, and the
-#: wider or shallower alternatives
-GEOMETRIES = [(2, 64, 4, 6), (1, 64, 4, 6), (2, 128, 8, 6), (1, 96, 6, 6), (1, 64, 4, 4)]
+#: (patch, width, heads, blocks): the committed toy (patch 2, width 128), the width-64 and patch-1
+#: models that were tried, and other alternatives
+GEOMETRIES = [(2, 128, 4, 6), (2, 64, 4, 6), (1, 64, 4, 6), (2, 128, 8, 6), (1, 96, 6, 6), (1, 64, 4, 4)]
 
 
 def seconds_per_step(patch: int, width: int, heads: int, blocks: int, repeats: int, batch: int = 8) -> tuple[float, int]:
@@ -56,7 +57,7 @@ def main() -> None:
     rows = []
     for patch, width, heads, blocks in GEOMETRIES:
         seconds, params = seconds_per_step(patch, width, heads, blocks, args.repeats)
-        rows.append({"patch": patch, "width": width, "blocks": blocks, "tokens_per_latent_frame": (8 // patch) ** 2,
+        rows.append({"patch": patch, "width": width, "heads": heads, "blocks": blocks, "tokens_per_latent_frame": (8 // patch) ** 2,
                      "seconds_per_step": round(seconds, 3), "parameters": params})
         print(json.dumps(rows[-1]), flush=True)
 

@@ -733,3 +733,25 @@ def test_a_gapped_png_clip_in_an_rgba_folder_is_refused(tmp_path):
     with pytest.raises(LayerkitError, match="frame 3 is missing"):
         RGBAFolder(str(tmp_path / "data"), num_frames=2, height=8, width=8)
     assert len(RGBAFolder(str(tmp_path / "data"), num_frames=2, height=8, width=8, allow_gaps=True)) == 1
+
+
+def test_layeranimate_demo_keyframes_keep_16_bit_depth(tmp_path):
+    """A 16-bit keyframe of a LayerAnimate demo folder is read at its depth (not cut to 8 bits) and
+    transformed as the 8-bit file of the same picture is (the authors' PIL path)."""
+    from layerkit_plugins.layeranimate.demo import _open, transform_image, transform_mask
+
+    ramp = (np.linspace(0, 65535, 64 * 48).reshape(48, 64) // 7 * 7).astype(np.uint16)
+    deep = np.stack([ramp, ramp[::-1], 65535 - ramp], -1)
+    image = _open(_png16(tmp_path / "deep.png", deep, 2), "RGB")
+    assert isinstance(image, torch.Tensor) and image.dtype == torch.float32
+    eight = np.round(deep / 257).astype(np.uint8)
+    from PIL import Image
+
+    Image.fromarray(eight).save(tmp_path / "eight.png")
+    shallow = _open(tmp_path / "eight.png", "RGB")
+    a, b = transform_image(image, 32, 32), transform_image(shallow, 32, 32)
+    assert a.shape == b.shape == (3, 32, 32)
+    assert (a - b).abs().max() < 0.02, "the same picture, whatever its depth"
+    assert not torch.allclose(a * 255, (a * 255).round(), atol=1e-3), "finer than 8-bit steps"
+    mask = transform_mask(_open(_png16(tmp_path / "mask.png", deep[..., 0], 0), "L"), 32, 32)
+    assert mask.shape == (1, 32, 32) and set(mask.unique().tolist()) <= {0.0, 1.0}

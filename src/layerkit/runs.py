@@ -234,10 +234,12 @@ def list_files(directory: Path) -> list[str]:
     return [str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")]
 
 
-def run_summary(run: Path) -> dict[str, Any]:
+def run_summary(run: Path, root: Path | None = None) -> dict[str, Any]:
     """What a model card needs of a ``layerkit train`` run folder: step count, final loss,
     trainable parameters, seed, versions, the loss curve from ``logs/metrics.csv``, the fit's wall
-    time (the log folder appears when fitting starts, the weights at the end) and the config."""
+    time (the log folder appears when fitting starts, the weights at the end) and the config.
+    Paths under ``root`` (a repository's folder) are written relative to it, so a committed
+    summary names no one's machine."""
     import csv
 
     record = json.loads((run / RECORD_NAME).read_text())
@@ -250,4 +252,7 @@ def run_summary(run: Path) -> dict[str, Any]:
     keep["wall_seconds"] = round((run / "weights.safetensors").stat().st_mtime - (run / "logs").stat().st_ctime, 1)
     keep["loss_every_25_steps"] = losses
     keep["config"] = record.get("config")
+    if root is not None:
+        prefix = str(Path(root).resolve()) + "/"
+        keep = json.loads(json.dumps(keep, default=str).replace(prefix, ""))
     return keep

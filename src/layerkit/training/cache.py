@@ -38,17 +38,28 @@ class LatentCache:
         packing = tuple((seg.name, seg.num_frames) for seg in packed.segments)
         given = packed.given.cpu()  # given frames are encoded as at sampling (pipeline.encode_packed)
         keys = [(int(i), packing, bytes(given[j].numpy().tobytes())) for j, i in enumerate(index)]
-        if all(k in self.latents for k in keys):
-            self.hits += len(keys)
-            device = backbone.execution_device
-            latents = torch.stack([self.latents[k] for k in keys]).to(device)
-            return latents, latent_layout(backbone, packed)
-        self.misses += len(keys)
-        with torch.no_grad():
-            latents, layout = encode_packed(backbone, packed, training=True, given_latents=self.given_latents)
-        for k, z in zip(keys, latents, strict=True):
-            self.latents[k] = z.detach().cpu()
-        return latents, layout
+        missing = [j for j, key in enumerate(keys) if key not in self.latents]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:  # encode only the items not seen in this packing yet
+            part = packed if len(missing) == len(keys) else select(packed, missing)
+            with torch.no_grad():
+                latents, _ = encode_packed(backbone, part, training=True, given_latents=self.given_latents)
+            for j, z in zip(missing, latents, strict=True):
+                self.latents[keys[j]] = z.detach().cpu()
+        device = backbone.execution_device
+        return torch.stack([self.latents[k] for k in keys]).to(device), latent_layout(backbone, packed)
+
+
+def select(packed: Any, rows: list[int]) -> Any:
+    """The packed clips of some batch rows (what encoding reads: segments, given frames, prompts)."""
+    from layerkit.protocols import Packed, Segment
+
+    index = torch.tensor(rows)
+    segments = [Segment(seg.name, seg.num_frames, None if seg.video is None else seg.video[index.to(seg.video.device)])
+                for seg in packed.segments]
+    return Packed(segments=segments, given=packed.given[index.to(packed.given.device)],
+                  prompts=[packed.prompts[j] for j in rows], height=packed.height, width=packed.width)
 
 
 def cache_prompt_embeddings(backbone: Any) -> None:

@@ -24,6 +24,7 @@ from layerkit.io.weights import load_weights, save_fp16_copy
 from layerkit.runs import run_summary
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
+REPO = Path(__file__).resolve().parents[4]  # the repository: summaries name paths relative to it
 PREFIX = "backbone.denoiser."
 
 
@@ -52,12 +53,12 @@ def export_base(folder: Path, run: Path, dst: Path) -> None:
                 save_fp16_copy(path, out)
             else:
                 shutil.copy2(path, out)
-    (dst / "base.json").write_text(json.dumps(run_summary(run), indent=1, default=str))
+    (dst / "base.json").write_text(json.dumps(run_summary(run, REPO), indent=1, default=str))
 
 
 def export_stage(name: str, run: Path, dst: Path) -> None:
     save_fp16_copy(run / "weights.safetensors", dst / f"{name}.safetensors")
-    (dst / f"{name}.json").write_text(json.dumps(run_summary(run), indent=1, default=str))
+    (dst / f"{name}.json").write_text(json.dumps(run_summary(run, REPO), indent=1, default=str))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,8 +3,10 @@
     layerkit toy-layerflow-diagnose colours     # what the VAE does to sprite colours (one pass, packed clip)
     layerkit toy-layerflow-diagnose given       # does decomposition read the given clip?
     layerkit toy-layerflow-diagnose step-time   # VAE encoding's share of a stage-1 step
-    layerkit toy-layerflow-diagnose rebase --out DIR --patch 1 --width 64 --layers 6   # a base with another transformer
+    layerkit toy-layerflow-diagnose rebase --out DIR --patch 1 --width 64 --layers 6 --scale 1.875   # another transformer
     layerkit toy-layerflow-diagnose heldout --base DIR --weights RUN/weights.safetensors   # held-out v-loss
+    layerkit toy-layerflow-diagnose positions   # can the sincos table tell the 4x4 token positions apart?
+    layerkit toy-layerflow-diagnose probe       # how local is decomposition in latent space?
 
 - ``colours``: packed held-out test clips ([fg, alpha, bg, blended], one VAE pass) through the
   committed VAE; per true sprite colour, the mean decoded foreground RGB where the true alpha > 0.9.
@@ -19,6 +21,14 @@
 - ``heldout``: the v-prediction loss of stage-1 weights on held-out test clips at fixed
   timesteps and noise, per task (generate, decompose), on the generated parts only: the figure
   that compares geometries trained for the same wall time.
+- ``positions``: the cosine similarity of the transformer's sincos position embeddings between
+  spatial neighbours (and the farthest pair) of one latent frame, for the committed
+  ``spatial_interpolation_scale`` and CogVideoX-2B's 1.875 at the same width.
+- ``probe``: decomposition inputs of train and held-out clips (the blended clip given, encoded as
+  sampling encodes it); a ridge regression and a small MLP from the given blended latents around
+  each latent pixel (1x1 and 3x3) to the foreground, alpha and background latents there, trained on
+  the train clips; their held-out MSE against the targets' variance. What a model that lines up
+  each layer's token with the blended token at the same place could reach.
 """
 
 from __future__ import annotations
@@ -131,7 +141,8 @@ def step_time(repeats: int) -> dict[str, float]:
     return {"vae_encode_ms": round(e * 1e3, 1), "training_step_ms": round(s * 1e3, 1), "encode_share": round(e / s, 2)}
 
 
-def rebase(out: str, patch: int, width: int, heads: int, layers: int, source: str | None = None) -> int:
+def rebase(out: str, patch: int, width: int, heads: int, layers: int, source: str | None = None,
+           scale: float | None = None) -> int:
     """Write a base directory: ``source``'s (default: the committed) VAE, T5, tokenizer and scheduler
     with a seeded toy transformer of another geometry; returns its parameter count."""
     from pathlib import Path
@@ -143,8 +154,9 @@ def rebase(out: str, patch: int, width: int, heads: int, layers: int, source: st
 
     src = Path(source) if source else Path(__file__).resolve().parent / "weights"
     vae = AutoencoderKLCogVideoX.from_pretrained(str(src / "vae"), torch_dtype=torch.float32)
+    changes = {} if scale is None else {"spatial_interpolation_scale": scale}
     components = build_components(0, vae=vae, patch_size=patch, num_attention_heads=heads,
-                                  attention_head_dim=width // heads, num_layers=layers)
+                                  attention_head_dim=width // heads, num_layers=layers, **changes)
     save_components(components, out)
     return sum(p.numel() for p in components["transformer"].parameters())
 
@@ -180,19 +192,99 @@ def heldout(base: str | None, weights: str, num: int, timesteps: list[int],
     return out
 
 
+def positions(scales: tuple[float, ...] = ()) -> dict[float, dict[str, float]]:
+    """Cosine similarity of one latent frame's sincos position embeddings (committed width)."""
+    from pathlib import Path
+
+    from diffusers import CogVideoXTransformer3DModel
+
+    config = CogVideoXTransformer3DModel.load_config(str(Path(__file__).resolve().parent / "weights" / "transformer"))
+    out = {}
+    for scale in (float(config["spatial_interpolation_scale"]), *scales):
+        model = CogVideoXTransformer3DModel.from_config({**config, "spatial_interpolation_scale": scale,
+                                                         "num_layers": 1})
+        side = config["sample_height"] // config["patch_size"]
+        table = model.patch_embed._get_positional_embeddings(config["sample_height"], config["sample_width"],
+                                                              config["sample_frames"] * 4 - 3)[0, -side * side * 2:]
+        frame = table[: side * side].float()                         # [side*side, width]
+        cos = torch.nn.functional.cosine_similarity(frame[:, None], frame[None], dim=-1)
+        out[scale] = {"neighbour": round(cos[0, 1].item(), 3), "farthest": round(cos[0, -1].item(), 3)}
+    return out
+
+
+def probe(num_train: int, num_test: int, steps: int = 3000) -> dict[str, float]:
+    """Held-out MSE of per-place regressions from the given blended latents to the layers' latents."""
+    from layerkit.config import compose
+    from layerkit.data.shapes import ShapesConfig, ShapesDataset
+    from layerkit.pipeline import build_parts, encode_packed
+    from layerkit.registry import get_registry
+    from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
+
+    registry = get_registry()
+    cfg = compose("train", ["+experiment=toy_layerflow_stage1", "train.cache_latents=false", "train.cache_text=false"],
+                  registry)
+    parts = build_parts(cfg, registry, training=True)
+    parts.task.train_modes = {"decompose": 1.0}
+    config = ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE)
+
+    def latents(split: str, num: int) -> torch.Tensor:
+        data = ShapesDataset(num, seed=0, config=config, split=split)
+        out = []
+        with torch.no_grad():
+            for i in range(0, num, 32):
+                batch = parts.task.collate([data[j] for j in range(i, min(num, i + 32))])
+                out.append(encode_packed(parts.backbone, parts.task.pack(batch, training=True), training=True,
+                                         given_latents="sampled")[0])
+        return torch.cat(out)  # [B, C, 8, h, w]: fg 0-1, alpha 2-3, bg 4-5, blended 6-7 (given)
+
+    def pairs(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b, c, _, h, w = z.shape
+        x = torch.nn.functional.pad(z[:, :, 6:8].reshape(b, c * 2, h, w), (k // 2,) * 4)
+        x = torch.nn.functional.unfold(x, k).transpose(1, 2).reshape(b * h * w, -1)
+        y = z[:, :, :6].reshape(b, c * 6, h * w).transpose(1, 2).reshape(b * h * w, -1)
+        return x, y
+
+    torch.manual_seed(0)
+    train, test = latents("train", num_train), latents("test", num_test)
+    out: dict[str, float] = {}
+    for k in (1, 3):
+        x, y = pairs(train, k)
+        xt, yt = pairs(test, k)
+        out["variance"] = round(((yt - y.mean(0)) ** 2).mean().item(), 4)
+        ones = torch.ones(len(x), 1)
+        design = torch.cat([x, ones], 1)
+        solution = torch.linalg.solve(design.T @ design + 1e-2 * torch.eye(design.shape[1]), design.T @ y)
+        out[f"linear {k}x{k}"] = round(((torch.cat([xt, torch.ones(len(xt), 1)], 1) @ solution - yt) ** 2).mean().item(), 4)
+        mlp = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, 256),
+                                  torch.nn.GELU(), torch.nn.Linear(256, y.shape[1]))
+        opt = torch.optim.Adam(mlp.parameters(), 1e-3)
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (512,))
+            loss = ((mlp(x[idx]) - y[idx]) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            out[f"mlp {k}x{k}"] = round(((mlp(xt) - yt) ** 2).mean().item(), 4)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["colours", "given", "step-time", "rebase", "heldout"])
+    parser.add_argument("what", choices=["colours", "given", "step-time", "rebase", "heldout", "positions",
+                                            "probe"])
     parser.add_argument("--num", type=int, default=16, help="held-out clips (colours, given, heldout)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[200, 500, 800, 950])
     parser.add_argument("--repeats", type=int, default=10, help="timed steps (step-time)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="rebase: the new base directory")
     parser.add_argument("--source", default=None, help="rebase: the base whose VAE to take (default: committed)")
-    parser.add_argument("--patch", type=int, default=1)
-    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--patch", type=int, default=2)
+    parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--scale", type=float, default=None,
+                        help="rebase: spatial_interpolation_scale (default: the committed one)")
     parser.add_argument("--base", default=None, help="heldout: backbone.path (default: committed)")
     parser.add_argument("--weights", default=None, help="heldout: stage-1 weights.safetensors")
     args = parser.parse_args(argv)
@@ -208,9 +300,17 @@ def main(argv: list[str] | None = None) -> None:
     elif args.what == "rebase":
         if not args.out:
             parser.error("rebase needs --out DIR")
-        count = rebase(args.out, args.patch, args.width, args.heads, args.layers, args.source)
+        count = rebase(args.out, args.patch, args.width, args.heads, args.layers, args.source, args.scale)
         print(f"wrote {args.out}: transformer patch {args.patch}, width {args.width}, {args.layers} blocks, "
               f"{count} parameters")
+    elif args.what == "positions":
+        print("spatial_interpolation_scale -> cosine similarity of one frame's position embeddings")
+        for scale, row in positions((1.875,)).items():
+            print(scale, json.dumps(row))
+    elif args.what == "probe":
+        print("held-out MSE, decomposition from the given blended latents around each latent pixel "
+              f"({args.num * 64} train clips, {args.num * 16} held-out)")
+        print(json.dumps(probe(args.num * 64, args.num * 16)))
     elif args.what == "heldout":
         if not args.weights:
             parser.error("heldout needs --weights FILE")

@@ -23,6 +23,7 @@ from layerkit.runs import run_summary
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
+REPO = Path(__file__).resolve().parents[4]  # the repository: summaries name paths relative to it
 
 to_fp16 = save_fp16_copy
 
@@ -46,7 +47,7 @@ def export_base(src: Path, dst: Path) -> None:
 
 def export_stage(name: str, run: Path, dst: Path) -> None:
     to_fp16(run / "weights.safetensors", dst / f"{name}.safetensors")
-    (dst / f"{name}.json").write_text(json.dumps(run_summary(run), indent=1, default=str))
+    (dst / f"{name}.json").write_text(json.dumps(run_summary(run, REPO), indent=1, default=str))
 
 
 def main(argv: list[str] | None = None) -> None:

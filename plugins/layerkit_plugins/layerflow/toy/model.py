@@ -6,9 +6,12 @@ cores:
 
 - VAE: three CogVideoX down/up blocks (8, 16, 32 channels), 8 latent channels, 4x spatial and
   4x temporal compression: a 9-frame 32x32 clip -> 3 x 8 x 8 latents ((F - 1) // 4 + 1 frames);
-- transformer: 6 blocks, 4 heads of 16 (width 64), patch 2 (16 tokens per latent frame; patch 1
-  was tried, see the model card), sincos positions (CogVideoX-2B style), 16 text tokens per prompt
-  block;
+- transformer: 6 blocks, 4 heads of 32 (width 128), patch 2 (16 tokens per latent frame; patch 1
+  and width 64 were tried, see the model card), sincos positions (CogVideoX-2B style) with a
+  spatial interpolation scale of 0.3 instead of 2B's 1.875 (2B's scale spreads a 30x45 token grid;
+  on this 4x4 grid it leaves neighbouring tokens' position embeddings at cosine 0.996, so no layer's
+  token can find the blended token at its place: ``toy-layerflow-diagnose positions``), 16 text
+  tokens per prompt block;
 - text encoder: a 2-layer T5 (width 64) over the offline shapes-world tokenizer of the cogvideox
   backbone (random and frozen: the shapes vocabulary is small and the denoiser learns to read it);
 - scheduler: CogVideoX-2B's (v-prediction, zero terminal SNR, SNR shift 3).
@@ -32,10 +35,10 @@ VAE_CONFIG = dict(
     layers_per_block=1, norm_num_groups=4, temporal_compression_ratio=4, sample_height=SIZE, sample_width=SIZE,
 )
 TRANSFORMER_CONFIG = dict(
-    num_attention_heads=4, attention_head_dim=16, in_channels=8, out_channels=8, time_embed_dim=32,
+    num_attention_heads=4, attention_head_dim=32, in_channels=8, out_channels=8, time_embed_dim=32,
     text_embed_dim=64, num_layers=6, sample_width=SIZE // 4, sample_height=SIZE // 4, sample_frames=FRAMES,
     patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT_TOKENS,
-    use_rotary_positional_embeddings=False,
+    use_rotary_positional_embeddings=False, spatial_interpolation_scale=0.3,
 )
 T5_CONFIG = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
                  dropout_rate=0.0, is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,

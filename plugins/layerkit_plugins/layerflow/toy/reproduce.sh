@@ -44,7 +44,7 @@ layerkit toy-layerflow-vae --init $R/base3/rejected_vae --steps 0 --min-alpha-io
 "${export_[@]}" base $R/base4
 # a fifth run fine-tunes only the decoder of that (exported, fp16) VAE with the matte weighted 6: the
 # latents and the scaling factor stay as they are, alpha IoU 0.904 / 0.907 >= 0.9 (vae_training_5_decoder.json);
-# its folder also holds the seeded untrained transformer stage 1 starts from (patch 1)
+# its folder also holds the seeded untrained transformer stage 1 starts from (model.TRANSFORMER_CONFIG)
 layerkit toy-layerflow-vae --init plugins/layerkit_plugins/layerflow/toy/weights/vae --parts decoder --steps 1500 \
     --lr 3e-4 --alpha-warmup 0 --layer-weights 1 6 1 1 --max-minutes 35 --out $R/base5 --threads "$OMP_NUM_THREADS"
 "${export_[@]}" base $R/base5
@@ -61,7 +61,8 @@ from diffusers import AutoencoderKLCogVideoX
 from layerkit_plugins.cogvideox.backbone import save_components
 from layerkit_plugins.layerflow.toy.model import build_components
 vae = AutoencoderKLCogVideoX.from_pretrained("plugins/layerkit_plugins/layerflow/toy/weights/vae", torch_dtype=torch.float32)
-save_components(build_components(0, vae=vae, patch_size=1), Path(sys.argv[1]) / "base")
+save_components(build_components(0, vae=vae, patch_size=1, attention_head_dim=16, spatial_interpolation_scale=1.875),
+                Path(sys.argv[1]) / "base")
 PY
   "${export_[@]}" base $T/base --to $T/weights
   layerkit train +experiment=toy_layerflow_stage1 backbone.path=$T/weights train.given_latents=sampled \
@@ -75,6 +76,30 @@ PY
       output_dir=$T/stage3
   "${export_[@]}" stage3 $T/stage3 --to $T/weights
   # its table: the committed files replaced by these (the evaluator reads the package's weights)
+  # the model committed before (width 64, CogVideoX-2B's spatial_interpolation_scale 1.875, given
+  # layers from the one pass, 12000 clips, 4000 steps): weights/tried_width64/stage{1,2,3}.json
+  T=$R/tried/width64
+  python - "$T" <<'PY'
+import sys
+from pathlib import Path
+import torch
+from diffusers import AutoencoderKLCogVideoX
+from layerkit_plugins.cogvideox.backbone import save_components
+from layerkit_plugins.layerflow.toy.model import build_components
+vae = AutoencoderKLCogVideoX.from_pretrained("plugins/layerkit_plugins/layerflow/toy/weights/vae", torch_dtype=torch.float32)
+save_components(build_components(0, vae=vae, attention_head_dim=16, spatial_interpolation_scale=1.875),
+                Path(sys.argv[1]) / "base")
+PY
+  "${export_[@]}" base $T/base --to $T/weights
+  W64=(backbone.path=$T/weights train.given_latents=clip)
+  layerkit train +experiment=toy_layerflow_stage1 "${W64[@]}" trainer.max_steps=4000 data.size=12000 output_dir=$T/stage1
+  "${export_[@]}" stage1 $T/stage1 --to $T/weights
+  layerkit train +experiment=toy_layerflow_stage2 "${W64[@]}" layerflow.stage1_weights=$T/weights/stage1.safetensors \
+      output_dir=$T/stage2
+  "${export_[@]}" stage2 $T/stage2 --to $T/weights
+  layerkit train +experiment=toy_layerflow_stage3 "${W64[@]}" layerflow.stage1_weights=$T/weights/stage1.safetensors \
+      layerflow.stage2_weights=$T/weights/stage2.safetensors output_dir=$T/stage3
+  "${export_[@]}" stage3 $T/stage3 --to $T/weights
 fi
 
 layerkit train +experiment=toy_layerflow_stage1 output_dir=$R/stage1
@@ -92,3 +117,5 @@ layerkit sample +inputs.num_samples=16 task.mode=decompose output_dir=$R/sample1
 layerkit toy-layerflow-eval --num-samples 16 --seed 0 --json $R/eval.json
 layerkit toy-layerflow-diagnose colours
 layerkit toy-layerflow-diagnose given
+layerkit toy-layerflow-diagnose positions
+layerkit toy-layerflow-diagnose probe
