@@ -35,6 +35,17 @@ def test_committed_toy_model_fits_the_size_budget():
         assert (WEIGHTS / sub).is_dir(), f"toy/weights lacks the diffusers subfolder {sub}/"
 
 
+def test_committed_run_summaries_name_no_machine_paths():
+    """Run summaries exported beside the toys' weights (``run_summary(run, root)``) name
+    repository-relative paths."""
+    root = str(WEIGHTS.resolve().parents[4])
+    files = sorted(WEIGHTS.resolve().parents[2].glob("*/toy/weights/**/*.json"))
+    assert any(p.name == "stage1.json" for p in files) and any(p.name == "layeranimate.json" for p in files)
+    for path in files:
+        text = path.read_text()
+        assert root not in text and "/work/" not in text, f"{path} names an absolute path"
+
+
 def test_sample_without_arguments_composes_the_toy_layerflow_as_the_authors_pack_it(registry):
     cfg = compose("sample", [], registry)
     assert cfg.backbone.name == "cogvideox" and cfg.task.name == "layered" and cfg.task.mode == "auto"
