@@ -300,6 +300,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.what == "rebase":
         if not args.out:
             parser.error("rebase needs --out DIR")
+        from pathlib import Path
+
+        if Path(args.out).exists() and any(Path(args.out).iterdir()):
+            parser.error(f"rebase: '{args.out}' exists and is not empty; choose a new folder.")
         count = rebase(args.out, args.patch, args.width, args.heads, args.layers, args.source, args.scale)
         print(f"wrote {args.out}: transformer patch {args.patch}, width {args.width}, {args.layers} blocks, "
               f"{count} parameters")
