@@ -301,3 +301,22 @@ def test_evaluator_parts():
     with pytest.raises(ShapeError):
         evaluate_layered({"foreground_alpha": fa[:4]}, s)
     assert summarise([{"a": 1.0}, {"a": 3.0, "b": 2.0}]) == {"a": 2.0, "b": 2.0}
+
+
+def test_layered_task_samples_held_out_clips_from_the_test_split_or_the_val_split():
+    from layerkit_plugins.layered.task import LayeredTask
+
+    from layerkit.data.shapes import ShapesConfig, make_sample, seed_for
+
+    task = LayeredTask()
+    size = {"height": 32, "width": 32, "num_frames": 4}
+    test = task.sample_inputs({"num_samples": 2}, **size)
+    val = task.sample_inputs({"num_samples": 2, "split": "val"}, **size)
+    config = ShapesConfig(num_frames=4, height=32, width=32)
+    for samples, split in ((test, "test"), (val, "val")):
+        for i, sample in enumerate(samples):
+            assert sample["prompts"] == make_sample(seed_for(split, 0, i), config)["prompts"]
+    assert torch.equal(test[0]["blended"], task.sample_inputs({"num_samples": 1, "split": "test"}, **size)[0]["blended"])
+    assert not torch.equal(test[0]["blended"], val[0]["blended"])
+    with pytest.raises(LayerkitError, match="inputs.split must be val or test"):
+        task.sample_inputs({"num_samples": 1, "split": "train"}, **size)

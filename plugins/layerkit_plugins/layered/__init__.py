@@ -9,7 +9,7 @@ from layerkit import hookimpl
 #: wrong key or a missing file is refused before torch is imported
 PROMPT_KEYS = ("foreground_prompt", "background_prompt", "prompt")
 FILE_KEYS = ("foreground", "alpha", "background", "blended")
-INPUT_KEYS = ("num_samples", "seed", *PROMPT_KEYS, *FILE_KEYS, "fit")
+INPUT_KEYS = ("num_samples", "seed", "split", *PROMPT_KEYS, *FILE_KEYS, "fit")
 
 
 @hookimpl

@@ -172,7 +172,8 @@ class LayeredTask(Task):
         files = {k: str(inputs[k]) for k in FILE_KEYS if inputs.get(k)}
         prompts = {k: str(inputs[k]) for k in PROMPT_KEYS if inputs.get(k) is not None and inputs.get(k) != ""}
         if not files and not prompts:
-            return self._shapes_samples(n, int(inputs.get("seed", self.default_seed)), height, width, num_frames)
+            return self._shapes_samples(n, int(inputs.get("seed", self.default_seed)), height, width, num_frames,
+                                        str(inputs.get("split", "test")))
         mode = self.resolve_mode(files)
         notes = [f"mode {mode}, selected by " + (", ".join(f"inputs.{k}" for k in files) or "no input file")]
         videos = self._read_inputs(files, height, width, num_frames, str(inputs.get("fit", "crop")), notes) \
@@ -184,11 +185,16 @@ class LayeredTask(Task):
         size = {"num_frames": num_frames, "height": height, "width": width}
         return [{**videos, **prompts, **size, "mode": mode, "notes": notes} for _ in range(n)]
 
-    def _shapes_samples(self, n: int, seed: int, height: int, width: int, num_frames: int) -> list[dict[str, Any]]:
+    def _shapes_samples(self, n: int, seed: int, height: int, width: int, num_frames: int,
+                        split: str = "test") -> list[dict[str, Any]]:
+        """Held-out shapes-world samples: the ``test`` split (what records report), or ``val``
+        (``inputs.split=val``: for choosing settings without looking at the test clips)."""
         from layerkit.data.shapes import ShapesConfig, make_sample, seed_for
 
+        if split not in ("val", "test"):
+            raise LayerkitError(f"inputs.split must be val or test (held-out clips); got '{split}'.")
         config = ShapesConfig(num_frames=num_frames, height=height, width=width)
-        samples = [make_sample(seed_for("test", seed, i), config) for i in range(n)]
+        samples = [make_sample(seed_for(split, seed, i), config) for i in range(n)]
         mode = "generate" if self.mode == "auto" else self.mode
         out = []
         for sample in samples:

@@ -3,7 +3,7 @@
     layerkit toy-layerflow-diagnose colours     # what the VAE does to sprite colours (one pass, packed clip)
     layerkit toy-layerflow-diagnose given       # does decomposition read the given clip?
     layerkit toy-layerflow-diagnose step-time   # VAE encoding's share of a stage-1 step
-    layerkit toy-layerflow-diagnose rebase --out DIR --patch 1 --width 64 --layers 6 --scale 1.875   # another transformer
+    layerkit toy-layerflow-diagnose rebase --out DIR --patch 1 --width 64 --layers 6 --scale 1.875 [--rope] [--snr-shift 1]   # another transformer
     layerkit toy-layerflow-diagnose heldout --base DIR --weights RUN/weights.safetensors   # held-out v-loss
     layerkit toy-layerflow-diagnose positions   # can the sincos table tell the 4x4 token positions apart?
     layerkit toy-layerflow-diagnose probe       # how local is decomposition in latent space?
@@ -28,7 +28,9 @@
   sampling encodes it); a ridge regression and a small MLP from the given blended latents around
   each latent pixel (1x1 and 3x3) to the foreground, alpha and background latents there, trained on
   the train clips; their held-out MSE against the targets' variance. What a model that lines up
-  each layer's token with the blended token at the same place could reach.
+  each layer's token with the blended token at the same place could reach. Then, on 32 held-out
+  clips, the alpha IoU of the decoded matte for the true latents, the 3x3 MLP's prediction and the
+  true latents plus Gaussian noise of a few MSEs: how precise the latents must be.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ def step_time(repeats: int) -> dict[str, float]:
 
 
 def rebase(out: str, patch: int, width: int, heads: int, layers: int, source: str | None = None,
-           scale: float | None = None) -> int:
+           scale: float | None = None, rope: bool | None = None, snr_shift: float | None = None) -> int:
     """Write a base directory: ``source``'s (default: the committed) VAE, T5, tokenizer and scheduler
     with a seeded toy transformer of another geometry; returns its parameter count."""
     from pathlib import Path
@@ -154,9 +156,14 @@ def rebase(out: str, patch: int, width: int, heads: int, layers: int, source: st
 
     src = Path(source) if source else Path(__file__).resolve().parent / "weights"
     vae = AutoencoderKLCogVideoX.from_pretrained(str(src / "vae"), torch_dtype=torch.float32)
-    changes = {} if scale is None else {"spatial_interpolation_scale": scale}
+    changes: dict = {} if scale is None else {"spatial_interpolation_scale": scale}
+    if rope is not None:  # 3D RoPE (CogVideoX-5B's) in place of the sincos table
+        changes["use_rotary_positional_embeddings"] = rope
     components = build_components(0, vae=vae, patch_size=patch, num_attention_heads=heads,
                                   attention_head_dim=width // heads, num_layers=layers, **changes)
+    if snr_shift is not None:  # the schedule's SNR shift (CogVideoX-2B: 3), for training and sampling alike
+        scheduler = components["scheduler"]
+        components["scheduler"] = type(scheduler).from_config({**scheduler.config, "snr_shift_scale": snr_shift})
     save_components(components, out)
     return sum(p.numel() for p in components["transformer"].parameters())
 
@@ -266,6 +273,41 @@ def probe(num_train: int, num_test: int, steps: int = 3000) -> dict[str, float]:
             opt.step()
         with torch.no_grad():
             out[f"mlp {k}x{k}"] = round(((mlp(xt) - yt) ** 2).mean().item(), 4)
+    out.update(decoded_iou(parts, mlp, pairs, min(num_test, 32), out["mlp 3x3"]))
+    return out
+
+
+def decoded_iou(parts, mlp, pairs, num: int, probe_mse: float) -> dict[str, float]:
+    """Held-out alpha IoU after decoding: the true latents, the 3x3 MLP probe's prediction of the
+    layers (with the given blended latents), and the true latents plus Gaussian noise of a few
+    mean squared errors (the probe's among them): how precise a decomposition's latents must be for
+    the decoded matte to reach a given IoU."""
+    from layerkit.pipeline import decode_packed, encode_packed
+    from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
+
+    samples = parts.task.sample_inputs({"num_samples": num, "split": "test"}, height=SIZE, width=SIZE,
+                                       num_frames=FRAMES)
+    batch = parts.task.collate(samples)
+    packed = parts.task.pack(batch, training=True)
+    generator = torch.Generator().manual_seed(0)
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        z, layout = encode_packed(parts.backbone, packed, training=True, given_latents="sampled")
+        b, c, _, h, w = z.shape
+        x, _ = pairs(z, 3)
+        predicted = z.clone()
+        predicted[:, :, :6] = mlp(x).reshape(b, h * w, c * 6).transpose(1, 2).reshape(b, c, 6, h, w)
+        rows = {"decoded alpha IoU: true latents": z,
+                f"decoded alpha IoU: mlp 3x3 prediction (MSE {((predicted - z)[:, :, :6] ** 2).mean().item():.4f})":
+                    predicted}
+        for mse in sorted({0.005, 0.01, 0.02, probe_mse}):
+            noisy = z.clone()
+            noisy[:, :, :6] += mse ** 0.5 * torch.randn(z[:, :, :6].shape, generator=generator)
+            rows[f"decoded alpha IoU: true latents + noise of MSE {mse}"] = noisy
+        for name, latents in rows.items():
+            decoded = {k: v.float() for k, v in decode_packed(parts.backbone, latents, packed, layout).items()}
+            outputs = parts.task.unpack(decoded, batch)
+            out[name] = round(parts.task.evaluate(outputs, batch)["alpha_iou_heldout"], 4)
     return out
 
 
@@ -285,6 +327,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--scale", type=float, default=None,
                         help="rebase: spatial_interpolation_scale (default: the committed one)")
+    parser.add_argument("--rope", action=argparse.BooleanOptionalAction, default=None,
+                        help="rebase: 3D rotary positions (CogVideoX-5B's) instead of the sincos table, or not")
+    parser.add_argument("--snr-shift", type=float, default=None,
+                        help="rebase: the scheduler's snr_shift_scale (default: the committed 3.0)")
     parser.add_argument("--base", default=None, help="heldout: backbone.path (default: committed)")
     parser.add_argument("--weights", default=None, help="heldout: stage-1 weights.safetensors")
     args = parser.parse_args(argv)
@@ -304,7 +350,8 @@ def main(argv: list[str] | None = None) -> None:
 
         if Path(args.out).exists() and any(Path(args.out).iterdir()):
             parser.error(f"rebase: '{args.out}' exists and is not empty; choose a new folder.")
-        count = rebase(args.out, args.patch, args.width, args.heads, args.layers, args.source, args.scale)
+        count = rebase(args.out, args.patch, args.width, args.heads, args.layers, args.source, args.scale, args.rope,
+                       args.snr_shift)
         print(f"wrote {args.out}: transformer patch {args.patch}, width {args.width}, {args.layers} blocks, "
               f"{count} parameters")
     elif args.what == "positions":

@@ -1,6 +1,7 @@
 """Evaluate the toy LayerFlow on held-out shapes clips: stage 1 alone vs all three stages, four tasks.
 
     OMP_NUM_THREADS=1 nice -n 5 layerkit toy-layerflow-eval --num-samples 16 --seed 0
+    OMP_NUM_THREADS=1 layerkit toy-layerflow-eval --split val --num-samples 32 --grid '' 'sampler.guidance_scale=2.0'
 
 Each model samples, in one batch, the held-out (``test`` split) shapes-world prompts that
 ``layerkit sample +inputs.num_samples=N +inputs.seed=S`` samples, with the same code path
@@ -87,7 +88,7 @@ def sample_model(overrides: list[str], num_samples: int, seed: int, extra: list[
             "steps": int(s.steps), "guidance_scale": float(s.guidance_scale)}
 
 
-def vae_ceiling(num_samples: int, seed: int, round_trip: bool = True) -> dict[str, Any]:
+def vae_ceiling(num_samples: int, seed: int, round_trip: bool = True, split: str = "test") -> dict[str, Any]:
     """The true layers of the same held-out clips after a VAE round trip (no denoiser), or as
     they are (``round_trip=False``: what a perfect model would score)."""
     from layerkit.config import compose
@@ -97,7 +98,8 @@ def vae_ceiling(num_samples: int, seed: int, round_trip: bool = True) -> dict[st
 
     registry = get_registry()
     cfg = compose("sample", ["+experiment=toy_layerflow_stage3", f"+inputs.num_samples={num_samples}",
-                             f"+inputs.seed={seed}", "task.mode=generate"], registry)
+                             f"+inputs.seed={seed}", f"+inputs.split={split}", "task.mode=generate"],
+                  registry)
     sampler = build_sampler(cfg, registry)
     parts = sampler.parts
     parts.task.train_modes = {}  # pack every layer as generation does (no frame-0 copy), no random mode
@@ -125,22 +127,49 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def sweep(grid: list[str], rows: list[str], num_samples: int, seed: int, split: str,
+          extra: list[str] = ()) -> dict[str, dict[str, Any]]:
+    """Each sampler setting of ``grid`` (an entry: space-separated ``sample`` overrides, after
+    ``extra``) on each model row of ``rows`` (MODELS names): for choosing sampler defaults on the
+    ``val`` split."""
+    results = {}
+    for setting in grid:
+        for name in rows:
+            row = sample_model(MODELS[name], num_samples, seed, [f"+inputs.split={split}", *extra, *setting.split()])
+            results[f"{name}; {setting or 'committed sampler'}"] = row
+            print(f"{name}; {setting}", json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                                   for k, v in row.items()}), flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-samples", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0, help="inputs.seed: which held-out (test split) clips")
+    parser.add_argument("--seed", type=int, default=0, help="inputs.seed: which held-out clips")
+    parser.add_argument("--split", default="test", choices=("val", "test"),
+                        help="held-out split: test (what records report) or val (for choosing settings)")
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--grid", nargs="+", default=None, metavar="SETTING",
+                        help="sweep instead: each SETTING (quoted, space-separated sample overrides, '' for the "
+                             "committed sampler) on each of --rows")
+    parser.add_argument("--rows", nargs="+", default=["stages 1+2+3, generate", "stages 1+2+3, decompose"],
+                        choices=list(MODELS), help="model rows a --grid sweep samples")
     parser.add_argument("overrides", nargs="*", help="extra sample overrides for both models (e.g. sampler.steps=50)")
     args = parser.parse_args(argv)
-    results = {}
-    for name, overrides in MODELS.items():
-        results[name] = sample_model(overrides, args.num_samples, args.seed, args.overrides)
-        print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results[name].items()}),
-              flush=True)
-    results["VAE ceiling (true layers, VAE round trip)"] = vae_ceiling(args.num_samples, args.seed)
-    results["true layers (no VAE)"] = vae_ceiling(args.num_samples, args.seed, round_trip=False)
+    heading = f"held-out shapes prompts: {args.split} split, inputs.seed={args.seed}, {args.num_samples} samples"
+    if args.grid is not None:
+        results = sweep(args.grid, args.rows, args.num_samples, args.seed, args.split, args.overrides)
+    else:
+        results = {}
+        extra = [f"+inputs.split={args.split}", *args.overrides]
+        for name, overrides in MODELS.items():
+            results[name] = sample_model(overrides, args.num_samples, args.seed, extra)
+            print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results[name].items()}),
+                  flush=True)
+        results["VAE ceiling (true layers, VAE round trip)"] = vae_ceiling(args.num_samples, args.seed, split=args.split)
+        results["true layers (no VAE)"] = vae_ceiling(args.num_samples, args.seed, round_trip=False, split=args.split)
     print()
-    print(f"held-out shapes prompts: test split, inputs.seed={args.seed}, {args.num_samples} samples")
+    print(heading)
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -116,6 +116,11 @@ def make_deterministic(vae) -> None:
 
 
 # -- validation: sprite colours and mattes through the VAE -------------------------------------
+#: latent MSEs (scaled units) at which the final check also measures the matte: a denoiser's error
+#: (``toy-layerflow-diagnose probe``: the best local predictor of decomposition reaches 0.04)
+NOISY_MSE = (0.01, 0.02, 0.04)
+
+
 def validation_samples(seed: int, config: ShapesConfig, per_colour: int = 8) -> list[dict]:
     """The first ``per_colour`` val-split clips of each sprite colour (fixed for a seed)."""
     found: dict[str, list] = {c: [] for c in COLOURS}
@@ -130,23 +135,32 @@ def validation_samples(seed: int, config: ShapesConfig, per_colour: int = 8) -> 
 
 
 @torch.no_grad()
-def round_trip(vae, clips: torch.Tensor, batch: int = 8) -> torch.Tensor:
+def round_trip(vae, clips: torch.Tensor, batch: int = 8, latent_noise: float = 0.0) -> torch.Tensor:
+    """Encode and decode; ``latent_noise``: Gaussian noise of this std, in the denoiser's (scaled)
+    latent units, added to the latents before decoding (seeded: the same noise every call)."""
     out = []
+    generator = torch.Generator().manual_seed(0)
     for chunk in clips.split(batch):
-        out.append(vae.decode(vae.encode(chunk).latent_dist.mode()).sample)
+        z = vae.encode(chunk).latent_dist.mode()
+        if latent_noise:
+            z = z + latent_noise / float(vae.config.scaling_factor) * torch.randn(z.shape, generator=generator)
+        out.append(vae.decode(z).sample)
     return torch.cat(out)
 
 
 @torch.no_grad()
-def validate(vae, samples: list[dict], packing: str = "clip", first_frame: bool = False) -> dict:
+def validate(vae, samples: list[dict], packing: str = "clip", first_frame: bool = False,
+             latent_noise: float = 0.0) -> dict:
     """Per colour: mean decoded RGB inside the sprite and the share of clips classified right;
-    red/green and cyan/magenta separations; alpha IoU through the VAE."""
+    red/green and cyan/magenta separations; alpha IoU through the VAE (``latent_noise``: with
+    Gaussian noise of this std added to the scaled latents, as a denoiser's error)."""
     n = samples[0]["foreground_alpha"].shape[0]
     if packing == "single":  # each layer through the VAE on its own
-        fg = round_trip(vae, torch.stack([layer_clips(s)[0] for s in samples]))
-        alpha = round_trip(vae, torch.stack([layer_clips(s)[1] for s in samples]))
+        fg = round_trip(vae, torch.stack([layer_clips(s)[0] for s in samples]), latent_noise=latent_noise)
+        alpha = round_trip(vae, torch.stack([layer_clips(s)[1] for s in samples]), latent_noise=latent_noise)
     else:
-        decoded = round_trip(vae, torch.stack([packed_clip(s, first_frame) for s in samples]))
+        decoded = round_trip(vae, torch.stack([packed_clip(s, first_frame) for s in samples]),
+                             latent_noise=latent_noise)
         offset = 1 if first_frame else 0
         fg, alpha = decoded[:, :, offset:offset + n], decoded[:, :, offset + n:offset + 2 * n]
     rgb: dict[str, list[torch.Tensor]] = {}
@@ -188,7 +202,11 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
           copy_paste_prob: float = 0.3, norm_groups: int = 4, mse_weight: float = 1.0,
           layer_weights: tuple[float, ...] = (1, 1, 1, 1), alpha_warmup: int = 300, val_every: int = 250,
           min_alpha_iou: float = 0.9, chroma_weight: float = 0.0, write: bool = True,
-          init: Path | None = None, parts: str = "all") -> dict:
+          init: Path | None = None, parts: str = "all", latent_noise: float = 0.0) -> dict:
+    """Train (or, ``parts="decoder"``, fine-tune the decoder of ``init``) and check the toy VAE.
+    ``latent_noise``: the decoder sees its latents plus Gaussian noise of a std drawn per clip from
+    U(0, latent_noise), in the denoiser's (scaled) latent units: a decoder that turns imprecise
+    latents (a denoiser's) into clean layers."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     config = ShapesConfig(num_frames=frames, height=SIZE, width=SIZE)
@@ -220,7 +238,11 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
         x = make_batch(rng, "train", seed, step * clips_per_step, clips_per_step, config, packing=packing,
                        first_frame=first, static_prob=static_prob, copy_paste_prob=copy_paste_prob, weights=weights)
         z = vae.encode(x).latent_dist.mode()
-        recon = vae.decode(z).sample
+        if latent_noise:
+            std = latent_noise / float(vae.config.scaling_factor) * torch.rand(z.shape[0], 1, 1, 1, 1)
+            recon = vae.decode(z + std * torch.randn_like(z)).sample
+        else:
+            recon = vae.decode(z).sample
         if packing == "single":
             w = torch.ones(x.shape[2])
         else:
@@ -264,6 +286,9 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
         scaling = float(vae.config.scaling_factor)
     final = validate(vae, val, packing)
     print("final:", json.dumps(final), flush=True)
+    noisy = {f"alpha_iou_latent_mse_{mse}": validate(vae, val, packing, latent_noise=mse ** 0.5)["alpha_iou"]
+             for mse in NOISY_MSE}
+    print("alpha IoU with Gaussian latent noise:", json.dumps(noisy), flush=True)
     if packing == "clip":
         final_first = validate(vae, val, packing, first_frame=True)
         print("final, frame-0 copy in front:", json.dumps(final_first), flush=True)
@@ -275,7 +300,7 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
             "copy_paste_prob": copy_paste_prob, "kl_weight": kl_weight, "static_prob": static_prob,
             "norm_groups": norm_groups, "mse_weight": mse_weight, "layer_weights": list(layer_weights),
             "alpha_warmup": alpha_warmup, "chroma_weight": chroma_weight, "init": str(init) if init else None,
-            "parts": parts, "val_l1": round(val_l1, 4), "scaling_factor": round(scaling, 6),
+            "parts": parts, "latent_noise": latent_noise, "validation_noisy_latents": noisy, "val_l1": round(val_l1, 4), "scaling_factor": round(scaling, 6),
             "validation": final, "validation_first_frame": final_first, "failures": failures,
             "validation_log": checks, "log": log}
     out.mkdir(parents=True, exist_ok=True)
@@ -326,6 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts", choices=["all", "decoder"], default="all",
                         help="decoder: fine-tune only the decoder of --init (latents, scaling factor and every "
                              "denoiser trained on them stay valid)")
+    parser.add_argument("--latent-noise", type=float, default=0.0,
+                        help="train the decoder on latents plus Gaussian noise, std per clip from U(0, this), "
+                             "in scaled latent units (robust to a denoiser's errors)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 on a machine shared with other jobs: two threads there thrash)")
     args = parser.parse_args(argv)
@@ -335,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
                  copy_paste_prob=args.copy_paste_prob, norm_groups=args.norm_groups, mse_weight=args.mse_weight,
                  layer_weights=tuple(args.layer_weights), alpha_warmup=args.alpha_warmup, val_every=args.val_every,
                  min_alpha_iou=args.min_alpha_iou, chroma_weight=args.chroma_weight, write=not args.no_write,
-                 init=args.init, parts=args.parts)
+                 init=args.init, parts=args.parts, latent_noise=args.latent_noise)
     print(json.dumps({k: v for k, v in info.items() if k not in ("log", "validation_log")}))
 
 
