@@ -33,6 +33,7 @@ BAD_VALUES = [
     ("sample", "dtype=fp8", "dtype is 'fp8'"),
     ("sample", "device=gpu", "device is 'gpu'; expected auto, cpu, cuda or cuda:N"),
     ("sample", "+inputs.num_samples=0", "inputs.num_samples is 0"),
+    ("sample", "+inputs.split=train", "inputs.split is 'train'; expected one of val, test"),
     ("sample", "threads=0", "threads is 0"),
     ("sample", "+inputs.blended=/nonexistent/scene.mp4", "input 'blended' file '/nonexistent/scene.mp4' does not exist"),
     ("sample", "+inputs.blend=scene", "takes no input inputs.blend; its inputs are"),

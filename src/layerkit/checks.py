@@ -93,6 +93,7 @@ def _rules_sample() -> list[tuple[str, Callable[[str, Any], None]]]:
             v.startswith("cuda:") and v[5:].isdigit())) else (_ for _ in ()).throw(
             _fail(k, v, "auto, cpu, cuda or cuda:N"))),
         ("inputs.num_samples", lambda k, v: _whole(k, v, 1, 4096)),
+        ("inputs.split", lambda k, v: _choice(k, v, ("val", "test"))),  # held-out shapes clips
     ]
 
 

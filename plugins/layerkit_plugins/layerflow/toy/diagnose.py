@@ -219,7 +219,7 @@ def positions(scales: tuple[float, ...] = ()) -> dict[float, dict[str, float]]:
     return out
 
 
-def probe(num_train: int, num_test: int, steps: int = 3000) -> dict[str, float]:
+def probe(num_train: int, num_test: int, steps: int = 3000, base: str | None = None) -> dict[str, float]:
     """Held-out MSE of per-place regressions from the given blended latents to the layers' latents."""
     from layerkit.config import compose
     from layerkit.data.shapes import ShapesConfig, ShapesDataset
@@ -228,8 +228,8 @@ def probe(num_train: int, num_test: int, steps: int = 3000) -> dict[str, float]:
     from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
 
     registry = get_registry()
-    cfg = compose("train", ["+experiment=toy_layerflow_stage1", "train.cache_latents=false", "train.cache_text=false"],
-                  registry)
+    cfg = compose("train", ["+experiment=toy_layerflow_stage1", "train.cache_latents=false", "train.cache_text=false",
+                            *([f"backbone.path={base}"] if base else [])], registry)
     parts = build_parts(cfg, registry, training=True)
     parts.task.train_modes = {"decompose": 1.0}
     config = ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE)
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="rebase: 3D rotary positions (CogVideoX-5B's) instead of the sincos table, or not")
     parser.add_argument("--snr-shift", type=float, default=None,
                         help="rebase: the scheduler's snr_shift_scale (default: the committed 3.0)")
-    parser.add_argument("--base", default=None, help="heldout: backbone.path (default: committed)")
+    parser.add_argument("--base", default=None, help="heldout, probe: backbone.path (default: committed)")
     parser.add_argument("--weights", default=None, help="heldout: stage-1 weights.safetensors")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.what == "probe":
         print("held-out MSE, decomposition from the given blended latents around each latent pixel "
               f"({args.num * 64} train clips, {args.num * 16} held-out)")
-        print(json.dumps(probe(args.num * 64, args.num * 16)))
+        print(json.dumps(probe(args.num * 64, args.num * 16, base=args.base)))
     elif args.what == "heldout":
         if not args.weights:
             parser.error("heldout needs --weights FILE")

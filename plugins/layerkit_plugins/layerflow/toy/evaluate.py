@@ -1,10 +1,11 @@
 """Evaluate the toy LayerFlow on held-out shapes clips: stage 1 alone vs all three stages, four tasks.
 
     OMP_NUM_THREADS=1 nice -n 5 layerkit toy-layerflow-eval --num-samples 16 --seed 0
-    OMP_NUM_THREADS=1 layerkit toy-layerflow-eval --split val --num-samples 32 --grid '' 'sampler.guidance_scale=2.0'
+    OMP_NUM_THREADS=1 layerkit toy-layerflow-eval --split val --num-samples 32 --grid '' --grid 'sampler.guidance_scale=2.0'
 
-Each model samples, in one batch, the held-out (``test`` split) shapes-world prompts that
-``layerkit sample +inputs.num_samples=N +inputs.seed=S`` samples, with the same code path
+Each model samples, in one batch, the held-out (``test`` split, or ``--split val`` for choosing
+settings) shapes-world prompts that ``layerkit sample +inputs.num_samples=N +inputs.seed=S
+[+inputs.split=val]`` samples, with the same code path
 (compose, build, load weights, the one denoising loop, decode, unpack), and is scored by the
 shapes-world evaluator (``LayeredTask.evaluate``: the figures ``layerkit sample`` writes into
 record.json). Two reference rows: the true layers after a VAE round trip (one pass over the
@@ -149,16 +150,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="test", choices=("val", "test"),
                         help="held-out split: test (what records report) or val (for choosing settings)")
     parser.add_argument("--json", default=None, help="also write the figures here")
-    parser.add_argument("--grid", nargs="+", default=None, metavar="SETTING",
-                        help="sweep instead: each SETTING (quoted, space-separated sample overrides, '' for the "
-                             "committed sampler) on each of --rows")
-    parser.add_argument("--rows", nargs="+", default=["stages 1+2+3, generate", "stages 1+2+3, decompose"],
-                        choices=list(MODELS), help="model rows a --grid sweep samples")
+    parser.add_argument("--grid", action="append", default=None, metavar="SETTING",
+                        help="sweep instead, one --grid per setting: SETTING (quoted, space-separated sample "
+                             "overrides, '' for the committed sampler) on each of --rows, after the overrides")
+    parser.add_argument("--rows", action="append", default=None, choices=list(MODELS),
+                        help="a model row a --grid sweep samples (repeat; default: stages 1+2+3 generate and "
+                             "decompose)")
     parser.add_argument("overrides", nargs="*", help="extra sample overrides for both models (e.g. sampler.steps=50)")
     args = parser.parse_args(argv)
+    if args.rows and args.grid is None:
+        parser.error("--rows chooses the rows of a --grid sweep; give --grid SETTING too")
+    rows = args.rows or ["stages 1+2+3, generate", "stages 1+2+3, decompose"]
     heading = f"held-out shapes prompts: {args.split} split, inputs.seed={args.seed}, {args.num_samples} samples"
     if args.grid is not None:
-        results = sweep(args.grid, args.rows, args.num_samples, args.seed, args.split, args.overrides)
+        results = sweep(args.grid, rows, args.num_samples, args.seed, args.split, args.overrides)
     else:
         results = {}
         extra = [f"+inputs.split={args.split}", *args.overrides]

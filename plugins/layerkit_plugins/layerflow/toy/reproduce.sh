@@ -2,7 +2,8 @@
 # Rebuild the toy LayerFlow from nothing and print its tables (CPU; run from the repo root). Every
 # step is deterministic in its seed; each stage is exported into toy/weights (fp16) before the next
 # stage trains from it, so the committed files are exactly what was evaluated. Timings in
-# MODEL_CARD.md: one job at a time, 1 torch thread, on a 2-core machine shared with other jobs.
+# MODEL_CARD.md: one job at a time, 1 torch thread, on a 2-core machine shared with other jobs (stage 1
+# and the sixth VAE run: 2 threads, alone).
 #   TRIED=1 plugins/layerkit_plugins/layerflow/toy/reproduce.sh   # also the runs behind "what was tried"
 set -euo pipefail
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
@@ -27,10 +28,10 @@ if [[ "${TRIED:-0}" == 1 ]]; then
   # the patch-1 denoiser (64 tokens per latent frame; benchmarks/bench_toy_geometry.py), its given
   # layers encoded as sampling encodes them (train.given_latents=sampled), after the VAE below:
   # weights/tried_patch1/{stage1,stage2,stage3,eval_p1}.json
-  TRIED_AFTER_VAE=1
+  TRIED_AFTER_VAE=1  # (these now decode with the sixth decoder: their records were made with the fifth)
 fi
 
-# the VAE as it was built (five runs; vae_training_{1,2,3,4_accept,5_decoder}.json): 3000 steps with the alpha
+# the VAE as it was built (six runs; vae_training_{1,2,3,4_accept,5_decoder,6_latent_noise}.json): 3000 steps with the alpha
 # warm-up (colours right, alpha IoU 0.846 < 0.9: rejected), 1000 more with the matte weighted 3
 # (0.874: rejected), 1200 more weighted 6 at lr 5e-4 (0.896 / 0.898: rejected), then accepted as it
 # was at a 0.85 floor (no training; the 0.9 was not reached)

@@ -217,6 +217,9 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
         vae = AutoencoderKLCogVideoX.from_pretrained(str(init), torch_dtype=torch.float32).train()
     else:
         vae = build_vae(seed, norm_num_groups=norm_groups).train()
+    if latent_noise and parts != "decoder":
+        raise SystemExit("--latent-noise is in the units of a trained VAE's scaling factor: use it with "
+                         "--parts decoder --init VAE")
     if parts == "decoder":  # the latent space stays as it is: denoisers trained on it stay valid
         if init is None:
             raise SystemExit("--parts decoder fine-tunes the decoder of an --init VAE; give --init")
@@ -284,6 +287,7 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
         scaling = 1.0 / z.std().item()
     if parts == "decoder":  # same encoder, same latents: keep the factor the denoiser was trained with
         scaling = float(vae.config.scaling_factor)
+    vae.register_to_config(scaling_factor=round(scaling, 6))  # the noisy check's units
     final = validate(vae, val, packing)
     print("final:", json.dumps(final), flush=True)
     noisy = {f"alpha_iou_latent_mse_{mse}": validate(vae, val, packing, latent_noise=mse ** 0.5)["alpha_iou"]
@@ -305,7 +309,6 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
             "validation_log": checks, "log": log}
     out.mkdir(parents=True, exist_ok=True)
     (out / "vae_training.json").write_text(json.dumps(info, indent=1))
-    vae.register_to_config(scaling_factor=round(scaling, 6))
     if failures:
         if write:  # kept for inspection, never where the stages look for a base
             vae.save_pretrained(str(out / "rejected_vae"))
