@@ -182,3 +182,16 @@ def test_stage2_training_runs_two_steps_on_cpu(tmp_path):
         keys = list(f.keys())
     assert keys and all(k.startswith("adapters.inter_frame.layers.") for k in keys)
     assert {k.rsplit(".", 2)[-2] for k in keys} == {"to_q", "to_out"}
+
+
+def test_held_out_sprites_come_from_the_test_split_or_the_val_split():
+    from layerkit.errors import LayerkitError
+
+    task = TransparentTask(mode="i2v")
+    size = {"height": 32, "width": 32, "num_frames": 4}
+    test = task.sample_inputs({"num_samples": 2}, **size)
+    val = task.sample_inputs({"num_samples": 2, "split": "val"}, **size)
+    assert [s["prompt"] for s in test] == [s["prompt"] for s in task.sample_inputs({"num_samples": 2, "split": "test"}, **size)]
+    assert not torch.equal(test[0]["reference"], val[0]["reference"])
+    with pytest.raises(LayerkitError, match="inputs.split must be val or test"):
+        task.sample_inputs({"num_samples": 1, "split": "train"}, **size)

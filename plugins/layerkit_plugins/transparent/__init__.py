@@ -8,7 +8,7 @@ from layerkit import hookimpl
 
 #: what ``inputs.*`` the tasks take (their ``input_keys`` and ``file_keys``), declared here so a
 #: wrong key or a missing file is refused before torch is imported
-INPUT_KEYS = ("num_samples", "seed", "prompt", "image", "fit")
+INPUT_KEYS = ("num_samples", "seed", "split", "prompt", "image", "fit")
 FILE_KEYS = ("image",)
 
 

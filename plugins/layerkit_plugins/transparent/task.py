@@ -116,6 +116,9 @@ class TransparentTask(Task):
         if n < 1:
             raise LayerkitError(f"inputs.num_samples must be at least 1; got {n}.")
         seed = int(inputs.get("seed", self.default_seed))
+        split = str(inputs.get("split", "test"))  # held-out clips: test (records), val (choosing settings)
+        if split not in ("val", "test"):
+            raise LayerkitError(f"inputs.split must be val or test (held-out clips); got '{split}'.")
         cfg = ShapesConfig(num_frames=num_frames, height=height, width=width)
         user = bool(inputs.get("prompt") or inputs.get("image"))
         image, fitted = (read_rgba_image(inputs["image"], height, width, str(inputs.get("fit", "pad")))
@@ -134,7 +137,7 @@ class TransparentTask(Task):
                 if notes:
                     sample["notes"] = notes
             else:
-                clip = make_rgba_sprite_clip(seed_for("test", seed, i), cfg)
+                clip = make_rgba_sprite_clip(seed_for(split, seed, i), cfg)
                 sample["prompt"] = clip["prompt"]
                 sample["ground_truth"] = clip
             if image is not None:
