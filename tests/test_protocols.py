@@ -259,3 +259,19 @@ def test_a_video_of_another_size_is_cropped_with_its_aspect_kept_and_said(toy_sa
     assert any("padded to 16x16" in n for n in pad["notes"][0])
     blended = pad["blended"][0]
     assert blended[:, :, :2].abs().sum() == 0, "padded rows are black"
+
+
+def test_packed_select_keeps_the_rows_asked_of_every_per_sample_part():
+    from layerkit.protocols import Packed, Segment
+
+    video = torch.arange(3 * 2 * 3 * 2 * 2, dtype=torch.float32).reshape(3, 2, 3, 2, 2)
+    given = torch.tensor([[True, False], [False, False], [True, True]])
+    packed = Packed(segments=[Segment("a", 2, video)], given=given, prompts=[["p0"], ["p1"], ["p2"]], height=2, width=2,
+                    scales={"motion": torch.tensor([1.0, 0.0, 0.5])},
+                    extras={"masks": torch.arange(3)[:, None].expand(3, 4), "table": torch.ones(5)},
+                    conditions={"fps": torch.tensor([8, 12, 24])})
+    part = packed.select([2, 0])
+    assert torch.equal(part.segments[0].video, video[[2, 0]])
+    assert torch.equal(part.given, given[[2, 0]]) and part.prompts == [["p2"], ["p0"]]
+    assert part.scales["motion"].tolist() == [0.5, 1.0] and part.conditions["fps"].tolist() == [24, 8]
+    assert part.extras["masks"][:, 0].tolist() == [2, 0] and torch.equal(part.extras["table"], torch.ones(5))

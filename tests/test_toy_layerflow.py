@@ -126,6 +126,26 @@ def test_sampler_sweep_samples_each_setting_on_each_row_of_the_split_asked(monke
     assert calls[3][3] == ["+inputs.split=val", "x=1", "sampler.guidance_scale=2.0", "sampler.steps=50"]
 
 
+def test_toy_tools_refuse_to_write_over_a_users_files(tmp_path, capsys):
+    """toy-layerflow-vae --out and toy-layerflow-eval --json name new places; an earlier run's
+    folder or file is refused in one sentence before anything trains or samples, and left as it was."""
+    from layerkit_plugins.layerflow.toy import evaluate, train_vae
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "vae_training.json").write_text("earlier")
+    (tmp_path / "eval.json").write_text("earlier")
+    with pytest.raises(SystemExit) as vae:
+        train_vae.main(["--out", str(tmp_path / "run"), "--steps", "0"])
+    with pytest.raises(SystemExit) as ev:
+        evaluate.main(["--json", str(tmp_path / "eval.json")])
+    assert vae.value.code == 2 and ev.value.code == 2
+    err = capsys.readouterr().err
+    assert "exists and is not empty" in err and "exists; choose a new file" in err
+    assert (tmp_path / "run" / "vae_training.json").read_text() == "earlier"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["vae_training.json"]
+    assert (tmp_path / "eval.json").read_text() == "earlier"
+
+
 def test_vae_check_fails_loudly_on_tied_colours():
     from layerkit_plugins.layerflow.toy.train_vae import check
 

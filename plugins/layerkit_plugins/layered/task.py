@@ -189,12 +189,10 @@ class LayeredTask(Task):
                         split: str = "test") -> list[dict[str, Any]]:
         """Held-out shapes-world samples: the ``test`` split (what records report), or ``val``
         (``inputs.split=val``: for choosing settings without looking at the test clips)."""
-        from layerkit.data.shapes import ShapesConfig, make_sample, seed_for
+        from layerkit.data.shapes import ShapesConfig, held_out_seed, make_sample
 
-        if split not in ("val", "test"):
-            raise LayerkitError(f"inputs.split must be val or test (held-out clips); got '{split}'.")
         config = ShapesConfig(num_frames=num_frames, height=height, width=width)
-        samples = [make_sample(seed_for(split, seed, i), config) for i in range(n)]
+        samples = [make_sample(held_out_seed(split, seed, i), config) for i in range(n)]
         mode = "generate" if self.mode == "auto" else self.mode
         out = []
         for sample in samples:

@@ -109,7 +109,7 @@ class TransparentTask(Task):
         prompt, (i2v) the reference frame and the ground truth the evaluator scores against.
         With any input, only the user's: ``prompt`` and ``image`` (an RGBA image file); t2v marks
         each sample for stage 1 (``stage1``, ``sample_index``) unless an image is given."""
-        from layerkit.data.shapes import ShapesConfig, seed_for
+        from layerkit.data.shapes import ShapesConfig, held_out_seed
         from layerkit_plugins.transparent.data import make_rgba_sprite_clip
 
         n = int(inputs.get("num_samples", self.num_samples))
@@ -117,8 +117,6 @@ class TransparentTask(Task):
             raise LayerkitError(f"inputs.num_samples must be at least 1; got {n}.")
         seed = int(inputs.get("seed", self.default_seed))
         split = str(inputs.get("split", "test"))  # held-out clips: test (records), val (choosing settings)
-        if split not in ("val", "test"):
-            raise LayerkitError(f"inputs.split must be val or test (held-out clips); got '{split}'.")
         cfg = ShapesConfig(num_frames=num_frames, height=height, width=width)
         user = bool(inputs.get("prompt") or inputs.get("image"))
         image, fitted = (read_rgba_image(inputs["image"], height, width, str(inputs.get("fit", "pad")))
@@ -137,7 +135,7 @@ class TransparentTask(Task):
                 if notes:
                     sample["notes"] = notes
             else:
-                clip = make_rgba_sprite_clip(seed_for(split, seed, i), cfg)
+                clip = make_rgba_sprite_clip(held_out_seed(split, seed, i), cfg)
                 sample["prompt"] = clip["prompt"]
                 sample["ground_truth"] = clip
             if image is not None:

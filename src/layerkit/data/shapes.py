@@ -211,6 +211,14 @@ def seed_for(split: str, seed: int, index: int) -> int:
     return (SPLITS.index(split) << 48) | (seed << 24) | index
 
 
+def held_out_seed(split: str, seed: int, index: int) -> int:
+    """``seed_for`` of a held-out split, as a user names it (``inputs.split``): ``test`` (what
+    records report) or ``val`` (for choosing settings without looking at the test clips)."""
+    if split not in ("val", "test"):
+        raise LayerkitError(f"inputs.split must be val or test (held-out clips); got '{split}'.")
+    return seed_for(split, seed, index)
+
+
 def _sample_params(rng: random.Random, cfg: ShapesConfig) -> dict[str, Any]:
     F, H, W = cfg.num_frames, cfg.height, cfg.width
     steps = max(F - 1, 1)

@@ -42,24 +42,13 @@ class LatentCache:
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:  # encode only the items not seen in this packing yet
-            part = packed if len(missing) == len(keys) else select(packed, missing)
+            part = packed if len(missing) == len(keys) else packed.select(missing)
             with torch.no_grad():
                 latents, _ = encode_packed(backbone, part, training=True, given_latents=self.given_latents)
             for j, z in zip(missing, latents, strict=True):
                 self.latents[keys[j]] = z.detach().cpu()
         device = backbone.execution_device
         return torch.stack([self.latents[k] for k in keys]).to(device), latent_layout(backbone, packed)
-
-
-def select(packed: Any, rows: list[int]) -> Any:
-    """The packed clips of some batch rows (what encoding reads: segments, given frames, prompts)."""
-    from layerkit.protocols import Packed, Segment
-
-    index = torch.tensor(rows)
-    segments = [Segment(seg.name, seg.num_frames, None if seg.video is None else seg.video[index.to(seg.video.device)])
-                for seg in packed.segments]
-    return Packed(segments=segments, given=packed.given[index.to(packed.given.device)],
-                  prompts=[packed.prompts[j] for j in rows], height=packed.height, width=packed.width)
 
 
 def cache_prompt_embeddings(backbone: Any) -> None:

@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["colours", "given", "step-time", "rebase", "heldout", "positions",
                                             "probe"])
-    parser.add_argument("--num", type=int, default=16, help="held-out clips (colours, given, heldout)")
+    parser.add_argument("--num", type=int, default=16, help="held-out clips (colours, given, heldout); probe: 64x train and 16x held-out clips")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[200, 500, 800, 950])
     parser.add_argument("--repeats", type=int, default=10, help="timed steps (step-time)")
     parser.add_argument("--threads", type=int, default=1)

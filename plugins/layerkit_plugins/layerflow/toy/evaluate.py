@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -89,9 +90,11 @@ def sample_model(overrides: list[str], num_samples: int, seed: int, extra: list[
             "steps": int(s.steps), "guidance_scale": float(s.guidance_scale)}
 
 
-def vae_ceiling(num_samples: int, seed: int, round_trip: bool = True, split: str = "test") -> dict[str, Any]:
+def vae_ceiling(num_samples: int, seed: int, round_trip: bool = True, split: str = "test",
+                extra: list[str] = ()) -> dict[str, Any]:
     """The true layers of the same held-out clips after a VAE round trip (no denoiser), or as
-    they are (``round_trip=False``: what a perfect model would score)."""
+    they are (``round_trip=False``: what a perfect model would score); ``extra``: the overrides
+    the models were sampled with (e.g. ``backbone.path=DIR``: that folder's VAE)."""
     from layerkit.config import compose
     from layerkit.pipeline import decode_packed, encode_packed
     from layerkit.registry import get_registry
@@ -99,7 +102,7 @@ def vae_ceiling(num_samples: int, seed: int, round_trip: bool = True, split: str
 
     registry = get_registry()
     cfg = compose("sample", ["+experiment=toy_layerflow_stage3", f"+inputs.num_samples={num_samples}",
-                             f"+inputs.seed={seed}", f"+inputs.split={split}", "task.mode=generate"],
+                             f"+inputs.seed={seed}", f"+inputs.split={split}", *extra, "task.mode=generate"],
                   registry)
     sampler = build_sampler(cfg, registry)
     parts = sampler.parts
@@ -128,6 +131,10 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _rounded(row: dict[str, Any]) -> str:
+    return json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+
+
 def sweep(grid: list[str], rows: list[str], num_samples: int, seed: int, split: str,
           extra: list[str] = ()) -> dict[str, dict[str, Any]]:
     """Each sampler setting of ``grid`` (an entry: space-separated ``sample`` overrides, after
@@ -138,8 +145,7 @@ def sweep(grid: list[str], rows: list[str], num_samples: int, seed: int, split: 
         for name in rows:
             row = sample_model(MODELS[name], num_samples, seed, [f"+inputs.split={split}", *extra, *setting.split()])
             results[f"{name}; {setting or 'committed sampler'}"] = row
-            print(f"{name}; {setting}", json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                                   for k, v in row.items()}), flush=True)
+            print(f"{name}; {setting}", _rounded(row), flush=True)
     return results
 
 
@@ -160,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.rows and args.grid is None:
         parser.error("--rows chooses the rows of a --grid sweep; give --grid SETTING too")
+    if args.json and Path(args.json).exists():
+        parser.error(f"--json '{args.json}' exists; choose a new file (nothing is overwritten).")
     rows = args.rows or ["stages 1+2+3, generate", "stages 1+2+3, decompose"]
     heading = f"held-out shapes prompts: {args.split} split, inputs.seed={args.seed}, {args.num_samples} samples"
     if args.grid is not None:
@@ -169,10 +177,11 @@ def main(argv: list[str] | None = None) -> None:
         extra = [f"+inputs.split={args.split}", *args.overrides]
         for name, overrides in MODELS.items():
             results[name] = sample_model(overrides, args.num_samples, args.seed, extra)
-            print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results[name].items()}),
-                  flush=True)
-        results["VAE ceiling (true layers, VAE round trip)"] = vae_ceiling(args.num_samples, args.seed, split=args.split)
-        results["true layers (no VAE)"] = vae_ceiling(args.num_samples, args.seed, round_trip=False, split=args.split)
+            print(name, _rounded(results[name]), flush=True)
+        results["VAE ceiling (true layers, VAE round trip)"] = vae_ceiling(args.num_samples, args.seed, split=args.split,
+                                                                           extra=args.overrides)
+        results["true layers (no VAE)"] = vae_ceiling(args.num_samples, args.seed, round_trip=False, split=args.split,
+                                                      extra=args.overrides)
     print()
     print(heading)
     print(table(results))

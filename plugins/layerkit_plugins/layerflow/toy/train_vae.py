@@ -207,6 +207,9 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
     ``latent_noise``: the decoder sees its latents plus Gaussian noise of a std drawn per clip from
     U(0, latent_noise), in the denoiser's (scaled) latent units: a decoder that turns imprecise
     latents (a denoiser's) into clean layers."""
+    if latent_noise and parts != "decoder":
+        raise SystemExit("--latent-noise is in the units of a trained VAE's scaling factor: use it with "
+                         "--parts decoder --init VAE")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     config = ShapesConfig(num_frames=frames, height=SIZE, width=SIZE)
@@ -217,9 +220,6 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
         vae = AutoencoderKLCogVideoX.from_pretrained(str(init), torch_dtype=torch.float32).train()
     else:
         vae = build_vae(seed, norm_num_groups=norm_groups).train()
-    if latent_noise and parts != "decoder":
-        raise SystemExit("--latent-noise is in the units of a trained VAE's scaling factor: use it with "
-                         "--parts decoder --init VAE")
     if parts == "decoder":  # the latent space stays as it is: denoisers trained on it stay valid
         if init is None:
             raise SystemExit("--parts decoder fine-tunes the decoder of an --init VAE; give --init")
@@ -360,6 +360,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 on a machine shared with other jobs: two threads there thrash)")
     args = parser.parse_args(argv)
+    if args.out.exists() and any(args.out.iterdir()):
+        parser.error(f"'{args.out}' exists and is not empty (an earlier run?); choose a new --out folder.")
     torch.set_num_threads(args.threads)
     info = train(args.out, args.steps, args.seed, args.lr, args.clips_per_step, args.kl_weight, args.static_prob,
                  args.max_minutes, packing=args.packing, frames=args.frames, first_frame_prob=args.first_frame_prob,
