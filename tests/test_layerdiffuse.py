@@ -200,3 +200,22 @@ def test_grey_composite_is_the_published_127():
     assert GREY == 127 / 255
     assert np.array_equal(ours[rgba[..., 3] == 0], np.full((int((rgba[..., 3] == 0).sum()), 3), 127 / 255, np.float32))
     assert np.abs(ours * 255 - np.asarray(published, np.float32)).max() <= 0.5 + 1e-4  # PIL rounds to uint8
+
+
+def test_offset_encoder_levels_set_its_downsampling_and_must_match_the_vae():
+    """Four levels (the published encoder) downsample 8x; three, 4x (the toy transparent model's
+    VAE). An encoder or decoder that does not match the VAE is refused in one sentence."""
+    from layerkit_plugins.animatediff.backbone import AnimateDiff
+    from layerkit_plugins.animatediff.tiny import tiny_components
+
+    assert LatentTransparencyOffsetEncoder((8, 8, 16, 16)).downsampling == 8
+    three = LatentTransparencyOffsetEncoder((8, 16, 16))
+    assert three.downsampling == 4 and three(torch.rand(1, 4, 32, 32)).shape == (1, 4, 8, 8)
+
+    parts = tiny_components(seed=0)  # an 8x VAE
+    AnimateDiff(**parts)
+    with pytest.raises(LayerkitError, match="downsamples 4x but the VAE 8x; give encoder_config.channels 4"):
+        AnimateDiff(**{**parts, "offset_encoder": three})
+    decoder = TransparentDecoder(**{**TINY_DECODER, "latent_block": 2})
+    with pytest.raises(LayerkitError, match=r"latent at 1/4 resolution .* set decoder_config.latent_block 3"):
+        AnimateDiff(**{**parts, "transparent_decoder": decoder})

@@ -52,3 +52,30 @@ def test_toy_transparent_samples_with_no_other_argument(tmp_path, one_thread):
     metrics = record["metrics"]
     assert {"alpha_iou", "alpha_temporal_error", "identity_drift"} <= set(metrics)
     assert np.isfinite([metrics["alpha_iou"], metrics["alpha_temporal_error"], metrics["identity_drift"]]).all()
+
+
+def test_reference_copies_hold_and_move_the_middle_frame():
+    """The evaluator's no-model rows: the reference frame held still, and moved in the prompt's
+    direction (here a sprite moving right at 1 px/frame: the moved copy is the clip itself)."""
+    from layerkit_plugins.transparent.data import make_rgba_sprite_clip
+    from layerkit_plugins.transparent.evaluate import evaluate_rgba_video
+    from layerkit_plugins.transparent.toy.evaluate import reference_copies, translate_rgba
+
+    from layerkit.data.shapes import ShapesConfig
+
+    frame = torch.full((4, 16, 16), 0.0)
+    frame[:3] = 0.5
+    frame[0, 4:8, 4:8], frame[1:3, 4:8, 4:8], frame[3, 4:8, 4:8] = 1.0, 0.0, 1.0  # a red square
+    moved = translate_rgba(frame, 3.0, -2.0)
+    assert torch.equal(moved[3] > 0.5, frame[3].roll((-2, 3), (0, 1)) > 0.5)
+    assert torch.allclose(moved[:3, 2:6, 7:11], frame[:3, 4:8, 4:8], atol=1e-5)  # colour kept, not darkened
+    assert torch.allclose(translate_rgba(frame, 0.0, 0.0), frame, atol=1e-5)
+
+    cfg = ShapesConfig(num_frames=8, height=32, width=32, speed=(1.0, 1.0), static_prob=0.0)
+    clip = next(c for c in (make_rgba_sprite_clip(s, cfg) for s in range(50))
+                if c["meta"]["direction"] == "right" and 10 < c["meta"]["start"][0] < 14)
+    copies = reference_copies(clip, 1.0)
+    assert torch.equal(copies["still"], clip["rgba"][3][None].expand(8, -1, -1, -1))
+    scores = evaluate_rgba_video(copies["moved"], clip)
+    assert scores["alpha_iou"] > 0.95 and scores["direction_correct"] == 1.0
+    assert evaluate_rgba_video(copies["still"], clip)["direction_correct"] == 0.0

@@ -22,6 +22,7 @@ in [-1, 1]); latents [B, 4, F, H/8, W/8] scaled by the VAE's 0.18215; no tempora
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -133,6 +134,14 @@ class AnimateDiff(Backbone):
         self.decoder_tta, self.rgba_decode = bool(decoder_tta), bool(rgba_decode)
         self.vae_batch = int(vae_batch)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        f = self.vae_scale_factor
+        if offset_encoder is not None and getattr(offset_encoder, "downsampling", f) != f:
+            raise LayerkitError(f"the transparent offset encoder downsamples {offset_encoder.downsampling}x but the VAE "
+                                f"{f}x; give encoder_config.channels {int(math.log2(f)) + 1} channel counts.")
+        if transparent_decoder is not None and 2 ** getattr(transparent_decoder, "latent_block", math.log2(f)) != f:
+            raise LayerkitError(f"the transparent decoder takes its latent at 1/{2 ** transparent_decoder.latent_block} "
+                                f"resolution but the VAE downsamples {f}x; set decoder_config.latent_block "
+                                f"{int(math.log2(f))}.")
         if gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
         self.requires_grad_(False)

@@ -40,15 +40,18 @@ def _zeroed(module: nn.Module) -> nn.Module:
 class LatentTransparencyOffsetEncoder(nn.Module):
     """[N, 4, H, W] ``[alpha, padded RGB]`` in [0, 1] -> latent offset [N, 4, H/8, W/8].
 
-    A plain conv stack: two 3x3 convs per level, a stride-2 conv entering each of the three
-    lower levels, SiLU between, and a zero-initialised 3x3 head (so an untrained encoder
-    leaves the VAE latent unchanged). Keys: ``blocks.{0,2,...,16}.{weight,bias}``.
+    A plain conv stack: two 3x3 convs per level, a stride-2 conv entering each lower level,
+    SiLU between, and a zero-initialised 3x3 head (so an untrained encoder leaves the VAE latent
+    unchanged). LayerDiffuse's published encoder has four levels (8x downsampling, SD 1.5's VAE;
+    keys ``blocks.{0,2,...,16}.{weight,bias}``); ``channels`` of another length gives
+    ``2 ** (len(channels) - 1)`` for a VAE that downsamples that much (the toy's 4x VAE: three).
     """
 
     def __init__(self, channels: Sequence[int] = (32, 64, 128, 256), latent_channels: int = 4) -> None:
         super().__init__()
-        if len(channels) != 4:
-            raise LayerkitError("the offset encoder has four levels (8x downsampling); give four channel counts.")
+        if len(channels) < 1:
+            raise LayerkitError("the offset encoder needs at least one channel count (one per level).")
+        self.downsampling = 2 ** (len(channels) - 1)
         layers: list[nn.Module] = [nn.Conv2d(4, channels[0], 3, padding=1), nn.SiLU(),
                                    nn.Conv2d(channels[0], channels[0], 3, padding=1), nn.SiLU()]
         for prev, width in zip(channels[:-1], channels[1:]):

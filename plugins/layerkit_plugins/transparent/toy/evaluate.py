@@ -6,7 +6,11 @@ the clip's) and reads the evaluator's figures from the run's record.json
 (``layerkit_plugins.transparent.evaluate.evaluate_rgba_video``, averaged over the clips). Two reference
 rows are scored directly: the ground-truth clips themselves and their round trip through
 the toy's latent space (offset encoder + VAE, then VAE + transparent decoder), the best any
-generator in that latent space can do.
+generator in that latent space can do. Two more need no model and say what copying the given
+frame is worth: the reference (middle) frame held still over every frame, and the reference
+frame translated in the prompt's direction at the mean speed of the shapes world (the speed
+itself is not in the prompt): what a generator that keeps the sprite and moves it as asked,
+with no sense of its speed, would score.
 
     python -m layerkit_plugins.transparent.toy.evaluate [--num-samples 16] [--out runs/toy_transparent_eval]
 
@@ -61,8 +65,37 @@ def sample_row(experiment: str, out: Path, *, num_samples: int, seed: int, base:
     return {**record["metrics"], "seconds": round(time.perf_counter() - started, 2), "output_dir": str(path)}
 
 
+def translate_rgba(frame: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+    """An RGBA frame [4, H, W] (straight alpha) moved by (dx, dy) px, bilinear, transparent where it
+    comes in from outside; colour is moved premultiplied and divided back (0.5 where alpha is 0)."""
+    import torch.nn.functional as F
+
+    h, w = frame.shape[-2:]
+    alpha = frame[3:]
+    premultiplied = torch.cat([frame[:3] * alpha, alpha])[None]
+    theta = torch.tensor([[[1.0, 0.0, -2 * dx / w], [0.0, 1.0, -2 * dy / h]]])
+    grid = F.affine_grid(theta, list(premultiplied.shape), align_corners=False)
+    moved = F.grid_sample(premultiplied, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    a = moved[3:]
+    rgb = torch.where(a > 1e-4, moved[:3] / a.clamp_min(1e-4), torch.full_like(moved[:3], 0.5)).clamp(0, 1)
+    return torch.cat([rgb, a.clamp(0, 1)])
+
+
+def reference_copies(clip: dict[str, Any], speed: float) -> dict[str, torch.Tensor]:
+    """The clip's reference frame held still, and moved at ``speed`` px/frame in its direction."""
+    from layerkit.data.shapes import direction_vector
+    from layerkit_plugins.transparent.inter_frame import reference_frame
+
+    rgba = clip["rgba"]
+    m = reference_frame(rgba.shape[0])
+    vx, vy = direction_vector(clip["meta"]["direction"])
+    moved = [translate_rgba(rgba[m], vx * speed * (t - m), vy * speed * (t - m)) for t in range(rgba.shape[0])]
+    return {"still": rgba[m][None].expand_as(rgba).clone(), "moved": torch.stack(moved)}
+
+
 def truth_rows(num_samples: int, seed: int, base: str | None) -> dict[str, dict[str, float]]:
-    """The evaluator on the ground truth, and on the ground truth through the toy latent space."""
+    """The evaluator on the ground truth, on the ground truth through the toy latent space, and on
+    copies of the reference frame (held still; moved at the mean speed in the prompt's direction)."""
     from layerkit.data.shapes import ShapesConfig, seed_for
     from layerkit_plugins.transparent.data import make_rgba_sprite_clip
     from layerkit_plugins.transparent.evaluate import evaluate_rgba_video, summarise
@@ -70,14 +103,20 @@ def truth_rows(num_samples: int, seed: int, base: str | None) -> dict[str, dict[
 
     backbone = load_base(base or package_weights() / "base").eval()
     cfg = ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE)
-    truth, round_trip = [], []
+    mean_speed = sum(cfg.speed) / 2
+    truth, round_trip, still, moved = [], [], [], []
     for i in range(num_samples):
         clip = make_rgba_sprite_clip(seed_for("test", seed, i), cfg)
         truth.append(evaluate_rgba_video(clip["rgba"], clip))
+        copies = reference_copies(clip, mean_speed)
+        still.append(evaluate_rgba_video(copies["still"], clip))
+        moved.append(evaluate_rgba_video(copies["moved"], clip))
         with torch.no_grad():
             video = backbone.decode_latents(backbone.encode_video(clip["rgba"][None] * 2 - 1))[0]
         round_trip.append(evaluate_rgba_video(((video + 1) / 2).clamp(0, 1), clip))
-    return {"ground truth": summarise(truth), "ground truth through the latent space": summarise(round_trip)}
+    return {"ground truth": summarise(truth), "ground truth through the latent space": summarise(round_trip),
+            "reference frame held still (no model)": summarise(still),
+            f"reference frame moved at the mean speed, {mean_speed:g} px/frame (no model)": summarise(moved)}
 
 
 def evaluate(out: str | Path, *, num_samples: int = 64, seed: int = 0, base: str | None = None,

@@ -6,7 +6,10 @@ own base (see ``train.py``): the same classes as the real model (``UNet2DConditi
 ``MotionAdapter`` -> ``UNetMotionModel``, ``AutoencoderKL`` with 8x downsampling, a CLIP text
 encoder, LayerDiffuse's offset encoder and transparent decoder), scaled down:
 
-- VAE: 4 levels (8x downsampling like SD 1.5), 4 latent channels: a 32x32 frame -> 4x4 latent;
+- VAE: 3 levels (4x downsampling; SD 1.5 has 8x), 4 latent channels: a 32x32 frame -> 8x8 latent.
+  At 8x (4x4 latents) an 11-pixel sprite covers about one latent pixel and every stage-2 model
+  stayed below simply repeating the reference frame (alpha IoU 0.55-0.57 against 0.72; see the
+  model card), so the toy keeps SD's latent-to-object scale rather than its factor;
 - UNet: 2 levels (32, 64), cross-attention width 32; motion module as the tiny AnimateDiff;
 - text: a byte-level CLIP tokenizer whose merges make every shapes-world word one token
   (16 tokens per prompt), a 2-layer CLIP of width 32, random and frozen (the UNet learns to
@@ -34,13 +37,13 @@ WORDS = ("a", "red", "green", "blue", "yellow", "magenta", "cyan", "circle", "sq
          "moving", "standing", "still", "left", "right", "up", "down")
 
 UNET_CONFIG = dict(
-    block_out_channels=(32, 64), layers_per_block=1, sample_size=SIZE // 8, in_channels=4, out_channels=4,
+    block_out_channels=(32, 64), layers_per_block=1, sample_size=SIZE // 4, in_channels=4, out_channels=4,
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
 )
 VAE_CONFIG = dict(
-    block_out_channels=(16, 32, 32, 32), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
+    block_out_channels=(16, 32, 32), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8,
     sample_size=SIZE, scaling_factor=0.18215,
 )
 TEXT_CONFIG = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
@@ -48,10 +51,10 @@ TEXT_CONFIG = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, nu
 # written out rather than imported from animatediff.tiny: the committed weights have these sizes
 MOTION_CONFIG = dict(block_out_channels=(32, 64), motion_layers_per_block=1, motion_norm_num_groups=8,
                      motion_num_attention_heads=2, motion_max_seq_length=32, use_motion_mid_block=True)
-ENCODER_CONFIG = dict(channels=[8, 8, 16, 16])
+ENCODER_CONFIG = dict(channels=[8, 16, 16])  # three levels: 4x, as the VAE
 DECODER_CONFIG = dict(block_out_channels=[8, 8, 16, 16], down_block_types=["DownBlock2D"] * 3 + ["AttnDownBlock2D"],
                       up_block_types=["AttnUpBlock2D"] + ["UpBlock2D"] * 3, layers_per_block=1, attention_head_dim=8,
-                      norm_num_groups=4, latent_block=3)
+                      norm_num_groups=4, latent_block=2)  # the latent enters at 1/4 resolution
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="linspace",
                         prediction_type="epsilon")
