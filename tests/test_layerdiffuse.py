@@ -214,6 +214,13 @@ def test_offset_encoder_levels_set_its_downsampling_and_must_match_the_vae():
 
     parts = tiny_components(seed=0)  # an 8x VAE
     AnimateDiff(**parts)
+    from diffusers import AutoencoderKL  # a 4x VAE takes the three-level encoder and latent_block 2
+    vae4 = AutoencoderKL(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, layers_per_block=1,
+                         norm_num_groups=4)
+    four = AnimateDiff(**{**parts, "vae": vae4, "offset_encoder": three,
+                          "transparent_decoder": TransparentDecoder(**{**TINY_DECODER, "latent_block": 2})})
+    assert four.vae_scale_factor == 4
     with pytest.raises(LayerkitError, match="downsamples 4x but the VAE 8x; give encoder_config.channels 4"):
         AnimateDiff(**{**parts, "offset_encoder": three})
     decoder = TransparentDecoder(**{**TINY_DECODER, "latent_block": 2})

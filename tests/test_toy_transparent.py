@@ -72,10 +72,11 @@ def test_reference_copies_hold_and_move_the_middle_frame():
     assert torch.allclose(translate_rgba(frame, 0.0, 0.0), frame, atol=1e-5)
 
     cfg = ShapesConfig(num_frames=8, height=32, width=32, speed=(1.0, 1.0), static_prob=0.0)
-    clip = next(c for c in (make_rgba_sprite_clip(s, cfg) for s in range(50))
-                if c["meta"]["direction"] == "right" and 10 < c["meta"]["start"][0] < 14)
-    copies = reference_copies(clip, 1.0)
-    assert torch.equal(copies["still"], clip["rgba"][3][None].expand(8, -1, -1, -1))
-    scores = evaluate_rgba_video(copies["moved"], clip)
-    assert scores["alpha_iou"] > 0.95 and scores["direction_correct"] == 1.0
-    assert evaluate_rgba_video(copies["still"], clip)["direction_correct"] == 0.0
+    for seed, direction in ((2, "right"), (44, "up")):  # sprites that stay inside the frame
+        clip = make_rgba_sprite_clip(seed, cfg)
+        assert clip["meta"]["direction"] == direction, "the shapes world drew another clip for this seed"
+        copies = reference_copies(clip, 1.0)
+        assert torch.equal(copies["still"], clip["rgba"][3][None].expand(8, -1, -1, -1))
+        scores = evaluate_rgba_video(copies["moved"], clip)
+        assert scores["alpha_iou"] > 0.95 and scores["direction_correct"] == 1.0, (direction, scores)
+        assert evaluate_rgba_video(copies["still"], clip)["direction_correct"] == 0.0

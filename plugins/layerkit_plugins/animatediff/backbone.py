@@ -2,7 +2,7 @@
 LayerDiffuse latent transparency, the backbone of Layer-Animate (seed 003, sec. 3).
 
 Shapes: videos [B, F, C, H, W] in [-1, 1] with C = 3 (RGB) or 4 (straight RGB + alpha, both
-in [-1, 1]); latents [B, 4, F, H/8, W/8] scaled by the VAE's 0.18215; no temporal compression.
+in [-1, 1]); latents [B, 4, F, H/f, W/f] (f = 8 for SD 1.5's VAE) scaled by its 0.18215; no temporal compression.
 
 * RGBA frames are encoded the LayerDiffuse way: the RGB composited on mid-grey goes through
   the VAE, and the offset encoder's output on ``[alpha, padded RGB]`` shifts the posterior

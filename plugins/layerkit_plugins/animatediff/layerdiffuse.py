@@ -3,10 +3,11 @@
 Two small networks sit beside the frozen SD 1.5 VAE:
 
 * :class:`LatentTransparencyOffsetEncoder` takes ``[alpha, padded RGB]`` ([N, 4, H, W] in
-  [0, 1]) and returns a latent offset [N, 4, H/8, W/8]; the transparent latent is
+  [0, 1]) and returns a latent offset [N, 4, H/f, W/f] (f the VAE's
+  downsampling, 8 for SD 1.5); the transparent latent is
   ``(mean + std * offset) * 0.18215`` of the VAE posterior of the RGB composited on grey.
 * :class:`TransparentDecoder` (LayerDiffuse's "UNet1024") takes the VAE-decoded RGB
-  ([N, 3, H, W] in [0, 1]) plus the unscaled latent [N, 4, H/8, W/8] and returns
+  ([N, 3, H, W] in [0, 1]) plus the unscaled latent [N, 4, H/f, W/f] and returns
   ``[alpha, foreground RGB]`` [N, 4, H, W] (straight colour, clipped to [0, 1]).
 
 Module names match the published ``layer_sd15_vae_transparent_encoder.safetensors`` and
@@ -38,7 +39,7 @@ def _zeroed(module: nn.Module) -> nn.Module:
 
 
 class LatentTransparencyOffsetEncoder(nn.Module):
-    """[N, 4, H, W] ``[alpha, padded RGB]`` in [0, 1] -> latent offset [N, 4, H/8, W/8].
+    """[N, 4, H, W] ``[alpha, padded RGB]`` in [0, 1] -> latent offset [N, 4, H/f, W/f].
 
     A plain conv stack: two 3x3 convs per level, a stride-2 conv entering each lower level,
     SiLU between, and a zero-initialised 3x3 head (so an untrained encoder leaves the VAE latent
@@ -65,11 +66,11 @@ class LatentTransparencyOffsetEncoder(nn.Module):
 
 
 class TransparentDecoder(nn.Module):
-    """Decoded RGB [N, 3, H, W] in [0, 1] + unscaled latent [N, 4, H/8, W/8] -> [alpha, RGB].
+    """Decoded RGB [N, 3, H, W] in [0, 1] + unscaled latent [N, 4, H/f, W/f] -> [alpha, RGB].
 
     A diffusers-block UNet without time embedding. The latent enters through a
     zero-initialised 1x1 conv and is added to the features entering down block
-    ``latent_block`` (the first block at 1/8 resolution). Up blocks take
+    ``latent_block`` (the first block at 1/f resolution, f = 2 ** latent_block: 8 for SD 1.5's VAE). Up blocks take
     ``layers_per_block + 1`` resnets, each consuming one skip connection.
     """
 
@@ -135,7 +136,7 @@ class TransparentDecoder(nn.Module):
         return 2 ** (self.levels - 1)
 
     def forward(self, pixel: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        """pixel [N, 3, H, W] in [0, 1], latent [N, 4, H/8, W/8] (unscaled) -> [N, 4, H, W]."""
+        """pixel [N, 3, H, W] in [0, 1], latent [N, 4, H/f, W/f] (unscaled) -> [N, 4, H, W]."""
         h = self.conv_in(pixel)
         skips = [h]
         for index, block in enumerate(self.down_blocks):

@@ -73,7 +73,8 @@ def translate_rgba(frame: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
     h, w = frame.shape[-2:]
     alpha = frame[3:]
     premultiplied = torch.cat([frame[:3] * alpha, alpha])[None]
-    theta = torch.tensor([[[1.0, 0.0, -2 * dx / w], [0.0, 1.0, -2 * dy / h]]])
+    theta = torch.tensor([[[1.0, 0.0, -2 * dx / w], [0.0, 1.0, -2 * dy / h]]], dtype=frame.dtype,
+                         device=frame.device)
     grid = F.affine_grid(theta, list(premultiplied.shape), align_corners=False)
     moved = F.grid_sample(premultiplied, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
     a = moved[3:]

@@ -3,19 +3,20 @@
 
 No pretrained SD 1.5, AnimateDiff or LayerDiffuse weights exist offline, so the toy trains its
 own base (see ``train.py``): the same classes as the real model (``UNet2DConditionModel`` +
-``MotionAdapter`` -> ``UNetMotionModel``, ``AutoencoderKL`` with 8x downsampling, a CLIP text
+``MotionAdapter`` -> ``UNetMotionModel``, ``AutoencoderKL``, a CLIP text
 encoder, LayerDiffuse's offset encoder and transparent decoder), scaled down:
 
 - VAE: 3 levels (4x downsampling; SD 1.5 has 8x), 4 latent channels: a 32x32 frame -> 8x8 latent.
-  At 8x (4x4 latents) an 11-pixel sprite covers about one latent pixel and every stage-2 model
-  stayed below simply repeating the reference frame (alpha IoU 0.55-0.57 against 0.72; see the
-  model card), so the toy keeps SD's latent-to-object scale rather than its factor;
+  At 8x (4x4 latents) a sprite of 10-14 pixels covers about one latent pixel and every stage-2
+  model stayed below simply repeating the reference frame (alpha IoU 0.39-0.57 against 0.72 on 64
+  test clips; see the model card), so the toy keeps SD's object-to-latent-pixel scale rather than
+  its factor;
 - UNet: 2 levels (32, 64), cross-attention width 32; motion module as the tiny AnimateDiff;
-- text: a byte-level CLIP tokenizer whose merges make every shapes-world word one token
-  (16 tokens per prompt), a 2-layer CLIP of width 32, random and frozen (the UNet learns to
+- text: a byte-level CLIP tokenizer whose merges make the shapes-world words one token each,
+  except "green" (four: the merge ``r e`` of "red" outranks ``g r``; 16 tokens per prompt), a 2-layer CLIP of width 32, random and frozen (the UNet learns to
   read it);
-- LayerDiffuse offset encoder and transparent decoder at the tiny sizes of the animatediff
-  plugin.
+- LayerDiffuse offset encoder (three levels, channels 8, 16, 16: 4x, as the VAE) and transparent
+  decoder (levels 8, 8, 16, 16, the latent entering at 1/4 resolution, ``latent_block`` 2).
 
 On disk (``save_base``): ``sd15/`` (unet, vae, text_encoder, tokenizer, scheduler),
 ``motion_adapter/``, ``transparent_encoder.safetensors`` and ``transparent_decoder.safetensors``,
