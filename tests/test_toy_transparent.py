@@ -80,3 +80,25 @@ def test_reference_copies_hold_and_move_the_middle_frame():
         scores = evaluate_rgba_video(copies["moved"], clip)
         assert scores["alpha_iou"] > 0.95 and scores["direction_correct"] == 1.0, (direction, scores)
         assert evaluate_rgba_video(copies["still"], clip)["direction_correct"] == 0.0
+
+
+def test_direction_swap_samples_each_clip_with_each_direction_word(one_thread, monkeypatch):
+    """`evaluate --direction-swap N`: every clip sampled four times, its motion phrase replaced."""
+    from layerkit_plugins.transparent.toy import evaluate
+
+    from layerkit.sampling import run as sampling_run
+
+    prompts = []
+    original = sampling_run.Sampler.run
+
+    def recording_run(self, batch=None, **kwargs):
+        prompts.append(list(batch["prompt"]))
+        return original(self, batch, **kwargs)
+
+    monkeypatch.setattr(sampling_run.Sampler, "run", recording_run)
+    result = evaluate.direction_swap("toy_transparent", num_samples=2, extra=["sampler.steps=2"])
+    assert [p[0].rsplit(" ", 1)[1] for p in prompts] == ["left", "right", "up", "down"]
+    assert all(p[i].startswith(" ".join(prompts[0][i].split()[:3])) for p in prompts for i in range(2))
+    assert set(result["per_word"]) == {"left", "right", "up", "down"} and result["num_samples"] == 2
+    assert 0.0 <= result["follows"] <= 1.0 and 0.0 <= result["still"] <= 1.0
+    assert evaluate._MOTION.sub("moving up", "a red cross standing still") == "a red cross moving up"

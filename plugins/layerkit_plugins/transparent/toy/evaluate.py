@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -120,6 +121,46 @@ def truth_rows(num_samples: int, seed: int, base: str | None) -> dict[str, dict[
             f"reference frame moved at the mean speed, {mean_speed:g} px/frame (no model)": summarise(moved)}
 
 
+#: the motion phrase of a shapes-world sprite prompt ("... moving right", "... standing still")
+_MOTION = re.compile(r"(moving (left|right|up|down)|standing still)$")
+MOVING = ("left", "right", "up", "down")
+
+
+def direction_swap(experiment: str, *, num_samples: int = 16, seed: int = 0, base: str | None = None,
+                   weights: str | None = None, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Does the prompt's direction word reach the motion? Each of ``num_samples`` held-out test
+    clips is sampled four times with the same reference frame and noise, its prompt's motion
+    phrase replaced by "moving left/right/up/down"; ``follows`` is the fraction of the 4 x N
+    samples whose estimated direction (:func:`layerkit.data.evaluate.estimate_direction`) is the
+    word asked (0.25 for motion that ignores the word, 0 for a sprite that stays still),
+    ``still`` the fraction that does not move, ``per_word`` ``follows`` per word."""
+    from layerkit.config import compose
+    from layerkit.data.evaluate import estimate_direction
+    from layerkit.registry import get_registry
+    from layerkit.sampling.run import build_sampler
+
+    overrides = [f"+experiment={experiment}", f"+inputs.num_samples={num_samples}", f"+inputs.seed={seed}",
+                 "sampler.progress=false", *extra]
+    if base:
+        overrides.append(f"toy.base={base}")
+    if weights:
+        overrides.append(f"weights={weights}")
+    registry = get_registry()
+    sampler = build_sampler(compose("sample", overrides, registry), registry)
+    batch = sampler.samples()
+    if any(not _MOTION.search(p) for p in batch["prompt"]):
+        raise ValueError(f"a prompt has no motion phrase to swap: {batch['prompt']}")
+    per_word: dict[str, float] = {}
+    still = 0
+    for word in MOVING:
+        swapped = dict(batch, prompt=[_MOTION.sub(f"moving {word}", p) for p in batch["prompt"]])
+        found = [estimate_direction(out["alpha"]) for out in sampler.run(swapped).outputs]
+        per_word[word] = sum(d == word for d in found) / len(found)
+        still += sum(d == "still" for d in found)
+    return {"follows": sum(per_word.values()) / len(MOVING), "still": still / (len(MOVING) * len(batch["prompt"])),
+            "per_word": per_word, "num_samples": len(batch["prompt"])}
+
+
 def evaluate(out: str | Path, *, num_samples: int = 64, seed: int = 0, base: str | None = None,
              weights_dir: str | None = None) -> dict[str, dict[str, Any]]:
     """Every row of the comparison, label -> figures (``seconds``: sampling wall time)."""
@@ -152,8 +193,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base", default=None, help="a base folder (default: the committed toy/weights/base)")
     parser.add_argument("--weights-dir", default=None, help="folder with the stage-2 weight files (default: committed)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--direction-swap", type=int, default=0, metavar="N",
+                        help="instead of the table: N test clips per stage-2 row, each sampled with its prompt's "
+                             "direction word swapped among left/right/up/down; prints how often the motion follows")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.direction_swap > 0:
+        rows = {}
+        for label, experiment, _ in ROWS:
+            weights = str(Path(args.weights_dir) / WEIGHT_FILES[experiment]) \
+                if args.weights_dir and experiment in WEIGHT_FILES else None
+            rows[label] = direction_swap(experiment, num_samples=args.direction_swap, seed=args.seed, base=args.base,
+                                         weights=weights)
+            print(f"| {label} | follows {rows[label]['follows']:.3f} | still {rows[label]['still']:.3f} | "
+                  + " ".join(f"{w} {v:.3f}" for w, v in rows[label]["per_word"].items()) + " |", flush=True)
+        return 0
     results = evaluate(args.out, num_samples=args.num_samples, seed=args.seed, base=args.base,
                        weights_dir=args.weights_dir)
     Path(args.out).mkdir(parents=True, exist_ok=True)
