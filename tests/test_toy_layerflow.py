@@ -143,6 +143,14 @@ def test_toy_tools_refuse_to_write_over_a_users_files(tmp_path, capsys):
     assert "exists and is not empty" in err and "exists; choose a new file" in err
     assert (tmp_path / "run" / "vae_training.json").read_text() == "earlier"
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["vae_training.json"]
+    (tmp_path / "afile").write_text("mine")  # a file where a folder is asked for: one sentence, no traceback
+    from layerkit_plugins.layerflow.toy import diagnose
+    for main, args in ((train_vae.main, ["--steps", "0"]), (diagnose.main, ["rebase"])):
+        with pytest.raises(SystemExit) as file_error:
+            main([*args, "--out", str(tmp_path / "afile")])
+        assert file_error.value.code == 2
+        assert "is a file; --out names a folder" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "mine"
     assert (tmp_path / "eval.json").read_text() == "earlier"
 
 

@@ -348,7 +348,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("rebase needs --out DIR")
         from pathlib import Path
 
-        if Path(args.out).exists() and any(Path(args.out).iterdir()):
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            parser.error(f"rebase: '{args.out}' is a file; --out names a folder to write the base into.")
+        if out.exists() and any(out.iterdir()):
             parser.error(f"rebase: '{args.out}' exists and is not empty; choose a new folder.")
         count = rebase(args.out, args.patch, args.width, args.heads, args.layers, args.source, args.scale, args.rope,
                        args.snr_shift)

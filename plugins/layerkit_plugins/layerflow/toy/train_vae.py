@@ -360,6 +360,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 on a machine shared with other jobs: two threads there thrash)")
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"'{args.out}' is a file; --out names a folder to write the run into.")
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"'{args.out}' exists and is not empty (an earlier run?); choose a new --out folder.")
     torch.set_num_threads(args.threads)

@@ -29,6 +29,9 @@ from typing import Any
 
 import torch
 
+from layerkit.data.shapes import DIRECTIONS
+from layerkit.errors import LayerkitError
+
 #: (row label, experiment, what the row is)
 ROWS = (
     ("motion module applied directly (no stage 2)", "toy_transparent_base",
@@ -123,7 +126,7 @@ def truth_rows(num_samples: int, seed: int, base: str | None) -> dict[str, dict[
 
 #: the motion phrase of a shapes-world sprite prompt ("... moving right", "... standing still")
 _MOTION = re.compile(r"(moving (left|right|up|down)|standing still)$")
-MOVING = ("left", "right", "up", "down")
+MOVING = DIRECTIONS[:4]  # the moving words of the shapes world (the fifth is "still")
 
 
 def direction_swap(experiment: str, *, num_samples: int = 16, seed: int = 0, base: str | None = None,
@@ -149,7 +152,8 @@ def direction_swap(experiment: str, *, num_samples: int = 16, seed: int = 0, bas
     sampler = build_sampler(compose("sample", overrides, registry), registry)
     batch = sampler.samples()
     if any(not _MOTION.search(p) for p in batch["prompt"]):
-        raise ValueError(f"a prompt has no motion phrase to swap: {batch['prompt']}")
+        raise LayerkitError(f"--direction-swap needs shapes-world prompts ending in a motion phrase; got "
+                            f"{batch['prompt']}.")
     per_word: dict[str, float] = {}
     still = 0
     for word in MOVING:
