@@ -129,3 +129,18 @@ def test_missing_weights_fail_with_a_clear_message(tmp_path):
         from_pretrained(path=None, motion_adapter="x")
     with pytest.raises(LayerkitError, match="not a diffusers Stable Diffusion 1.5 folder"):
         from_pretrained(path=str(tmp_path), motion_adapter=str(tmp_path))
+
+
+def test_tiny_tokenizer_makes_each_word_one_token_whatever_the_order():
+    """'green' after 'red': red's merge ``r e`` outranks ``g r``, which once left green four tokens."""
+    from layerkit_plugins.animatediff.tiny import tiny_tokenizer
+    from layerkit_plugins.transparent.toy.model import WORDS
+
+    words = ("red", "green", "greenery", "a", "aa", *WORDS)
+    tokenizer = tiny_tokenizer(16, words=words)
+    for word in words:
+        ids = tokenizer(word)["input_ids"]
+        assert len(ids) == 3, f"'{word}' is {len(ids) - 2} tokens"
+    assert len({tuple(tokenizer(w)["input_ids"]) for w in words}) == len(set(words))
+    prompt = tokenizer("a green cross moving up")["input_ids"]
+    assert len(prompt) == 7  # start, five words, end

@@ -46,6 +46,8 @@ BAD_VALUES = [
     ("train", "train.ema_decay=1.0", "train.ema_decay is 1.0"),
     ("train", "train.checkpoint_every=0", "train.checkpoint_every is 0"),
     ("train", "train.given_latents=both", "train.given_latents is 'both'; expected one of sampled, clip"),
+    ("train", "train.loss_weighting=loud", "train.loss_weighting is 'loud'; expected one of none, min_snr"),
+    ("train", "train.snr_gamma=0", "train.snr_gamma is 0; expected a number above 0.0"),
 ]
 
 

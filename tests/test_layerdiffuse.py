@@ -226,3 +226,7 @@ def test_offset_encoder_levels_set_its_downsampling_and_must_match_the_vae():
     decoder = TransparentDecoder(**{**TINY_DECODER, "latent_block": 2})
     with pytest.raises(LayerkitError, match=r"latent at 1/4 resolution .* set decoder_config.latent_block 3"):
         AnimateDiff(**{**parts, "transparent_decoder": decoder})
+    vae1 = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, layers_per_block=1, norm_num_groups=4)
+    with pytest.raises(LayerkitError, match=r"the VAE does not downsample \(one level\).* at least two levels"):
+        AnimateDiff(**{**parts, "vae": vae1, "offset_encoder": None})

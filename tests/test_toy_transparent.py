@@ -102,3 +102,25 @@ def test_direction_swap_samples_each_clip_with_each_direction_word(one_thread, m
     assert set(result["per_word"]) == {"left", "right", "up", "down"} and result["num_samples"] == 2
     assert 0.0 <= result["follows"] <= 1.0 and 0.0 <= result["still"] <= 1.0
     assert evaluate._MOTION.sub("moving up", "a red cross standing still") == "a red cross moving up"
+
+
+def test_train_runs_every_stage_and_the_two_arms_side_by_side(tmp_path, one_thread):
+    """toy/train.py end to end at a few steps: stage A to D, the two stage-D arms as two
+    ``layerkit train`` processes at once with the loss weighting passed on, and a second call
+    finds every stage done and trains nothing."""
+    from layerkit_plugins.transparent.toy import train
+
+    out = tmp_path / "toy"
+    args = ["--out", str(out), "--pool", "4", "--steps-a", "2", "--batch-a", "2", "--steps-b", "2",
+            "--steps-c", "2", "--batch-c", "2", "--steps-d", "2", "--eval-samples", "0", "--side-by-side",
+            "--loss-weighting-d", "min_snr"]
+    assert train.main(args) == 0
+    for run in ("stage_d_inter_frame", "stage_d_baseline"):
+        record = json.loads((out / run / "record.json").read_text())
+        assert record["config"]["train"]["loss_weighting"] == "min_snr"
+        assert (out / run / "weights.safetensors").is_file() and (out / f"{run}.log").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert any("side by side" in name for name in summary["timings"])
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("weights.safetensors")}
+    assert train.main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("weights.safetensors")} == before

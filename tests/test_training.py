@@ -178,3 +178,58 @@ def test_stages_chain_through_init_from_even_under_a_lora(registry, tmp_path):
     loaded = load_trainable_state(module, first / "weights.safetensors", parts=parts)
     wrapped = key.replace("to_q.weight", "to_q.base_layer.weight")
     assert wrapped in loaded and torch.equal(module.state_dict()[wrapped], stage1[key])
+
+
+# -- the loss's weighting over timesteps (train.loss_weighting) ----------------------------------
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_timestep_weights_give_each_timestep_its_x0_weight(kind):
+    """factor x the prediction type's own x0 weight (SNR, SNR + 1, 1) = the weighting's w(t)."""
+    from diffusers import DDIMScheduler
+
+    from layerkit.training.module import timestep_weights
+
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=kind)
+    t = torch.tensor([0, 100, 500, 999])
+    a = scheduler.alphas_cumprod[t].double()
+    snr = a / (1 - a)
+    native = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[kind]
+    wanted = {"none": native, "min_snr": snr.clamp(max=5.0), "snr_plus_one": snr + 1,
+              "truncated_snr": snr.clamp(min=1.0)}
+    for name, w in wanted.items():
+        factor = timestep_weights(scheduler, t, name, gamma=5.0)
+        assert factor.dtype == torch.float32 and factor.shape == (4,)
+        assert torch.allclose(factor.double() * native, w, rtol=1e-5), name
+    if kind == "epsilon":  # the v-prediction loss of an epsilon model: 1 / alpha_bar
+        assert torch.allclose(timestep_weights(scheduler, t, "snr_plus_one").double(), 1 / a, rtol=1e-5)
+
+
+def test_loss_weighting_scales_each_samples_loss_and_a_wrong_name_is_one_sentence(registry):
+    from layerkit.config import compose, to_plain
+    from layerkit.errors import LayerkitError
+    from layerkit.pipeline import build_parts
+    from layerkit.training.data import LayerkitDataModule
+    from layerkit.training.module import LayerkitModule, timestep_weights
+
+    losses = {}
+    for weighting in ("none", "min_snr"):
+        cfg = compose("train", ["+experiment=toy_layered", *TINY, *LORA_ONLY, "train.prompt_dropout=0",
+                                f"train.loss_weighting={weighting}", "train.snr_gamma=0.5"], registry)
+        parts = build_parts(cfg, registry, training=True)
+        module = LayerkitModule(parts, to_plain(cfg))
+        data = LayerkitDataModule(cfg, registry, prepares=[])
+        data.collate = parts.task.collate
+        batch = next(iter(data.train_dataloader()))
+        t = torch.tensor([50, 50])
+        torch.manual_seed(0)
+        losses[weighting] = float(module.diffusion_loss(batch, timesteps=t,
+                                                         generator=torch.Generator().manual_seed(1)).detach())
+    factor = float(timestep_weights(module.scheduler, torch.tensor([50]), "min_snr", gamma=0.5))
+    assert factor != pytest.approx(1.0)
+    assert losses["min_snr"] == pytest.approx(losses["none"] * factor, rel=1e-4)
+
+    for bad, message in (("loud", "train.loss_weighting is 'loud'; expected one of: none, min_snr"),
+                         ("min_snr", "train.snr_gamma must be above 0; got 0.0")):
+        cfg = compose("train", ["+experiment=toy_layered", *TINY, *LORA_ONLY, f"train.loss_weighting={bad}",
+                                "train.snr_gamma=0"], registry)
+        with pytest.raises(LayerkitError, match=message):
+            LayerkitModule(build_parts(cfg, registry, training=True), to_plain(cfg))

@@ -109,6 +109,8 @@ def _rules_train() -> list[tuple[str, Callable[[str, Any], None]]]:
         ("train.ema_decay", lambda k, v: _number(k, v, 0.0, 1.0, high_open=True)),
         ("train.checkpoint_every", lambda k, v: _whole(k, v, 1)),
         ("train.given_latents", lambda k, v: _choice(k, v, ("sampled", "clip"))),
+        ("train.loss_weighting", lambda k, v: _choice(k, v, ("none", "min_snr", "snr_plus_one", "truncated_snr"))),
+        ("train.snr_gamma", lambda k, v: _number(k, v, 0.0, low_open=True)),
         ("optim.lr", lambda k, v: _number(k, v, 0.0, 10.0, low_open=True)),
         ("optim.weight_decay", lambda k, v: _number(k, v, 0.0)),
         ("optim.eps", lambda k, v: _number(k, v, 0.0, 1.0, low_open=True)),

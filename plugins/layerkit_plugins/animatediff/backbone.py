@@ -138,6 +138,9 @@ class AnimateDiff(Backbone):
         if offset_encoder is not None and getattr(offset_encoder, "downsampling", f) != f:
             raise LayerkitError(f"the transparent offset encoder downsamples {offset_encoder.downsampling}x but the VAE "
                                 f"{f}x; give encoder_config.channels {int(math.log2(f)) + 1} channel counts.")
+        if transparent_decoder is not None and f < 2:
+            raise LayerkitError("the VAE does not downsample (one level), and the transparent decoder takes the latent "
+                                "at 1/2 resolution or less; give the VAE at least two levels.")
         if transparent_decoder is not None and 2 ** getattr(transparent_decoder, "latent_block", math.log2(f)) != f:
             raise LayerkitError(f"the transparent decoder takes its latent at 1/{2 ** transparent_decoder.latent_block} "
                                 f"resolution but the VAE downsamples {f}x; set decoder_config.latent_block "

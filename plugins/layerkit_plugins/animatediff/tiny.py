@@ -42,27 +42,49 @@ def _byte_chars() -> list[str]:
 
 
 def tiny_tokenizer(max_length: int = 16, words: tuple[str, ...] = ()):
-    """A CLIPTokenizer over single bytes (plus merges for ``words``), written to a temp folder."""
+    """A CLIPTokenizer over single bytes (plus merges for ``words``), written to a temp folder.
+
+    Each of ``words`` becomes one token: its merges are found by running BPE with the merges so
+    far (so "green" after "red" joins the pieces "g", "re", "e", "n" that "red"'s merge ``r e``
+    leaves) and appended after them, which changes no earlier word's tokens."""
     from transformers import CLIPTokenizer
 
     chars = _byte_chars()
     vocab: dict[str, int] = {}
     for c in chars + [c + "</w>" for c in chars]:
         vocab[c] = len(vocab)
-    merges = []
-    for word in words:  # left-to-right merges so these words become single tokens
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merges.append(f"{pieces[0]} {pieces[1]}")
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], {m: r for r, m in enumerate(merges)})
+        while len(pieces) > 1:  # left-to-right merges of what BPE leaves
+            merges.append((pieces[0], pieces[1]))
             pieces = [pieces[0] + pieces[1], *pieces[2:]]
             vocab.setdefault(pieces[0], len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     with tempfile.TemporaryDirectory(prefix="layerkit-tok-") as tmp:
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
         return CLIPTokenizer(vocab=str(Path(tmp) / "vocab.json"), merges=str(Path(tmp) / "merges.txt"),
                              model_max_length=max_length)
+
+
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word's pieces as CLIP does it: join every occurrence of the
+    best-ranked adjacent pair until no pair has a rank."""
+    while len(pieces) > 1:
+        ranked = [ranks[p] for p in zip(pieces, pieces[1:]) if p in ranks]
+        if not ranked:
+            break
+        best = min(ranked)
+        joined: list[str] = []
+        for piece in pieces:
+            if joined and ranks.get((joined[-1], piece)) == best:
+                joined[-1] += piece
+            else:
+                joined.append(piece)
+        pieces = joined
+    return pieces
 
 
 def tiny_components(seed: int = 0, text_tokens: int = 16, transparent: bool = True) -> dict[str, Any]:

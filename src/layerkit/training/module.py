@@ -4,7 +4,8 @@ The loss is the backbone's own diffusion objective (epsilon, v or sample predict
 generated frames only: frames the backbone re-imposes as given are never noised and never
 enter the loss. Options the toys and real runs share: an EMA of the trainable weights (saved,
 resumed, written to ``weights.safetensors`` for sampling), and caches of latents and text
-embeddings for frozen encoders (``train.cache_latents``, ``train.cache_text``).
+embeddings for frozen encoders (``train.cache_latents``, ``train.cache_text``), and a weighting
+of the loss over timesteps (``train.loss_weighting``, see :func:`timestep_weights`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,43 @@ from layerkit.pipeline import (
 )
 from layerkit.training.cache import LatentCache, cache_prompt_embeddings
 
+#: ``train.loss_weighting``: the weight w(t) each timestep's error in the clean sample x0 gets
+LOSS_WEIGHTINGS = ("none", "min_snr", "snr_plus_one", "truncated_snr")
+
+
+def timestep_weights(scheduler: Any, timesteps: torch.Tensor, weighting: str, gamma: float = 5.0) -> torch.Tensor:
+    """Factors [B] on the backbone's own loss so that the error in x0 at timestep t weighs w(t).
+
+    With SNR(t) = alpha_bar / (1 - alpha_bar), the plain losses weigh the x0 error by SNR
+    (epsilon prediction), SNR + 1 (v prediction) or 1 (sample prediction); each weighting sets w:
+
+    - ``none``: the prediction type's own (factor 1);
+    - ``min_snr``: w = min(SNR, gamma), Min-SNR-gamma (Hang et al., 2023, eq. 9), diffusers'
+      ``--snr_gamma``: no timestep dominates, the nearly clean ones less than under epsilon;
+    - ``snr_plus_one``: w = SNR + 1 (Salimans & Ho, 2022, sec. 4), the v-prediction loss: an
+      epsilon model also learns what the noisiest steps decide (under epsilon their x0 error
+      weighs SNR, 0.005 at SD's last step);
+    - ``truncated_snr``: w = max(SNR, 1) (Salimans & Ho, 2022, sec. 4).
+
+    The weighting changes which timesteps training spends its capacity on, not what the model
+    predicts: the minimiser at each t is the same conditional mean, so sampling is unchanged.
+    """
+    alphas = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)[timesteps.long()]
+    snr = alphas / (1 - alphas)
+    kind = scheduler.config.prediction_type
+    native = snr if kind == "epsilon" else snr + 1 if kind == "v_prediction" else torch.ones_like(snr)
+    if weighting == "none":
+        return torch.ones_like(snr, dtype=torch.float32)
+    if weighting == "min_snr":
+        wanted = snr.clamp(max=gamma)
+    elif weighting == "snr_plus_one":
+        wanted = snr + 1
+    elif weighting == "truncated_snr":
+        wanted = snr.clamp(min=1.0)
+    else:
+        raise LayerkitError(f"unknown loss weighting '{weighting}'; expected one of: {', '.join(LOSS_WEIGHTINGS)}.")
+    return (wanted / native).float()
+
 
 class LayerkitModule(L.LightningModule):
     def __init__(self, parts: Parts, config: dict[str, Any]) -> None:
@@ -48,6 +86,13 @@ class LayerkitModule(L.LightningModule):
         if not 0.0 <= self.ema_decay < 1.0:
             raise LayerkitError(f"train.ema_decay must lie in [0, 1); got {self.ema_decay}.")
         self.ema: Any = None
+        self.loss_weighting = str(train.get("loss_weighting", "none") or "none")
+        self.snr_gamma = float(train.get("snr_gamma", 5.0))
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise LayerkitError(f"train.loss_weighting is '{self.loss_weighting}'; expected one of: "
+                                f"{', '.join(LOSS_WEIGHTINGS)}.")
+        if self.loss_weighting == "min_snr" and not self.snr_gamma > 0:
+            raise LayerkitError(f"train.snr_gamma must be above 0; got {self.snr_gamma}.")
         self.given_latents = str(train.get("given_latents", "sampled"))
         self.latent_cache = LatentCache(self.given_latents) if train.get("cache_latents") else None
         if train.get("cache_text"):
@@ -96,6 +141,9 @@ class LayerkitModule(L.LightningModule):
             target = latents
         weight = (~keep).to(output.dtype).expand_as(output)
         denom = weight.sum().clamp_min(1.0)
+        if self.loss_weighting != "none":  # per-sample factors; the mean keeps the frame count's scale
+            factor = timestep_weights(self.scheduler, timesteps, self.loss_weighting, self.snr_gamma)
+            weight = weight * factor.to(weight).view(-1, *([1] * (weight.dim() - 1)))
         return (F.mse_loss(output.float(), target.float(), reduction="none") * weight).sum() / denom
 
     def on_train_start(self) -> None:

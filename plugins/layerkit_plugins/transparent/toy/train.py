@@ -28,6 +28,10 @@ D. stage 2, image-to-video with the clean middle frame left out of the loss, twi
    ``toy_transparent_baseline`` (no Inter-Frame Attention; the motion module trains). The
    base with nothing trained (``toy_transparent_base``) is the motion module applied directly.
 
+``--side-by-side`` runs the two arms at once, each a ``layerkit train`` process on one thread
+(on two cores the pair takes one arm's time); ``--loss-weighting-d`` sets their
+``train.loss_weighting``.
+
 Then the files are written where the experiments read them (``--install``: toy/weights) and
 ``evaluate.py`` prints the evaluator's table on held-out clips.
 
@@ -289,12 +293,43 @@ def _layerkit_train(overrides: list[str]) -> None:
 # ----------------------------------------------------------------------------------------
 # D. stage 2 through layerkit train
 # ----------------------------------------------------------------------------------------
-def train_stage2(experiment: str, base: Path, out: Path, *, steps: int, seed: int) -> Path:
+STAGE_D = (("toy_transparent", "stage_d_inter_frame"), ("toy_transparent_baseline", "stage_d_baseline"))
+
+
+def stage2_overrides(experiment: str, base: Path, out: Path, *, steps: int, seed: int,
+                     loss_weighting: str = "none") -> list[str]:
+    """The ``layerkit train`` arguments of one stage-D arm."""
+    return [f"+experiment={experiment}", f"toy.base={base}", f"output_dir={out}", f"seed={seed}",
+            f"trainer.max_steps={steps}", "train.checkpoint_every=100000", "export.formats=[]",
+            f"train.loss_weighting={loss_weighting}"]
+
+
+def train_stage2(experiment: str, base: Path, out: Path, *, steps: int, seed: int,
+                 loss_weighting: str = "none") -> Path:
     from layerkit.training.run import WEIGHTS_NAME
 
-    _layerkit_train([f"+experiment={experiment}", f"toy.base={base}", f"output_dir={out}", f"seed={seed}",
-                     f"trainer.max_steps={steps}", "train.checkpoint_every=100000", "export.formats=[]"])
+    _layerkit_train(stage2_overrides(experiment, base, out, steps=steps, seed=seed, loss_weighting=loss_weighting))
     return out / WEIGHTS_NAME
+
+
+def train_stage2_side_by_side(runs: list[tuple[str, Path]], base: Path, *, steps: int, seed: int,
+                              loss_weighting: str = "none") -> None:
+    """The stage-D arms at once, each a ``layerkit train`` process on one thread (on two cores,
+    the critical path of two arms is one arm's time). Logs go beside each run folder."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LAYERKIT_THREADS": "1"}
+    procs = []
+    for experiment, out in runs:
+        args = stage2_overrides(experiment, base, out, steps=steps, seed=seed, loss_weighting=loss_weighting)
+        log = out.parent / f"{out.name}.log"
+        with open(log, "w") as handle:
+            procs.append((out, log, subprocess.Popen([sys.executable, "-m", "layerkit.cli", "train", *args],
+                                                     stdout=handle, stderr=subprocess.STDOUT, env=env)))
+    failed = [(out, log) for out, log, proc in procs if proc.wait() != 0]
+    if failed:
+        raise RuntimeError("stage D failed: " + "; ".join(f"{out} (see {log})" for out, log in failed))
 
 
 def install(out: Path, target: Path, provenance: dict[str, Any]) -> None:
@@ -328,6 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-c", type=int, default=32, help="frames per step")
     parser.add_argument("--lr-c", type=float, default=5e-4)
     parser.add_argument("--steps-d", type=int, default=2000, help="stage-2 steps, each of the two runs")
+    parser.add_argument("--loss-weighting-d", default="none",
+                        help="stage 2's train.loss_weighting (none, min_snr, snr_plus_one, truncated_snr)")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="run the two stage-D arms at once, one thread each")
     parser.add_argument("--eval-samples", type=int, default=64, help="held-out test clips per row (0: skip)")
     parser.add_argument("--install", action="store_true", help="write the weights into the package (toy/weights)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -389,11 +428,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.until == "C":
         return 0
 
-    for experiment, run in (("toy_transparent", "stage_d_inter_frame"),
-                            ("toy_transparent_baseline", "stage_d_baseline")):
-        if not (out / run / "weights.safetensors").is_file():
-            clock.run(f"D {experiment}", train_stage2, experiment, base.resolve(), out / run, steps=args.steps_d,
-                      seed=args.seed)
+    todo = [(experiment, out / run) for experiment, run in STAGE_D
+            if not (out / run / "weights.safetensors").is_file()]
+    if todo and args.side_by_side:
+        clock.run("D " + " + ".join(e for e, _ in todo) + " (side by side)", train_stage2_side_by_side, todo,
+                  base.resolve(), steps=args.steps_d, seed=args.seed, loss_weighting=args.loss_weighting_d)
+    else:
+        for experiment, run in todo:
+            clock.run(f"D {experiment}", train_stage2, experiment, base.resolve(), run, steps=args.steps_d,
+                      seed=args.seed, loss_weighting=args.loss_weighting_d)
 
     summary["timings"] = clock.stages
     summary["train_cpu_s"] = round(sum(s["cpu_s"] for s in clock.stages.values()), 1)
