@@ -131,16 +131,21 @@ def test_missing_weights_fail_with_a_clear_message(tmp_path):
         from_pretrained(path=str(tmp_path), motion_adapter=str(tmp_path))
 
 
-def test_tiny_tokenizer_makes_each_word_one_token_whatever_the_order():
-    """'green' after 'red': red's merge ``r e`` outranks ``g r``, which once left green four tokens."""
+@pytest.mark.parametrize("reverse", [False, True])
+def test_tiny_tokenizer_makes_each_word_one_token_whatever_the_order(reverse):
+    """'green' after 'red': red's merge ``r e`` outranks ``g r``, which once left green four tokens;
+    'cocoa' and 'aaaaa' repeat a pair. Words added later change no earlier word's tokens."""
     from layerkit_plugins.animatediff.tiny import tiny_tokenizer
     from layerkit_plugins.transparent.toy.model import WORDS
 
-    words = ("red", "green", "greenery", "a", "aa", *WORDS)
+    words = ("red", "green", "greenery", "a", "aa", "cocoa", "aaaaa", *WORDS)
+    words = tuple(reversed(words)) if reverse else words
     tokenizer = tiny_tokenizer(16, words=words)
     for word in words:
         ids = tokenizer(word)["input_ids"]
         assert len(ids) == 3, f"'{word}' is {len(ids) - 2} tokens"
     assert len({tuple(tokenizer(w)["input_ids"]) for w in words}) == len(set(words))
-    prompt = tokenizer("a green cross moving up")["input_ids"]
-    assert len(prompt) == 7  # start, five words, end
+    assert len(tokenizer("a green cross moving up")["input_ids"]) == 7  # start, five words, end
+    first = tiny_tokenizer(16, words=words[:4])
+    for word in words[:4]:  # the earlier words' pieces are the same under the longer list
+        assert first.tokenize(word) == tokenizer.tokenize(word)

@@ -121,6 +121,10 @@ def test_train_runs_every_stage_and_the_two_arms_side_by_side(tmp_path, one_thre
         assert (out / run / "weights.safetensors").is_file() and (out / f"{run}.log").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert any("side by side" in name for name in summary["timings"])
+    assert summary["timings"][next(k for k in summary["timings"] if "side by side" in k)]["cpu_s"] > 1.0  # the children's
     before = {p: p.stat().st_mtime_ns for p in out.rglob("weights.safetensors")}
     assert train.main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("weights.safetensors")} == before
+    with pytest.raises(SystemExit, match=r"stage_d_inter_frame was trained with loss weighting min_snr \(asked none\)"):
+        train.main([*args[:-1], "none"])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("weights.safetensors")} == before

@@ -204,32 +204,44 @@ def test_timestep_weights_give_each_timestep_its_x0_weight(kind):
 
 
 def test_loss_weighting_scales_each_samples_loss_and_a_wrong_name_is_one_sentence(registry):
+    """Two samples at t = 50 and 900: the losses of two weightings give each sample's error, which
+    then predict the losses of the other two weightings (a factor on the wrong axis would not)."""
     from layerkit.config import compose, to_plain
     from layerkit.errors import LayerkitError
     from layerkit.pipeline import build_parts
     from layerkit.training.data import LayerkitDataModule
     from layerkit.training.module import LayerkitModule, timestep_weights
 
-    losses = {}
-    for weighting in ("none", "min_snr"):
+    t = torch.tensor([50, 900])
+    losses, factors = {}, {}
+    for weighting, gamma in (("none", 5.0), ("min_snr", 0.5), ("truncated_snr", 5.0), ("min_snr", 3.0)):
         cfg = compose("train", ["+experiment=toy_layered", *TINY, *LORA_ONLY, "train.prompt_dropout=0",
-                                f"train.loss_weighting={weighting}", "train.snr_gamma=0.5"], registry)
+                                f"train.loss_weighting={weighting}", f"train.snr_gamma={gamma}"], registry)
         parts = build_parts(cfg, registry, training=True)
         module = LayerkitModule(parts, to_plain(cfg))
         data = LayerkitDataModule(cfg, registry, prepares=[])
         data.collate = parts.task.collate
         batch = next(iter(data.train_dataloader()))
-        t = torch.tensor([50, 50])
         torch.manual_seed(0)
-        losses[weighting] = float(module.diffusion_loss(batch, timesteps=t,
-                                                         generator=torch.Generator().manual_seed(1)).detach())
-    factor = float(timestep_weights(module.scheduler, torch.tensor([50]), "min_snr", gamma=0.5))
-    assert factor != pytest.approx(1.0)
-    assert losses["min_snr"] == pytest.approx(losses["none"] * factor, rel=1e-4)
+        key = (weighting, gamma)
+        losses[key] = float(module.diffusion_loss(batch, timesteps=t, generator=torch.Generator().manual_seed(1)).detach())
+        factors[key] = timestep_weights(module.scheduler, t, weighting, gamma=gamma).double()
+    first, second, *others = factors
+    system = torch.stack([factors[first], factors[second]])
+    per_sample = torch.linalg.solve(system, torch.tensor([losses[first], losses[second]], dtype=torch.float64))
+    assert (per_sample > 0).all()
+    for key in others:
+        assert not torch.allclose(factors[key], factors[first]), key
+        assert losses[key] == pytest.approx(float(factors[key] @ per_sample), rel=1e-3), key
 
-    for bad, message in (("loud", "train.loss_weighting is 'loud'; expected one of: none, min_snr"),
-                         ("min_snr", "train.snr_gamma must be above 0; got 0.0")):
+    for bad, message, extra in (
+        ("loud", "train.loss_weighting is 'loud'; expected one of: none, min_snr", []),
+        ("min_snr", "train.snr_gamma must be above 0; got 0.0", []),
+        # the toy's schedule ends at SNR 0, where an epsilon model's x0 error counts nothing
+        ("min_snr", "cannot weigh the last step of a zero-terminal-SNR schedule for an epsilon model",
+         ["+backbone.prediction_type=epsilon", "train.snr_gamma=5"]),
+    ):
         cfg = compose("train", ["+experiment=toy_layered", *TINY, *LORA_ONLY, f"train.loss_weighting={bad}",
-                                "train.snr_gamma=0"], registry)
+                                "train.snr_gamma=0", *extra], registry)
         with pytest.raises(LayerkitError, match=message):
             LayerkitModule(build_parts(cfg, registry, training=True), to_plain(cfg))

@@ -44,9 +44,10 @@ def _byte_chars() -> list[str]:
 def tiny_tokenizer(max_length: int = 16, words: tuple[str, ...] = ()):
     """A CLIPTokenizer over single bytes (plus merges for ``words``), written to a temp folder.
 
-    Each of ``words`` becomes one token: its merges are found by running BPE with the merges so
-    far (so "green" after "red" joins the pieces "g", "re", "e", "n" that "red"'s merge ``r e``
-    leaves) and appended after them, which changes no earlier word's tokens."""
+    Each of ``words`` becomes one token: BPE runs on it with every merge so far, and while more
+    than one piece is left the first two are joined by a merge appended to the list (so "green"
+    after "red" joins the "g", "re", "e", "n" that red's merge ``r e`` leaves). An appended merge
+    ranks after all earlier ones, so it changes no earlier word's tokens."""
     from transformers import CLIPTokenizer
 
     chars = _byte_chars()
@@ -55,11 +56,9 @@ def tiny_tokenizer(max_length: int = 16, words: tuple[str, ...] = ()):
         vocab[c] = len(vocab)
     merges: list[tuple[str, str]] = []
     for word in words:
-        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], {m: r for r, m in enumerate(merges)})
-        while len(pieces) > 1:  # left-to-right merges of what BPE leaves
+        while len(pieces := _bpe(list(word[:-1]) + [word[-1] + "</w>"], {m: r for r, m in enumerate(merges)})) > 1:
             merges.append((pieces[0], pieces[1]))
-            pieces = [pieces[0] + pieces[1], *pieces[2:]]
-            vocab.setdefault(pieces[0], len(vocab))
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     with tempfile.TemporaryDirectory(prefix="layerkit-tok-") as tmp:

@@ -42,17 +42,21 @@ def timestep_weights(scheduler: Any, timesteps: torch.Tensor, weighting: str, ga
     (epsilon prediction), SNR + 1 (v prediction) or 1 (sample prediction); each weighting sets w:
 
     - ``none``: the prediction type's own (factor 1);
-    - ``min_snr``: w = min(SNR, gamma), Min-SNR-gamma (Hang et al., 2023, eq. 9), diffusers'
+    - ``min_snr``: w = min(SNR, gamma), Min-SNR-gamma (Hang et al., 2023, sec. 3.4), diffusers'
       ``--snr_gamma``: no timestep dominates, the nearly clean ones less than under epsilon;
     - ``snr_plus_one``: w = SNR + 1 (Salimans & Ho, 2022, sec. 4), the v-prediction loss: an
       epsilon model also learns what the noisiest steps decide (under epsilon their x0 error
       weighs SNR, 0.005 at SD's last step);
     - ``truncated_snr``: w = max(SNR, 1) (Salimans & Ho, 2022, sec. 4).
 
-    The weighting changes which timesteps training spends its capacity on, not what the model
-    predicts: the minimiser at each t is the same conditional mean, so sampling is unchanged.
+    The weighting changes which timesteps training spends its capacity on, not what the model is
+    asked to predict (the minimiser at each t is the same conditional mean), so the sampler needs
+    no change. The factors are not normalised: ``snr_plus_one`` for an epsilon model averages about
+    60 over t on SD's schedules and reaches hundreds at the last steps, which scales the logged
+    loss and, with ``trainer.gradient_clip_val``, how often gradients are clipped. Computed in
+    float64 on the CPU, returned in float32 on the timesteps' device.
     """
-    alphas = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)[timesteps.long()]
+    alphas = scheduler.alphas_cumprod.detach().cpu().double()[timesteps.detach().cpu().long()]
     snr = alphas / (1 - alphas)
     kind = scheduler.config.prediction_type
     native = snr if kind == "epsilon" else snr + 1 if kind == "v_prediction" else torch.ones_like(snr)
@@ -66,7 +70,7 @@ def timestep_weights(scheduler: Any, timesteps: torch.Tensor, weighting: str, ga
         wanted = snr.clamp(min=1.0)
     else:
         raise LayerkitError(f"unknown loss weighting '{weighting}'; expected one of: {', '.join(LOSS_WEIGHTINGS)}.")
-    return (wanted / native).float()
+    return (wanted / native).float().to(timesteps.device)
 
 
 class LayerkitModule(L.LightningModule):
@@ -93,6 +97,11 @@ class LayerkitModule(L.LightningModule):
                                 f"{', '.join(LOSS_WEIGHTINGS)}.")
         if self.loss_weighting == "min_snr" and not self.snr_gamma > 0:
             raise LayerkitError(f"train.snr_gamma must be above 0; got {self.snr_gamma}.")
+        if (self.loss_weighting != "none" and self.scheduler.config.prediction_type == "epsilon"
+                and float(self.scheduler.alphas_cumprod.min()) <= 0.0):
+            raise LayerkitError(f"train.loss_weighting={self.loss_weighting} cannot weigh the last step of a zero-"
+                                "terminal-SNR schedule for an epsilon model (its x0 error counts 0 there); use "
+                                "v prediction or loss_weighting=none.")
         self.given_latents = str(train.get("given_latents", "sampled"))
         self.latent_cache = LatentCache(self.given_latents) if train.get("cache_latents") else None
         if train.get("cache_text"):
@@ -143,7 +152,7 @@ class LayerkitModule(L.LightningModule):
         denom = weight.sum().clamp_min(1.0)
         if self.loss_weighting != "none":  # per-sample factors; the mean keeps the frame count's scale
             factor = timestep_weights(self.scheduler, timesteps, self.loss_weighting, self.snr_gamma)
-            weight = weight * factor.to(weight).view(-1, *([1] * (weight.dim() - 1)))
+            weight = weight.float() * factor.view(-1, *([1] * (weight.dim() - 1)))
         return (F.mse_loss(output.float(), target.float(), reduction="none") * weight).sum() / denom
 
     def on_train_start(self) -> None:

@@ -29,7 +29,7 @@ D. stage 2, image-to-video with the clean middle frame left out of the loss, twi
    base with nothing trained (``toy_transparent_base``) is the motion module applied directly.
 
 ``--side-by-side`` runs the two arms at once, each a ``layerkit train`` process on one thread
-(on two cores the pair takes one arm's time); ``--loss-weighting-d`` sets their
+(on two cores the pair takes about the longer arm's time); ``--loss-weighting-d`` sets their
 ``train.loss_weighting``.
 
 Then the files are written where the experiments read them (``--install``: toy/weights) and
@@ -55,6 +55,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from layerkit.training.module import LOSS_WEIGHTINGS
 from layerkit_plugins.transparent.toy.model import (
     FRAMES,
     SIZE,
@@ -65,17 +66,23 @@ from layerkit_plugins.transparent.toy.model import (
 )
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished child processes (the side-by-side arms)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 class Clock:
-    """Wall and process CPU seconds per stage."""
+    """Wall and CPU seconds per stage (child processes included)."""
 
     def __init__(self) -> None:
         self.stages: dict[str, dict[str, float]] = {}
 
     def run(self, name: str, fn, *args, **kwargs):
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall, cpu = time.perf_counter(), _cpu_seconds()
         out = fn(*args, **kwargs)
         self.stages[name] = {"wall_s": round(time.perf_counter() - wall, 1),
-                             "cpu_s": round(time.process_time() - cpu, 1)}
+                             "cpu_s": round(_cpu_seconds() - cpu, 1)}
         print(f"[toy] {name}: {self.stages[name]}", flush=True)
         return out
 
@@ -315,21 +322,52 @@ def train_stage2(experiment: str, base: Path, out: Path, *, steps: int, seed: in
 def train_stage2_side_by_side(runs: list[tuple[str, Path]], base: Path, *, steps: int, seed: int,
                               loss_weighting: str = "none") -> None:
     """The stage-D arms at once, each a ``layerkit train`` process on one thread (on two cores,
-    the critical path of two arms is one arm's time). Logs go beside each run folder."""
+    the pair takes about the longer arm's time). Logs go beside each run folder; if one arm
+    fails or this process is stopped, the other is stopped too (its folder resumes from its
+    last checkpoint on the next call)."""
     import subprocess
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LAYERKIT_THREADS": "1"}
-    procs = []
-    for experiment, out in runs:
-        args = stage2_overrides(experiment, base, out, steps=steps, seed=seed, loss_weighting=loss_weighting)
-        log = out.parent / f"{out.name}.log"
-        with open(log, "w") as handle:
-            procs.append((out, log, subprocess.Popen([sys.executable, "-m", "layerkit.cli", "train", *args],
-                                                     stdout=handle, stderr=subprocess.STDOUT, env=env)))
-    failed = [(out, log) for out, log, proc in procs if proc.wait() != 0]
-    if failed:
-        raise RuntimeError("stage D failed: " + "; ".join(f"{out} (see {log})" for out, log in failed))
+    procs: list[tuple[Path, Path, subprocess.Popen]] = []
+    try:
+        for experiment, out in runs:
+            args = stage2_overrides(experiment, base, out, steps=steps, seed=seed, loss_weighting=loss_weighting)
+            log = out.parent / f"{out.name}.log"
+            with open(log, "a") as handle:
+                procs.append((out, log, subprocess.Popen([sys.executable, "-m", "layerkit.cli", "train", *args],
+                                                         stdout=handle, stderr=subprocess.STDOUT, env=env)))
+        while any(proc.poll() is None for _, _, proc in procs):
+            failed = [(out, log) for out, log, proc in procs if proc.poll() not in (None, 0)]
+            if failed:
+                break
+            time.sleep(2)
+        failed = [(out, log) for out, log, proc in procs if proc.poll() not in (None, 0)]
+        if failed:
+            raise RuntimeError("stage D failed: " + "; ".join(f"{out} (see {log})" for out, log in failed))
+    finally:
+        for _, _, proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def check_stage2_run(run: Path, *, steps: int, seed: int, loss_weighting: str) -> None:
+    """An arm found finished in ``--out`` must have been trained as asked; one sentence if not."""
+    record_file = run / "record.json"
+    if not record_file.is_file():
+        return
+    config = json.loads(record_file.read_text()).get("config", {})
+    found = {"steps": config.get("trainer", {}).get("max_steps"), "seed": config.get("seed"),
+             "loss weighting": config.get("train", {}).get("loss_weighting", "none")}
+    asked = {"steps": steps, "seed": seed, "loss weighting": loss_weighting}
+    differ = [f"{k} {found[k]} (asked {asked[k]})" for k in asked if found[k] != asked[k]]
+    if differ:
+        raise SystemExit(f"{run} was trained with {', '.join(differ)}; delete it or use another --out.")
 
 
 def install(out: Path, target: Path, provenance: dict[str, Any]) -> None:
@@ -363,8 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-c", type=int, default=32, help="frames per step")
     parser.add_argument("--lr-c", type=float, default=5e-4)
     parser.add_argument("--steps-d", type=int, default=2000, help="stage-2 steps, each of the two runs")
-    parser.add_argument("--loss-weighting-d", default="none",
-                        help="stage 2's train.loss_weighting (none, min_snr, snr_plus_one, truncated_snr)")
+    parser.add_argument("--loss-weighting-d", default="none", choices=LOSS_WEIGHTINGS,
+                        help="stage 2's train.loss_weighting")
     parser.add_argument("--side-by-side", action="store_true",
                         help="run the two stage-D arms at once, one thread each")
     parser.add_argument("--eval-samples", type=int, default=64, help="held-out test clips per row (0: skip)")
@@ -428,9 +466,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.until == "C":
         return 0
 
-    todo = [(experiment, out / run) for experiment, run in STAGE_D
-            if not (out / run / "weights.safetensors").is_file()]
-    if todo and args.side_by_side:
+    todo = []
+    for experiment, run in STAGE_D:
+        if (out / run / "weights.safetensors").is_file():
+            check_stage2_run(out / run, steps=args.steps_d, seed=args.seed, loss_weighting=args.loss_weighting_d)
+        else:
+            todo.append((experiment, out / run))
+    if len(todo) > 1 and args.side_by_side:
         clock.run("D " + " + ".join(e for e, _ in todo) + " (side by side)", train_stage2_side_by_side, todo,
                   base.resolve(), steps=args.steps_d, seed=args.seed, loss_weighting=args.loss_weighting_d)
     else:
