@@ -128,3 +128,9 @@ def test_train_runs_every_stage_and_the_two_arms_side_by_side(tmp_path, one_thre
     with pytest.raises(SystemExit, match=r"stage_d_inter_frame was trained with loss weighting min_snr \(asked none\)"):
         train.main([*args[:-1], "none"])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("weights.safetensors")} == before
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(a_file)])
+    assert a_file.read_text() == "mine"

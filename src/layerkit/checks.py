@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from layerkit.errors import LayerkitError
+from layerkit.training.weighting import LOSS_WEIGHTINGS
 
 MAX_STEPS_SAMPLING = 1000   # a scheduler's training timesteps; more sampling steps than that mean nothing
 RGBA_FORMATS = ("mov", "webm", "png")
@@ -109,7 +110,7 @@ def _rules_train() -> list[tuple[str, Callable[[str, Any], None]]]:
         ("train.ema_decay", lambda k, v: _number(k, v, 0.0, 1.0, high_open=True)),
         ("train.checkpoint_every", lambda k, v: _whole(k, v, 1)),
         ("train.given_latents", lambda k, v: _choice(k, v, ("sampled", "clip"))),
-        ("train.loss_weighting", lambda k, v: _choice(k, v, ("none", "min_snr", "snr_plus_one", "truncated_snr"))),
+        ("train.loss_weighting", lambda k, v: _choice(k, v, LOSS_WEIGHTINGS)),
         ("train.snr_gamma", lambda k, v: _number(k, v, 0.0, low_open=True)),
         ("optim.lr", lambda k, v: _number(k, v, 0.0, 10.0, low_open=True)),
         ("optim.weight_decay", lambda k, v: _number(k, v, 0.0)),

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from layerkit.training.module import LOSS_WEIGHTINGS
+from layerkit.training.weighting import LOSS_WEIGHTINGS
 from layerkit_plugins.transparent.toy.model import (
     FRAMES,
     SIZE,
@@ -323,8 +323,8 @@ def train_stage2_side_by_side(runs: list[tuple[str, Path]], base: Path, *, steps
                               loss_weighting: str = "none") -> None:
     """The stage-D arms at once, each a ``layerkit train`` process on one thread (on two cores,
     the pair takes about the longer arm's time). Logs go beside each run folder; if one arm
-    fails or this process is stopped, the other is stopped too (its folder resumes from its
-    last checkpoint on the next call)."""
+    fails or this process is stopped, the other is stopped too (the next call restarts it: an
+    interrupted run's folder holds only traces, see ``layerkit.runs.check_output_dir``)."""
     import subprocess
     import sys
 
@@ -410,6 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--until", choices=("A", "B", "C", "D"), default="D", help="stop after this stage")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"'{args.out}' is a file; --out names the run folder (stages resume from it).")
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

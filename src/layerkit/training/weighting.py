@@ -1,0 +1,54 @@
+"""Weightings of the diffusion loss over timesteps (``train.loss_weighting``); no torch at import,
+so that ``layerkit.checks`` can name the choices before anything loads."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from layerkit.errors import LayerkitError
+
+if TYPE_CHECKING:
+    import torch
+
+#: ``train.loss_weighting``: the weight w(t) each timestep's error in the clean sample x0 gets
+LOSS_WEIGHTINGS = ("none", "min_snr", "snr_plus_one", "truncated_snr")
+
+
+def timestep_weights(scheduler: Any, timesteps: torch.Tensor, weighting: str, gamma: float = 5.0) -> torch.Tensor:
+    """Factors [B] on the backbone's own loss so that the error in x0 at timestep t weighs w(t).
+
+    With SNR(t) = alpha_bar / (1 - alpha_bar), the plain losses weigh the x0 error by SNR
+    (epsilon prediction), SNR + 1 (v prediction) or 1 (sample prediction); each weighting sets w:
+
+    - ``none``: the prediction type's own (factor 1);
+    - ``min_snr``: w = min(SNR, gamma), Min-SNR-gamma (Hang et al., 2023, sec. 3.4), diffusers'
+      ``--snr_gamma``: no timestep dominates, the nearly clean ones less than under epsilon;
+    - ``snr_plus_one``: w = SNR + 1 (Salimans & Ho, 2022, sec. 4), the v-prediction loss: an
+      epsilon model also learns what the noisiest steps decide (under epsilon their x0 error
+      weighs SNR, 0.005 at SD's last step);
+    - ``truncated_snr``: w = max(SNR, 1) (Salimans & Ho, 2022, sec. 4).
+
+    The weighting changes which timesteps training spends its capacity on, not what the model is
+    asked to predict (the minimiser at each t is the same conditional mean), so the sampler needs
+    no change. The factors are not normalised: ``snr_plus_one`` for an epsilon model averages about
+    60 over t on SD's schedules and reaches hundreds at the last steps, which scales the logged
+    loss and, with ``trainer.gradient_clip_val``, how often gradients are clipped. Computed in
+    float64 on the CPU, returned in float32 on the timesteps' device.
+    """
+    import torch
+
+    alphas = scheduler.alphas_cumprod.detach().cpu().double()[timesteps.detach().cpu().long()]
+    snr = alphas / (1 - alphas)
+    kind = scheduler.config.prediction_type
+    native = snr if kind == "epsilon" else snr + 1 if kind == "v_prediction" else torch.ones_like(snr)
+    if weighting == "none":
+        return torch.ones(len(snr), dtype=torch.float32, device=timesteps.device)
+    if weighting == "min_snr":
+        wanted = snr.clamp(max=gamma)
+    elif weighting == "snr_plus_one":
+        wanted = snr + 1
+    elif weighting == "truncated_snr":
+        wanted = snr.clamp(min=1.0)
+    else:
+        raise LayerkitError(f"unknown loss weighting '{weighting}'; expected one of: {', '.join(LOSS_WEIGHTINGS)}.")
+    return (wanted / native).float().to(timesteps.device)
