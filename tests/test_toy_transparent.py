@@ -5,6 +5,7 @@ writes an RGBA ProRes 4444 .mov, a preview sheet and the JSON record with no oth
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -111,15 +112,23 @@ def test_train_runs_every_stage_and_the_two_arms_side_by_side(tmp_path, one_thre
     from layerkit_plugins.transparent.toy import train
 
     out = tmp_path / "toy"
-    args = ["--out", str(out), "--pool", "4", "--steps-a", "2", "--batch-a", "2", "--steps-b", "2",
-            "--steps-c", "2", "--batch-c", "2", "--steps-d", "2", "--eval-samples", "0", "--side-by-side",
-            "--loss-weighting-d", "min_snr"]
+    args = ["--out", str(out), "--pool", "4", "--steps-a", "2", "--batch-a", "2", "--steps-t", "2", "--batch-t", "4",
+            "--steps-b", "2", "--reference-share-b", "0.5", "--steps-c", "2", "--batch-c", "2", "--steps-d", "2",
+            "--eval-samples", "0", "--side-by-side", "--loss-weighting-d", "min_snr"]
     assert train.main(args) == 0
     for run in ("stage_d_inter_frame", "stage_d_baseline"):
         record = json.loads((out / run / "record.json").read_text())
         assert record["config"]["train"]["loss_weighting"] == "min_snr"
         assert (out / run / "weights.safetensors").is_file() and (out / f"{run}.log").is_file()
+    base_record = json.loads((out / "base_rgb_run" / "record.json").read_text())
+    assert base_record["config"]["task"]["given_reference"] == 0.5  # half the base's clips image-to-video
     summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["stage_t"]["val_retrieval"]) == {"colour", "shape", "direction"}
+    from safetensors.torch import load_file
+
+    trained, random = (load_file(str(out / stage / "sd15" / "text_encoder" / "model.safetensors"))
+                       for stage in ("stage_t", "stage_a"))
+    assert any(not torch.equal(trained[k], random[k]) for k in random)  # stage T trained it
     assert any("side by side" in name for name in summary["timings"])
     assert summary["timings"][next(k for k in summary["timings"] if "side by side" in k)]["cpu_s"] > 1.0  # the children's
     before = {p: p.stat().st_mtime_ns for p in out.rglob("weights.safetensors")}
@@ -134,3 +143,36 @@ def test_train_runs_every_stage_and_the_two_arms_side_by_side(tmp_path, one_thre
     with pytest.raises(SystemExit):
         train.main(["--out", str(a_file)])
     assert a_file.read_text() == "mine"
+
+
+def test_contrastive_loss_counts_every_item_of_the_same_prompt_as_a_positive():
+    """Two clips of one prompt and one of another, features that match their prompts exactly:
+    the loss is the targets' own entropy (log 2 for the pair, 0 for the single), its minimum;
+    features shuffled between prompts score higher."""
+    from layerkit_plugins.transparent.toy.clip import clip_pixels, contrastive_loss
+
+    ids = torch.tensor([0, 0, 1])
+    text = torch.eye(2)[ids]
+    minimum = contrastive_loss(text, text.clone(), torch.tensor(100.0), ids)
+    assert float(minimum) == pytest.approx(2 * math.log(2) / 3, abs=1e-4)
+    assert float(contrastive_loss(text, text[[2, 2, 0]], torch.tensor(100.0), ids)) > float(minimum) + 1
+    assert clip_pixels(torch.rand(2, 8, 4, 32, 32)).shape == (2, 32, 32, 32)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_stage_c_regresses_what_the_schedule_predicts(kind):
+    """Stage C's own loop (the transparent image model) takes its target from the scheduler: the
+    committed toy is a v-prediction model on a zero-terminal-SNR schedule, where at the last step
+    the target is -x0 (an epsilon target there would carry no information about the image)."""
+    from diffusers import DDPMScheduler
+    from layerkit_plugins.transparent.toy.model import SCHEDULER_CONFIG
+    from layerkit_plugins.transparent.toy.train import diffusion_target
+
+    scheduler = DDPMScheduler.from_config(dict(SCHEDULER_CONFIG, prediction_type=kind))
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([999, 10])
+    target = diffusion_target(scheduler, x0, noise, t)
+    expected = {"epsilon": noise, "sample": x0, "v_prediction": scheduler.get_velocity(x0, noise, t)}[kind]
+    assert torch.equal(target, expected)
+    if kind == "v_prediction":
+        assert torch.allclose(target[0], -x0[0], atol=1e-4)  # zero terminal SNR: v = -x0 at t = 999

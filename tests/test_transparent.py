@@ -195,3 +195,23 @@ def test_held_out_sprites_come_from_the_test_split_or_the_val_split():
     assert not torch.equal(test[0]["reference"], val[0]["reference"])
     with pytest.raises(LayerkitError, match="inputs.split must be val or test"):
         task.sample_inputs({"num_samples": 1, "split": "train"}, **size)
+
+
+def test_a_reference_share_gives_the_middle_frame_to_that_share_of_training_clips():
+    """``task.given_reference=0.5`` (the toy's RGB base: image- and text-to-video in one model):
+    each training clip has its middle frame given with probability 0.5, drawn from torch's seeded
+    generator; sampling gives it; a share outside [0, 1] is one sentence."""
+    from layerkit.errors import LayerkitError
+
+    task = TransparentTask(mode="i2v", given_reference=0.5)
+    batch = {"rgba": torch.rand(64, 8, 4, 8, 8), "prompt": ["a red circle moving right"] * 64}
+    torch.manual_seed(0)
+    given = task.pack(batch, training=True).given
+    torch.manual_seed(0)
+    assert torch.equal(task.pack(batch, training=True).given, given)  # seeded
+    assert not given[:, [0, 1, 2, 4, 5, 6, 7]].any() and 16 < int(given[:, 3].sum()) < 48
+    assert task.pack(batch, training=False).given[:, 3].all()
+    assert TransparentTask(given_reference=True).pack(batch, training=True).given[:, 3].all()
+    assert not TransparentTask(given_reference=False).pack(batch, training=True).given.any()
+    with pytest.raises(LayerkitError, match="share of training clips"):
+        TransparentTask(given_reference=1.5)

@@ -8,7 +8,10 @@ Stage 2 (both tasks) gives the reference frame m (``Packed.given`` [B, F] marks 
 noised, re-imposed at every sampling step and left out of the loss; ``extras`` carries
 ``reference_frame`` = m for the Inter-Frame Attention adapter. ``given_reference: false``
 gives nothing: every frame is generated from the prompt (the text-to-video base the toy trains
-before stage 2).
+before stage 2). A share between 0 and 1 gives the reference to that share of the training
+clips, drawn per clip from torch's seeded generator, and trains text-to-video on the rest (one
+model for both, the way image-to-video models are trained with the image dropped); sampling
+then gives it.
 
 i2v: the reference is the user's RGBA image (``inputs.image``) or, without any input, the middle
 frame of a held-out shapes-world clip (whose ground truth then scores the result).
@@ -38,10 +41,15 @@ class TransparentTask(Task):
     file_keys = FILE_KEYS
 
     def __init__(self, mode: str = "i2v", reference: int | None = None, default_seed: int = 0,
-                 num_samples: int = 1, given_reference: bool = True) -> None:
+                 num_samples: int = 1, given_reference: bool | float = True) -> None:
         if mode not in ("i2v", "t2v"):
             raise LayerkitError(f"unknown transparent mode '{mode}'; modes are i2v, t2v.")
-        self.mode, self.reference, self.given_reference = mode, reference, bool(given_reference)
+        share = float(given_reference)
+        if not 0.0 <= share <= 1.0:
+            raise LayerkitError(f"task.given_reference is true, false or the share of training clips given their "
+                                f"reference frame, between 0 and 1; got {given_reference}.")
+        self.mode, self.reference = mode, reference
+        self.given_reference, self.reference_share = share > 0, share
         self.name = f"transparent.{mode}"
         self.default_seed, self.num_samples = default_seed, num_samples
 
@@ -91,6 +99,8 @@ class TransparentTask(Task):
         video = video.clone()
         video[:, m : m + 1] = reference
         given[:, m] = True
+        if training and self.reference_share < 1.0:  # the rest of the clips: text-to-video
+            given[:, m] = torch.rand(b) < self.reference_share
         return Packed([Segment("video", f, video)], given, prompts, h, w, extras=extras)
 
     def _prompts(self, batch: dict[str, Any], b: int | None) -> list[str]:

@@ -11,10 +11,16 @@ encoder, LayerDiffuse's offset encoder and transparent decoder), scaled down:
   model stayed below simply repeating the reference frame (alpha IoU 0.39-0.57 against 0.72 on 64
   test clips; see the model card), so the toy keeps SD's object-to-latent-pixel scale rather than
   its factor;
-- UNet: 2 levels (32, 64), cross-attention width 32; motion module as the tiny AnimateDiff;
-- text: a byte-level CLIP tokenizer whose merges make the shapes-world words one token each,
-  except "green" (four: the merge ``r e`` of "red" outranks ``g r``; 16 tokens per prompt), a 2-layer CLIP of width 32, random and frozen (the UNet learns to
-  read it);
+- UNet: 2 levels (32, 64), cross-attention width 32 at both levels (SD 1.5 reads the text at
+  three of its four levels); motion module as the tiny AnimateDiff;
+- text: a byte-level CLIP tokenizer whose merges make each shapes-world word one token (16
+  tokens per prompt), a 2-layer CLIP text model of width 32, pretrained contrastively on
+  shapes-world clips and their prompts (``clip.py``, stage T of ``train.py``: CLIP's role) and
+  frozen;
+- schedule: AnimateDiff's linear betas rescaled to zero terminal SNR, v-prediction, trailing
+  timesteps (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps Are Flawed",
+  sec. 3; SD 1.5's last step keeps SNR 0.0016). These three together made an image-to-video
+  pilot follow the prompt's direction word, where each alone did not (the model card's pilots);
 - LayerDiffuse offset encoder (three levels, channels 8, 16, 16: 4x, as the VAE) and transparent
   decoder (levels 8, 8, 16, 16, the latent entering at 1/4 resolution, ``latent_block`` 2).
 
@@ -39,7 +45,7 @@ WORDS = ("a", "red", "green", "blue", "yellow", "magenta", "cyan", "circle", "sq
 
 UNET_CONFIG = dict(
     block_out_channels=(32, 64), layers_per_block=1, sample_size=SIZE // 4, in_channels=4, out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
     cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
 )
 VAE_CONFIG = dict(
@@ -57,8 +63,8 @@ DECODER_CONFIG = dict(block_out_channels=[8, 8, 16, 16], down_block_types=["Down
                       up_block_types=["AttnUpBlock2D"] + ["UpBlock2D"] * 3, layers_per_block=1, attention_head_dim=8,
                       norm_num_groups=4, latent_block=2)  # the latent enters at 1/4 resolution
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
-                        clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="linspace",
-                        prediction_type="epsilon")
+                        clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing",
+                        prediction_type="v_prediction", rescale_betas_zero_snr=True)
 
 
 def build_components(seed: int = 0) -> dict[str, Any]:

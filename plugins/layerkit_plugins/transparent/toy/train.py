@@ -14,10 +14,15 @@ A. latent transparency (LayerDiffuse's VAE side): the VAE, the offset encoder an
    with a little latent noise so that imperfect generated latents still decode). The VAE's
    ``scaling_factor`` is then set so that the scaled latents have unit standard deviation, as
    SD 1.5's 0.18215 does.
+T. the text encoder (CLIP's role): the toy CLIP text model trained contrastively, with a tower
+   that reads whole clips, on the pool's clips (transparent and opaque) and their prompts
+   (``clip.py``), then frozen as SD's is (``--steps-t 0`` keeps the random frozen encoder of the
+   models committed before, which no model learned to read the direction word from).
 B. the RGB video base (SD 1.5 + AnimateDiff's role), through ``layerkit train
    +experiment=toy_transparent_rgb_base``: the whole UNet (spatial layers and motion module) on
-   opaque RGB clips (sprites over their moving backgrounds, alpha 1), every frame noised,
-   prompts dropped 10% of the time, EMA of the weights.
+   opaque RGB clips (sprites over their moving backgrounds, alpha 1), every frame noised
+   (``--reference-share-b S``: the middle frame given on a share S of the clips, image- and
+   text-to-video in one model), prompts dropped 10% of the time, EMA of the weights.
 C. the transparent image model (LayerDiffuse's role): the spatial layers of B's UNet (as an
    image UNet, no motion module) fine-tuned on single transparent sprite frames, EMA kept. The
    committed base is C's spatial layers with B's motion module: the motion module has never
@@ -198,9 +203,41 @@ def round_trip(backbone, seed: int, num_clips: int = 32) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------
+# T. the text encoder, pretrained contrastively (CLIP's role)
+# ----------------------------------------------------------------------------------------
+def train_text_encoder(stage_a: Path, out: Path, pool: dict[str, Any], *, steps: int, batch: int, lr: float,
+                       seed: int, val_clips: int = 256) -> dict[str, Any]:
+    """Stage A's folder with its text encoder trained by ``clip.pretrain_text_encoder`` on the
+    pool's transparent clips and the same clips opaque, written to ``out``; returns the losses'
+    summary and the zero-shot retrieval of ``val_clips`` validation clips (colour / shape /
+    direction of the best of the training prompts)."""
+    from layerkit.data.shapes import ShapesConfig, seed_for
+    from layerkit_plugins.transparent.data import make_rgba_sprite_clip
+    from layerkit_plugins.transparent.toy.clip import pretrain_text_encoder, retrieval
+
+    backbone = load_base(stage_a)
+    opaque = make_pool(len(pool["prompt"]), seed, opaque=True)
+    rgba = torch.cat([pool["rgba"], opaque["rgba"]])
+    result = pretrain_text_encoder(backbone.text_encoder, backbone.tokenizer, rgba,
+                                   pool["prompt"] + opaque["prompt"], steps=steps, batch=batch, lr=lr, seed=seed)
+    cfg = ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE)
+    val = [make_rgba_sprite_clip(seed_for("val", seed, i), cfg) for i in range(val_clips)]
+    scores = retrieval(result["clip"], backbone.tokenizer, torch.stack([c["rgba"] for c in val]),
+                       [c["meta"] for c in val], result["prompts"])
+    partial = out.parent / f"{out.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    save_base(partial, backbone)
+    partial.rename(out)
+    losses = result["losses"]
+    tail = losses[-min(100, len(losses)):]
+    print(f"[toy] T: contrastive loss {sum(tail) / len(tail):.4f}, val retrieval {scores}", flush=True)
+    return {"final_loss": round(sum(tail) / len(tail), 4), "val_retrieval": scores}
+
+
+# ----------------------------------------------------------------------------------------
 # B. the RGB video base, through layerkit train; C. the transparent image model
 # ----------------------------------------------------------------------------------------
-def train_rgb_base(stage_a: Path, out: Path, *, steps: int, seed: int) -> Path:
+def train_rgb_base(stage_a: Path, out: Path, *, steps: int, seed: int, reference_share: float = 0.0) -> Path:
     """``layerkit train +experiment=toy_transparent_rgb_base`` on stage A's folder; then that
     folder with the run's (EMA) UNet written to ``out``."""
     from layerkit.io.weights import load_weights
@@ -209,7 +246,8 @@ def train_rgb_base(stage_a: Path, out: Path, *, steps: int, seed: int) -> Path:
     run = out.parent / f"{out.name}_run"
     if not (run / "weights.safetensors").is_file():
         _layerkit_train(["+experiment=toy_transparent_rgb_base", f"toy.base={stage_a.resolve()}",
-                         f"output_dir={run}", f"seed={seed}", f"trainer.max_steps={steps}"])
+                         f"output_dir={run}", f"seed={seed}", f"trainer.max_steps={steps}",
+                         f"task.given_reference={reference_share}"])
     backbone = load_base(stage_a)
     state = load_weights(run / "weights.safetensors")
     prefix = "backbone.denoiser."
@@ -264,7 +302,7 @@ def train_image_model(backbone, latents: torch.Tensor, embeds: torch.Tensor, ind
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
         out = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=embeds[prompt]).sample
-        loss = F.mse_loss(out, noise)
+        loss = F.mse_loss(out, diffusion_target(scheduler, x0, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -285,6 +323,18 @@ def train_image_model(backbone, latents: torch.Tensor, embeds: torch.Tensor, ind
         raise RuntimeError(f"the image UNet does not fit the motion UNet: {unexpected[:3]} {missing[:3]}")
     backbone.denoiser.eval().requires_grad_(False)
     return float(running or 0.0)
+
+
+def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the denoiser predicts under ``scheduler``'s ``prediction_type``."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    if kind == "sample":
+        return x0
+    raise ValueError(f"unknown prediction_type {kind!r}")
 
 
 def _layerkit_train(overrides: list[str]) -> None:
@@ -396,7 +446,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="share of opaque frames (alpha 1) in stage A's mix (0: transparent sprites only)")
     parser.add_argument("--batch-a", type=int, default=16, help="frames per step")
     parser.add_argument("--lr-a", type=float, default=2e-3)
+    parser.add_argument("--steps-t", type=int, default=1500,
+                        help="contrastive text encoder pretraining steps (0: keep the random text encoder)")
+    parser.add_argument("--batch-t", type=int, default=256, help="clip-prompt pairs per step")
+    parser.add_argument("--lr-t", type=float, default=2e-3)
     parser.add_argument("--steps-b", type=int, default=3000, help="RGB video base steps (8 clips each)")
+    parser.add_argument("--reference-share-b", type=float, default=0.0,
+                        help="share of stage B's clips given their middle frame (0: text-to-video only)")
     parser.add_argument("--steps-c", type=int, default=1500, help="transparent image model steps")
     parser.add_argument("--batch-c", type=int, default=32, help="frames per step")
     parser.add_argument("--lr-c", type=float, default=5e-4)
@@ -408,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval-samples", type=int, default=64, help="held-out test clips per row (0: skip)")
     parser.add_argument("--install", action="store_true", help="write the weights into the package (toy/weights)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--until", choices=("A", "B", "C", "D"), default="D", help="stop after this stage")
+    parser.add_argument("--until", choices=("A", "T", "B", "C", "D"), default="D", help="stop after this stage")
     args = parser.parse_args(argv)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"'{args.out}' is a file; --out names the run folder (stages resume from it).")
@@ -448,10 +504,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.until == "A":
         return 0
 
+    stage_t = out / "stage_t"
+    if args.steps_t > 0 and not (stage_t / "sd15").is_dir():
+        summary["stage_t"] = clock.run("T text encoder (contrastive)", train_text_encoder, stage_a, stage_t, pool,
+                                       steps=args.steps_t, batch=args.batch_t, lr=args.lr_t, seed=args.seed)
+        summary_file.write_text(json.dumps(summary, indent=2, default=str))
+    if args.until == "T":
+        return 0
+
     base_rgb = out / "base_rgb"
     if not (base_rgb / "sd15").is_dir():
-        clock.run("B RGB video base (layerkit train)", train_rgb_base, stage_a, base_rgb, steps=args.steps_b,
-                  seed=args.seed)
+        clock.run("B RGB video base (layerkit train)", train_rgb_base, stage_t if args.steps_t > 0 else stage_a,
+                  base_rgb, steps=args.steps_b, seed=args.seed, reference_share=args.reference_share_b)
         summary_file.write_text(json.dumps(summary, indent=2, default=str))
     if args.until == "B":
         return 0
