@@ -213,5 +213,6 @@ def test_a_reference_share_gives_the_middle_frame_to_that_share_of_training_clip
     assert task.pack(batch, training=False).given[:, 3].all()
     assert TransparentTask(given_reference=True).pack(batch, training=True).given[:, 3].all()
     assert not TransparentTask(given_reference=False).pack(batch, training=True).given.any()
-    with pytest.raises(LayerkitError, match="share of training clips"):
-        TransparentTask(given_reference=1.5)
+    for bad in (1.5, -0.1, "yes", None):
+        with pytest.raises(LayerkitError, match="share of training clips"):
+            TransparentTask(given_reference=bad)

@@ -9,7 +9,7 @@ noised, re-imposed at every sampling step and left out of the loss; ``extras`` c
 ``reference_frame`` = m for the Inter-Frame Attention adapter. ``given_reference: false``
 gives nothing: every frame is generated from the prompt (the text-to-video base the toy trains
 before stage 2). A share between 0 and 1 gives the reference to that share of the training
-clips, drawn per clip from torch's seeded generator, and trains text-to-video on the rest (one
+clips, drawn per clip from torch's global generator (seeded by ``seed``), and trains text-to-video on the rest (one
 model for both, the way image-to-video models are trained with the image dropped); sampling
 then gives it.
 
@@ -44,7 +44,10 @@ class TransparentTask(Task):
                  num_samples: int = 1, given_reference: bool | float = True) -> None:
         if mode not in ("i2v", "t2v"):
             raise LayerkitError(f"unknown transparent mode '{mode}'; modes are i2v, t2v.")
-        share = float(given_reference)
+        try:
+            share = float(given_reference)
+        except (TypeError, ValueError):
+            share = float("nan")
         if not 0.0 <= share <= 1.0:
             raise LayerkitError(f"task.given_reference is true, false or the share of training clips given their "
                                 f"reference frame, between 0 and 1; got {given_reference}.")

@@ -1,8 +1,8 @@
 """The toy's text encoder, pretrained contrastively on shapes-world clips and their prompts.
 
 SD 1.5's text encoder is CLIP's (Radford et al. 2021), trained contrastively on image-text pairs
-and frozen under the UNet; it reaches the UNet already able to tell "red" from "green" and, from
-video-text data, "left" from "right". No CLIP weights exist offline, so the toy pretrains its
+and frozen under the UNet; it reaches the UNet already able to tell "red" from "green". No CLIP
+weights exist offline, so the toy pretrains its
 own: ``transformers.CLIPModel`` with the toy's text tower and a vision tower that reads a whole
 clip (its frames stacked as channels, so motion is visible to it), trained with CLIP's symmetric
 contrastive loss on (clip, prompt) pairs from the training split. Only the text tower is kept;
@@ -69,7 +69,8 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
 def pretrain_text_encoder(text_encoder, tokenizer, rgba: torch.Tensor, prompts: list[str], *, steps: int,
                           batch: int, lr: float, seed: int, log_every: int = 100) -> dict[str, Any]:
     """Train ``text_encoder`` (in place) with a clip tower on ``rgba`` [N, F, 4, H, W] and
-    ``prompts``; it is left frozen in eval mode. Returns the losses."""
+    ``prompts``; it is left frozen in eval mode. Returns the per-step ``losses``, the ``clip``
+    model and its distinct ``prompts``."""
     from layerkit_plugins.transparent.toy.train import lr_at
 
     n, frames, _, size, _ = rgba.shape
@@ -100,7 +101,7 @@ def pretrain_text_encoder(text_encoder, tokenizer, rgba: torch.Tensor, prompts: 
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             print(f"[toy] text encoder step {step + 1}/{steps}: contrastive loss "
-                  f"{sum(losses[-log_every:]) / log_every:.4f} (chance {math.log(len(distinct)):.2f})", flush=True)
+                  f"{sum(losses[-log_every:]) / log_every:.4f} (uniform logits {math.log(batch):.2f})", flush=True)
     text_encoder.requires_grad_(False)
     text_encoder.eval()
     return {"losses": losses, "clip": model, "prompts": distinct}

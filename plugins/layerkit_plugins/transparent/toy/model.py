@@ -9,18 +9,20 @@ encoder, LayerDiffuse's offset encoder and transparent decoder), scaled down:
 - VAE: 3 levels (4x downsampling; SD 1.5 has 8x), 4 latent channels: a 32x32 frame -> 8x8 latent.
   At 8x (4x4 latents) a sprite of 10-14 pixels covers about one latent pixel and every stage-2
   model stayed below simply repeating the reference frame (alpha IoU 0.39-0.57 against 0.72 on 64
-  test clips; see the model card), so the toy keeps SD's object-to-latent-pixel scale rather than
+  test clips; the model card at commit effb7c7), so the toy keeps SD's object-to-latent-pixel scale rather than
   its factor;
 - UNet: 2 levels (32, 64), cross-attention width 32 at both levels (SD 1.5 reads the text at
-  three of its four levels); motion module as the tiny AnimateDiff;
+  three of its four levels; the first level alone was enough for the pilot that followed the
+  direction word, see the model card); motion module as the tiny AnimateDiff;
 - text: a byte-level CLIP tokenizer whose merges make each shapes-world word one token (16
   tokens per prompt), a 2-layer CLIP text model of width 32, pretrained contrastively on
   shapes-world clips and their prompts (``clip.py``, stage T of ``train.py``: CLIP's role) and
   frozen;
 - schedule: AnimateDiff's linear betas rescaled to zero terminal SNR, v-prediction, trailing
   timesteps (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps Are Flawed",
-  sec. 3; SD 1.5's last step keeps SNR 0.0016). These three together made an image-to-video
-  pilot follow the prompt's direction word, where each alone did not (the model card's pilots);
+  sec. 3; AnimateDiff's linear betas keep SNR 0.0016 at the last step). With the contrastive
+  text encoder this made an image-to-video pilot follow the prompt's direction word, where
+  each alone did not (the model card's pilots);
 - LayerDiffuse offset encoder (three levels, channels 8, 16, 16: 4x, as the VAE) and transparent
   decoder (levels 8, 8, 16, 16, the latent entering at 1/4 resolution, ``latent_block`` 2).
 

@@ -40,7 +40,8 @@ D. stage 2, image-to-video with the clean middle frame left out of the loss, twi
 Then the files are written where the experiments read them (``--install``: toy/weights) and
 ``evaluate.py`` prints the evaluator's table on held-out clips.
 
-    nice -n 5 python -m layerkit_plugins.transparent.toy.train --out runs/toy_transparent --install
+    python -m layerkit_plugins.transparent.toy.train --out runs/toy_transparent --side-by-side --threads 2 \\
+        --reference-share-b 0.5 --install
 
 A stage whose output exists in ``--out`` is not run again (delete it to redo it).
 """
@@ -440,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/toy_transparent", help="run folder (stages resume from it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pool", type=int, default=2048,
-                        help="training clips (train split) for stages A and C (A also takes as many opaque ones)")
+                        help="training clips (train split) for stages A, T and C (T also takes as many opaque ones)")
     parser.add_argument("--steps-a", type=int, default=1500)
     parser.add_argument("--opaque-share", type=float, default=0.0,
                         help="share of opaque frames (alpha 1) in stage A's mix (0: transparent sprites only)")
