@@ -137,6 +137,8 @@ def test_train_runs_every_stage_and_the_two_arms_side_by_side(tmp_path, one_thre
     with pytest.raises(SystemExit, match=r"stage_d_inter_frame was trained with loss weighting min_snr \(asked none\)"):
         train.main([*args[:-1], "none"])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("weights.safetensors")} == before
+    with pytest.raises(SystemExit, match="reference share 0.5 \\(asked 0.0\\)"):  # stage B trained otherwise
+        train.main(args[:args.index("--reference-share-b")] + args[args.index("--reference-share-b") + 2:])
 
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")

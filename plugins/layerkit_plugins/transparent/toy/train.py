@@ -421,6 +421,21 @@ def check_stage2_run(run: Path, *, steps: int, seed: int, loss_weighting: str) -
         raise SystemExit(f"{run} was trained with {', '.join(differ)}; delete it or use another --out.")
 
 
+def check_base_run(run: Path, *, steps: int, seed: int, reference_share: float) -> None:
+    """Stage B found in ``--out`` must have been trained as asked; one sentence if not."""
+    record_file = run / "record.json"
+    if not record_file.is_file():
+        return
+    config = json.loads(record_file.read_text()).get("config", {})
+    found = {"steps": config.get("trainer", {}).get("max_steps"), "seed": config.get("seed"),
+             "reference share": float(config.get("task", {}).get("given_reference", False))}
+    asked = {"steps": steps, "seed": seed, "reference share": float(reference_share)}
+    differ = [f"{k} {found[k]} (asked {asked[k]})" for k in asked if found[k] != asked[k]]
+    if differ:
+        raise SystemExit(f"{run} (stage B) was trained with {', '.join(differ)}; delete it and {run.parent / 'base_rgb'}"
+                         f" and what follows, or use another --out.")
+
+
 def install(out: Path, target: Path, provenance: dict[str, Any]) -> None:
     """Copy the base folder and the two stage-2 files where the experiments read them, with
     metadata that names how they were made (not the run's absolute paths)."""
@@ -514,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     base_rgb = out / "base_rgb"
+    check_base_run(out / "base_rgb_run", steps=args.steps_b, seed=args.seed, reference_share=args.reference_share_b)
     if not (base_rgb / "sd15").is_dir():
         clock.run("B RGB video base (layerkit train)", train_rgb_base, stage_t if args.steps_t > 0 else stage_a,
                   base_rgb, steps=args.steps_b, seed=args.seed, reference_share=args.reference_share_b)
