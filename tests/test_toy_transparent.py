@@ -145,6 +145,9 @@ def test_train_runs_every_stage_and_the_two_arms_side_by_side(tmp_path, one_thre
     with pytest.raises(SystemExit):
         train.main(["--out", str(a_file)])
     assert a_file.read_text() == "mine"
+    with pytest.raises(SystemExit):  # a share outside [0, 1], before any folder is made
+        train.main(["--out", str(tmp_path / "never"), "--reference-share-b", "1.5"])
+    assert not (tmp_path / "never").exists()
 
 
 def test_contrastive_loss_counts_every_item_of_the_same_prompt_as_a_positive():
@@ -168,12 +171,13 @@ def test_stage_c_regresses_what_the_schedule_predicts(kind):
     the target is -x0 (an epsilon target there would carry no information about the image)."""
     from diffusers import DDPMScheduler
     from layerkit_plugins.transparent.toy.model import SCHEDULER_CONFIG
-    from layerkit_plugins.transparent.toy.train import diffusion_target
+
+    from layerkit.training.weighting import prediction_target
 
     scheduler = DDPMScheduler.from_config(dict(SCHEDULER_CONFIG, prediction_type=kind))
     x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = torch.tensor([999, 10])
-    target = diffusion_target(scheduler, x0, noise, t)
+    target = prediction_target(scheduler, x0, noise, t)
     expected = {"epsilon": noise, "sample": x0, "v_prediction": scheduler.get_velocity(x0, noise, t)}[kind]
     assert torch.equal(target, expected)
     if kind == "v_prediction":

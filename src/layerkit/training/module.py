@@ -30,7 +30,7 @@ from layerkit.pipeline import (
     trainable_names,
 )
 from layerkit.training.cache import LatentCache, cache_prompt_embeddings
-from layerkit.training.weighting import LOSS_WEIGHTINGS, timestep_weights
+from layerkit.training.weighting import LOSS_WEIGHTINGS, prediction_target, timestep_weights
 
 
 class LayerkitModule(L.LightningModule):
@@ -101,13 +101,7 @@ class LayerkitModule(L.LightningModule):
         keep = frame_mask(reimposed(self.backbone, layout), latents)
         noisy = torch.where(keep, latents, noisy)
         output = predict(self.parts, packed, make_step(packed, noisy, timesteps, cond))
-        kind = self.scheduler.config.prediction_type
-        if kind == "epsilon":
-            target = noise
-        elif kind == "v_prediction":
-            target = self.scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = latents
+        target = prediction_target(self.scheduler, latents, noise, timesteps)
         weight = (~keep).to(output.dtype).expand_as(output)
         denom = weight.sum().clamp_min(1.0)
         if self.loss_weighting != "none":  # per-sample factors; the mean keeps the frame count's scale

@@ -1,5 +1,6 @@
-"""Weightings of the diffusion loss over timesteps (``train.loss_weighting``); no torch at import,
-so that ``layerkit.checks`` can name the choices before anything loads."""
+"""The diffusion loss's target for the scheduler's prediction type, and its weightings over
+timesteps (``train.loss_weighting``); no torch at import, so that ``layerkit.checks`` can name the
+choices before anything loads."""
 
 from __future__ import annotations
 
@@ -12,6 +13,21 @@ if TYPE_CHECKING:
 
 #: ``train.loss_weighting``: the weight w(t) each timestep's error in the clean sample x0 gets
 LOSS_WEIGHTINGS = ("none", "min_snr", "snr_plus_one", "truncated_snr")
+
+
+def prediction_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
+                      timesteps: torch.Tensor) -> torch.Tensor:
+    """What a denoiser trained under ``scheduler`` predicts from ``latents`` noised with ``noise``
+    at ``timesteps``: the noise (``epsilon``), the velocity (``v_prediction``: at a zero-terminal-SNR
+    schedule's last step, -x0) or the clean latents (``sample``)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise LayerkitError(f"the scheduler's prediction_type '{kind}' is not one of epsilon, v_prediction, sample.")
 
 
 def timestep_weights(scheduler: Any, timesteps: torch.Tensor, weighting: str, gamma: float = 5.0) -> torch.Tensor:

@@ -75,6 +75,7 @@ def given(num: int, timesteps: list[int]) -> dict[int, dict[str, float]]:
     from layerkit.pipeline import encode_packed, frame_mask, make_step, predict, reimposed
     from layerkit.registry import get_registry
     from layerkit.sampling.run import build_sampler
+    from layerkit.training.weighting import prediction_target
 
     registry = get_registry()
     cfg = compose("sample", [*STAGE1, "task=layerflow_decompose", f"+inputs.num_samples={num}", "+inputs.seed=0"],
@@ -101,7 +102,7 @@ def given(num: int, timesteps: list[int]) -> dict[int, dict[str, float]]:
             ts = torch.full((num,), t)
             noise = torch.randn_like(latents)
             noisy = scheduler.add_noise(latents, noise, ts)
-            target = scheduler.get_velocity(latents, noise, ts)
+            target = prediction_target(scheduler, latents, noise, ts)
             row = {}
             for name, clean in (("right blended", latents), ("another sample's blended", wrong),
                                 ("blended noised (nothing given)", None)):

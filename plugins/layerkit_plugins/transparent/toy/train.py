@@ -61,7 +61,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from layerkit.training.weighting import LOSS_WEIGHTINGS
+from layerkit.training.weighting import LOSS_WEIGHTINGS, prediction_target
 from layerkit_plugins.transparent.toy.model import (
     FRAMES,
     SIZE,
@@ -303,7 +303,7 @@ def train_image_model(backbone, latents: torch.Tensor, embeds: torch.Tensor, ind
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
         out = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=embeds[prompt]).sample
-        loss = F.mse_loss(out, diffusion_target(scheduler, x0, noise, t))
+        loss = F.mse_loss(out, prediction_target(scheduler, x0, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -324,18 +324,6 @@ def train_image_model(backbone, latents: torch.Tensor, embeds: torch.Tensor, ind
         raise RuntimeError(f"the image UNet does not fit the motion UNet: {unexpected[:3]} {missing[:3]}")
     backbone.denoiser.eval().requires_grad_(False)
     return float(running or 0.0)
-
-
-def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the denoiser predicts under ``scheduler``'s ``prediction_type``."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(x0, noise, t)
-    if kind == "sample":
-        return x0
-    raise ValueError(f"unknown prediction_type {kind!r}")
 
 
 def _layerkit_train(overrides: list[str]) -> None:
@@ -409,31 +397,28 @@ def train_stage2_side_by_side(runs: list[tuple[str, Path]], base: Path, *, steps
 
 def check_stage2_run(run: Path, *, steps: int, seed: int, loss_weighting: str) -> None:
     """An arm found finished in ``--out`` must have been trained as asked; one sentence if not."""
-    record_file = run / "record.json"
-    if not record_file.is_file():
-        return
-    config = json.loads(record_file.read_text()).get("config", {})
-    found = {"steps": config.get("trainer", {}).get("max_steps"), "seed": config.get("seed"),
-             "loss weighting": config.get("train", {}).get("loss_weighting", "none")}
-    asked = {"steps": steps, "seed": seed, "loss weighting": loss_weighting}
-    differ = [f"{k} {found[k]} (asked {asked[k]})" for k in asked if found[k] != asked[k]]
-    if differ:
-        raise SystemExit(f"{run} was trained with {', '.join(differ)}; delete it or use another --out.")
+    check_run(run, {"steps": steps, "seed": seed, "loss weighting": loss_weighting}, "delete it")
 
 
 def check_base_run(run: Path, *, steps: int, seed: int, reference_share: float) -> None:
     """Stage B found in ``--out`` must have been trained as asked; one sentence if not."""
+    check_run(run, {"steps": steps, "seed": seed, "reference share": float(reference_share)},
+              f"delete it, {run.parent / 'base_rgb'} and what follows")
+
+
+def check_run(run: Path, asked: dict[str, Any], remedy: str) -> None:
+    """Refuse, in one sentence, a ``layerkit train`` run folder whose ``record.json`` says it was
+    trained otherwise than ``asked`` (keys: steps, seed, loss weighting, reference share)."""
     record_file = run / "record.json"
     if not record_file.is_file():
         return
     config = json.loads(record_file.read_text()).get("config", {})
-    found = {"steps": config.get("trainer", {}).get("max_steps"), "seed": config.get("seed"),
-             "reference share": float(config.get("task", {}).get("given_reference", False))}
-    asked = {"steps": steps, "seed": seed, "reference share": float(reference_share)}
-    differ = [f"{k} {found[k]} (asked {asked[k]})" for k in asked if found[k] != asked[k]]
+    recorded = {"steps": config.get("trainer", {}).get("max_steps"), "seed": config.get("seed"),
+                "loss weighting": config.get("train", {}).get("loss_weighting", "none"),
+                "reference share": float(config.get("task", {}).get("given_reference", False))}
+    differ = [f"{k} {recorded[k]} (asked {v})" for k, v in asked.items() if recorded[k] != v]
     if differ:
-        raise SystemExit(f"{run} (stage B) was trained with {', '.join(differ)}; delete it and {run.parent / 'base_rgb'}"
-                         f" and what follows, or use another --out.")
+        raise SystemExit(f"{run} was trained with {', '.join(differ)}; {remedy} or use another --out.")
 
 
 def install(out: Path, target: Path, provenance: dict[str, Any]) -> None:
@@ -484,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"'{args.out}' is a file; --out names the run folder (stages resume from it).")
+    if not 0.0 <= args.reference_share_b <= 1.0:
+        parser.error(f"--reference-share-b is a share of stage B's clips, between 0 and 1; got {args.reference_share_b}.")
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
