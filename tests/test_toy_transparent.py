@@ -150,6 +150,33 @@ def test_train_runs_every_stage_and_the_two_arms_side_by_side(tmp_path, one_thre
     assert not (tmp_path / "never").exists()
 
 
+def test_train_passes_the_accelerator_and_threads_to_layerkit_train(tmp_path, monkeypatch):
+    """--accelerator gpu runs stages B and D with the CPU recipe's numerics (fp32, no clipping),
+    and stage B gets the asked threads instead of layerkit train's load-dependent ``auto``."""
+    from layerkit_plugins.transparent.toy import train
+
+    from layerkit.config import compose
+    from layerkit.registry import get_registry
+
+    assert train.trainer_overrides("cpu") == []
+    with pytest.raises(ValueError, match="'cpu' or 'gpu'"):
+        train.trainer_overrides("tpu")
+    args = train.stage2_overrides("toy_transparent", tmp_path, tmp_path / "run", steps=5, seed=0, accelerator="gpu")
+    trainer = compose("train", args, get_registry()).trainer
+    assert (trainer.accelerator, trainer.precision, trainer.gradient_clip_val, trainer.max_steps) == \
+        ("gpu", "32-true", None, 5)
+    seen = []
+
+    def stop(overrides):
+        seen.append(overrides)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(train, "_layerkit_train", stop)
+    with pytest.raises(RuntimeError, match="stop"):  # before any weights are read
+        train.train_rgb_base(tmp_path, tmp_path / "base_rgb", steps=3, seed=0, accelerator="gpu", threads=2)
+    assert "threads=2" in seen[0] and "trainer=gpu" in seen[0]
+
+
 def test_contrastive_loss_counts_every_item_of_the_same_prompt_as_a_positive():
     """Two clips of one prompt and one of another, features that match their prompts exactly:
     the loss is the targets' own entropy (log 2 for the pair, 0 for the single), its minimum;
@@ -182,3 +209,20 @@ def test_stage_c_regresses_what_the_schedule_predicts(kind):
     assert torch.equal(target, expected)
     if kind == "v_prediction":
         assert torch.allclose(target[0], -x0[0], atol=1e-4)  # zero terminal SNR: v = -x0 at t = 999
+
+
+def test_stage_c_can_leave_the_cross_attention_as_the_video_base_learnt_it(one_thread):
+    """``--freeze-cross-attention-c``: stage C trains the spatial layers but not ``attn2`` (where
+    the prompt enters), and never the motion modules."""
+    from layerkit_plugins.transparent.toy.model import build_backbone
+    from layerkit_plugins.transparent.toy.train import train_image_model
+
+    backbone = build_backbone(0)
+    before = {k: v.clone() for k, v in backbone.denoiser.state_dict().items()}
+    latents, embeds = torch.randn(6, 4, SIZE // 4, SIZE // 4), backbone.encode_prompts(["", "a red circle"])
+    train_image_model(backbone, latents, embeds["prompt_embeds"], torch.tensor([0, 1, 1, 0, 1, 1]), steps=2, batch=2,
+                      lr=1e-2, seed=0, log_every=100, freeze_cross_attention=True)
+    after = backbone.denoiser.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and not any(".attn2." in k or "motion_modules" in k for k in changed)
+    assert any(".attn1." in k for k in changed)

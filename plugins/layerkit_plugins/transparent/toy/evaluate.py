@@ -166,15 +166,16 @@ def direction_swap(experiment: str, *, num_samples: int = 16, seed: int = 0, bas
 
 
 def evaluate(out: str | Path, *, num_samples: int = 64, seed: int = 0, base: str | None = None,
-             weights_dir: str | None = None) -> dict[str, dict[str, Any]]:
-    """Every row of the comparison, label -> figures (``seconds``: sampling wall time)."""
+             weights_dir: str | None = None, extra: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """Every row of the comparison, label -> figures (``seconds``: sampling wall time); ``extra``:
+    config overrides for every sampled row (``sampler.guidance_scale=3.0``)."""
     out = Path(out)
     results: dict[str, dict[str, Any]] = dict(truth_rows(num_samples, seed, base))
     for label, experiment, _ in ROWS:
         weights = str(Path(weights_dir) / WEIGHT_FILES[experiment]) if weights_dir and experiment in WEIGHT_FILES \
             else None
         results[label] = sample_row(experiment, out / experiment, num_samples=num_samples, seed=seed, base=base,
-                                    weights=weights)
+                                    weights=weights, extra=extra)
     return results
 
 
@@ -200,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--direction-swap", type=int, default=0, metavar="N",
                         help="instead of the table: N test clips per stage-2 row, each sampled with its prompt's "
                              "direction word swapped among left/right/up/down; prints how often the motion follows")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every sampled row, e.g. sampler.guidance_scale=3.0 (repeatable)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.direction_swap > 0:
@@ -208,12 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             weights = str(Path(args.weights_dir) / WEIGHT_FILES[experiment]) \
                 if args.weights_dir and experiment in WEIGHT_FILES else None
             rows[label] = direction_swap(experiment, num_samples=args.direction_swap, seed=args.seed, base=args.base,
-                                         weights=weights)
+                                         weights=weights, extra=args.override)
             print(f"| {label} | follows {rows[label]['follows']:.3f} | still {rows[label]['still']:.3f} | "
                   + " ".join(f"{w} {v:.3f}" for w, v in rows[label]["per_word"].items()) + " |", flush=True)
         return 0
     results = evaluate(args.out, num_samples=args.num_samples, seed=args.seed, base=args.base,
-                       weights_dir=args.weights_dir)
+                       weights_dir=args.weights_dir, extra=args.override)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
     print(table(results))

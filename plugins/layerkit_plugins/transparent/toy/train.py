@@ -41,7 +41,7 @@ Then the files are written where the experiments read them (``--install``: toy/w
 ``evaluate.py`` prints the evaluator's table on held-out clips.
 
     python -m layerkit_plugins.transparent.toy.train --out runs/toy_transparent --side-by-side --threads 2 \\
-        --reference-share-b 0.5 --install
+        --reference-share-b 1.0 --steps-b 6000 --install
 
 A stage whose output exists in ``--out`` is not run again (delete it to redo it).
 """
@@ -238,9 +238,22 @@ def train_text_encoder(stage_a: Path, out: Path, pool: dict[str, Any], *, steps:
 # ----------------------------------------------------------------------------------------
 # B. the RGB video base, through layerkit train; C. the transparent image model
 # ----------------------------------------------------------------------------------------
-def train_rgb_base(stage_a: Path, out: Path, *, steps: int, seed: int, reference_share: float = 0.0) -> Path:
-    """``layerkit train +experiment=toy_transparent_rgb_base`` on stage A's folder; then that
-    folder with the run's (EMA) UNet written to ``out``."""
+def trainer_overrides(accelerator: str) -> list[str]:
+    """``layerkit train`` arguments that run a stage on ``accelerator`` ("cpu" or "gpu") with the
+    same numerics as the CPU recipe: fp32 and no gradient clipping (``trainer=gpu`` alone would
+    give bf16-mixed and a clip of 1)."""
+    if accelerator == "cpu":
+        return []
+    if accelerator == "gpu":
+        return ["trainer=gpu", "trainer.precision=32-true", "trainer.gradient_clip_val=null"]
+    raise ValueError(f"accelerator is 'cpu' or 'gpu'; got {accelerator!r}.")
+
+
+def train_rgb_base(stage_a: Path, out: Path, *, steps: int, seed: int, reference_share: float = 0.0,
+                   accelerator: str = "cpu", threads: int = 1) -> Path:
+    """``layerkit train +experiment=toy_transparent_rgb_base`` on stage A's folder, on ``threads``
+    torch threads (``layerkit train``'s own ``threads=auto`` would take the cores less the load);
+    then that folder with the run's (EMA) UNet written to ``out``."""
     from layerkit.io.weights import load_weights
     from layerkit_plugins.transparent.toy.model import load_base, save_base
 
@@ -248,7 +261,8 @@ def train_rgb_base(stage_a: Path, out: Path, *, steps: int, seed: int, reference
     if not (run / "weights.safetensors").is_file():
         _layerkit_train(["+experiment=toy_transparent_rgb_base", f"toy.base={stage_a.resolve()}",
                          f"output_dir={run}", f"seed={seed}", f"trainer.max_steps={steps}",
-                         f"task.given_reference={reference_share}"])
+                         f"task.given_reference={reference_share}", f"threads={threads}",
+                         *trainer_overrides(accelerator)])
     backbone = load_base(stage_a)
     state = load_weights(run / "weights.safetensors")
     prefix = "backbone.denoiser."
@@ -279,15 +293,20 @@ def encode_frames(backbone, pool: dict[str, Any]) -> tuple[torch.Tensor, torch.T
 
 def train_image_model(backbone, latents: torch.Tensor, embeds: torch.Tensor, index: torch.Tensor, *, steps: int,
                       batch: int, lr: float, seed: int, prompt_dropout: float = 0.1, ema: float = 0.995,
-                      log_every: int = 200) -> float:
+                      log_every: int = 200, freeze_cross_attention: bool = False) -> float:
     """Fine-tune the spatial layers of ``backbone.denoiser`` as an image UNet (no motion module,
     LayerDiffuse's transparent image model) on single-frame latents; the EMA goes back into the
-    motion UNet, whose motion modules stay as they were."""
+    motion UNet, whose motion modules stay as they were. ``freeze_cross_attention`` keeps the
+    cross-attention layers (``attn2``, where the prompt enters) as the video base learnt them."""
     from layerkit_plugins.transparent.toy.model import split_unet
 
     unet, _ = split_unet(backbone.denoiser)
     unet.train().requires_grad_(True)
-    params = list(unet.parameters())
+    if freeze_cross_attention:
+        for name, param in unet.named_parameters():
+            if ".attn2." in name:
+                param.requires_grad_(False)
+    params = [param for param in unet.parameters() if param.requires_grad]
     shadow = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = backbone.make_scheduler("train")
@@ -343,23 +362,24 @@ STAGE_D = (("toy_transparent", "stage_d_inter_frame"), ("toy_transparent_baselin
 
 
 def stage2_overrides(experiment: str, base: Path, out: Path, *, steps: int, seed: int,
-                     loss_weighting: str = "none") -> list[str]:
+                     loss_weighting: str = "none", accelerator: str = "cpu") -> list[str]:
     """The ``layerkit train`` arguments of one stage-D arm."""
     return [f"+experiment={experiment}", f"toy.base={base}", f"output_dir={out}", f"seed={seed}",
             f"trainer.max_steps={steps}", "train.checkpoint_every=100000", "export.formats=[]",
-            f"train.loss_weighting={loss_weighting}"]
+            f"train.loss_weighting={loss_weighting}", *trainer_overrides(accelerator)]
 
 
 def train_stage2(experiment: str, base: Path, out: Path, *, steps: int, seed: int,
-                 loss_weighting: str = "none") -> Path:
+                 loss_weighting: str = "none", accelerator: str = "cpu", threads: int = 1) -> Path:
     from layerkit.training.run import WEIGHTS_NAME
 
-    _layerkit_train(stage2_overrides(experiment, base, out, steps=steps, seed=seed, loss_weighting=loss_weighting))
+    _layerkit_train([*stage2_overrides(experiment, base, out, steps=steps, seed=seed, loss_weighting=loss_weighting,
+                                       accelerator=accelerator), f"threads={threads}"])
     return out / WEIGHTS_NAME
 
 
 def train_stage2_side_by_side(runs: list[tuple[str, Path]], base: Path, *, steps: int, seed: int,
-                              loss_weighting: str = "none") -> None:
+                              loss_weighting: str = "none", accelerator: str = "cpu") -> None:
     """The stage-D arms at once, each a ``layerkit train`` process on one thread (on two cores,
     the pair takes about the longer arm's time). Logs go beside each run folder; if one arm
     fails or this process is stopped, the other is stopped too (the next call restarts it: an
@@ -371,7 +391,8 @@ def train_stage2_side_by_side(runs: list[tuple[str, Path]], base: Path, *, steps
     procs: list[tuple[Path, Path, subprocess.Popen]] = []
     try:
         for experiment, out in runs:
-            args = stage2_overrides(experiment, base, out, steps=steps, seed=seed, loss_weighting=loss_weighting)
+            args = stage2_overrides(experiment, base, out, steps=steps, seed=seed, loss_weighting=loss_weighting,
+                                    accelerator=accelerator)
             log = out.parent / f"{out.name}.log"
             with open(log, "a") as handle:
                 procs.append((out, log, subprocess.Popen([sys.executable, "-m", "layerkit.cli", "train", *args],
@@ -457,6 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps-c", type=int, default=1500, help="transparent image model steps")
     parser.add_argument("--batch-c", type=int, default=32, help="frames per step")
     parser.add_argument("--lr-c", type=float, default=5e-4)
+    parser.add_argument("--freeze-cross-attention-c", action="store_true",
+                        help="stage C leaves the cross-attention layers (where the prompt enters) as stage B learnt them")
     parser.add_argument("--steps-d", type=int, default=2000, help="stage-2 steps, each of the two runs")
     parser.add_argument("--loss-weighting-d", default="none", choices=LOSS_WEIGHTINGS,
                         help="stage 2's train.loss_weighting")
@@ -465,6 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval-samples", type=int, default=64, help="held-out test clips per row (0: skip)")
     parser.add_argument("--install", action="store_true", help="write the weights into the package (toy/weights)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu",
+                        help="where the layerkit train stages (B and D) run; A, T and C run on the CPU")
     parser.add_argument("--until", choices=("A", "T", "B", "C", "D"), default="D", help="stop after this stage")
     args = parser.parse_args(argv)
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -519,7 +544,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_base_run(out / "base_rgb_run", steps=args.steps_b, seed=args.seed, reference_share=args.reference_share_b)
     if not (base_rgb / "sd15").is_dir():
         clock.run("B RGB video base (layerkit train)", train_rgb_base, stage_t if args.steps_t > 0 else stage_a,
-                  base_rgb, steps=args.steps_b, seed=args.seed, reference_share=args.reference_share_b)
+                  base_rgb, steps=args.steps_b, seed=args.seed, reference_share=args.reference_share_b,
+                  accelerator=args.accelerator, threads=args.threads)
         summary_file.write_text(json.dumps(summary, indent=2, default=str))
     if args.until == "B":
         return 0
@@ -530,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         latents, embeds, index = clock.run("C encode", encode_frames, backbone, pool)
         summary["stage_c_loss"] = clock.run("C transparent image model", train_image_model, backbone, latents, embeds,
                                             index, steps=args.steps_c, batch=args.batch_c, lr=args.lr_c,
-                                            seed=args.seed)
+                                            seed=args.seed, freeze_cross_attention=args.freeze_cross_attention_c)
         save_base(base, backbone)
         summary_file.write_text(json.dumps(summary, indent=2, default=str))
     if args.until == "C":
@@ -544,11 +570,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             todo.append((experiment, out / run))
     if len(todo) > 1 and args.side_by_side:
         clock.run("D " + " + ".join(e for e, _ in todo) + " (side by side)", train_stage2_side_by_side, todo,
-                  base.resolve(), steps=args.steps_d, seed=args.seed, loss_weighting=args.loss_weighting_d)
+                  base.resolve(), steps=args.steps_d, seed=args.seed, loss_weighting=args.loss_weighting_d,
+                  accelerator=args.accelerator)
     else:
         for experiment, run in todo:
             clock.run(f"D {experiment}", train_stage2, experiment, base.resolve(), run, steps=args.steps_d,
-                      seed=args.seed, loss_weighting=args.loss_weighting_d)
+                      seed=args.seed, loss_weighting=args.loss_weighting_d, accelerator=args.accelerator,
+                      threads=args.threads)
 
     summary["timings"] = clock.stages
     summary["train_cpu_s"] = round(sum(s["cpu_s"] for s in clock.stages.values()), 1)
