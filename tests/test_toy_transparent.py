@@ -137,6 +137,8 @@ def test_train_runs_every_stage_and_the_two_arms_side_by_side(tmp_path, one_thre
     with pytest.raises(SystemExit, match=r"stage_d_inter_frame was trained with loss weighting min_snr \(asked none\)"):
         train.main([*args[:-1], "none"])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("weights.safetensors")} == before
+    with pytest.raises(SystemExit, match=r"base was trained with \{'freeze_cross_attention': False\}"):
+        train.main([*args, "--freeze-cross-attention-c"])  # stage C trained otherwise
     with pytest.raises(SystemExit, match="reference share 0.5 \\(asked 0.0\\)"):  # stage B trained otherwise
         train.main(args[:args.index("--reference-share-b")] + args[args.index("--reference-share-b") + 2:])
 
@@ -147,7 +149,21 @@ def test_train_runs_every_stage_and_the_two_arms_side_by_side(tmp_path, one_thre
     assert a_file.read_text() == "mine"
     with pytest.raises(SystemExit):  # a share outside [0, 1], before any folder is made
         train.main(["--out", str(tmp_path / "never"), "--reference-share-b", "1.5"])
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path / "never"), "--threads", "0"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            train.main(["--out", str(tmp_path / "never"), "--accelerator", "gpu"])
     assert not (tmp_path / "never").exists()
+
+
+def test_evaluate_refuses_a_bad_override_before_sampling(tmp_path, capsys):
+    from layerkit_plugins.transparent.toy import evaluate
+
+    with pytest.raises(SystemExit):
+        evaluate.main(["--out", str(tmp_path / "eval"), "--override", "sampler.guidance_scale=abc"])
+    assert "sampler.guidance_scale is 'abc'" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
 
 
 def test_train_passes_the_accelerator_and_threads_to_layerkit_train(tmp_path, monkeypatch):

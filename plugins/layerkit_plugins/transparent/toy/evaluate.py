@@ -205,6 +205,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a config override for every sampled row, e.g. sampler.guidance_scale=3.0 (repeatable)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.override:  # a bad override is one sentence before anything is sampled
+        from layerkit.checks import check_config
+        from layerkit.config import compose
+        from layerkit.registry import get_registry
+
+        try:
+            check_config("sample", compose("sample", [f"+experiment={ROWS[-1][1]}", *args.override], get_registry()))
+        except LayerkitError as error:
+            parser.error(f"--override: {error}")
     if args.direction_swap > 0:
         rows = {}
         for label, experiment, _ in ROWS:

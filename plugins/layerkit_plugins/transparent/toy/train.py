@@ -496,6 +496,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"'{args.out}' is a file; --out names the run folder (stages resume from it).")
     if not 0.0 <= args.reference_share_b <= 1.0:
         parser.error(f"--reference-share-b is a share of stage B's clips, between 0 and 1; got {args.reference_share_b}.")
+    if args.threads < 1:
+        parser.error(f"--threads is a number of torch threads, at least 1; got {args.threads}.")
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        parser.error("--accelerator gpu needs a CUDA device, and torch sees none here; leave it out to train on the CPU.")
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -551,7 +555,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     base = out / "base"
+    asked_c = {"freeze_cross_attention": bool(args.freeze_cross_attention_c)}
+    if (base / "sd15").is_dir() and summary.get("stage_c", asked_c) != asked_c:
+        raise SystemExit(f"{base} was trained with {summary['stage_c']} (asked {asked_c}); delete it and what "
+                         f"follows or use another --out.")
     if not (base / "sd15").is_dir():
+        summary["stage_c"] = asked_c
         backbone = load_base(base_rgb)
         latents, embeds, index = clock.run("C encode", encode_frames, backbone, pool)
         summary["stage_c_loss"] = clock.run("C transparent image model", train_image_model, backbone, latents, embeds,
