@@ -136,6 +136,7 @@ EXPERIMENTS: dict[str, tuple[str, list[str]]] = {
     "layerflow_stage2": ("train", COG_TINY),
     "layerflow_stage3": ("train", COG_TINY),
     "toy_layerflow_common": ("compose", []),
+    "toy_layerflow_base": ("train", TOY_LF),
     "toy_layerflow_stage1": ("train", TOY_LF),
     "toy_layerflow_stage2": ("train", TOY_LF),
     "toy_layerflow_stage3": ("train", TOY_LF),

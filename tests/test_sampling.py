@@ -47,6 +47,20 @@ def test_outputs_rgba_layers_preview_and_record(registry, trained, tmp_path):
     assert not any(p.name.startswith(".") for p in out.parent.iterdir()), "no staging directory left behind"
 
 
+def test_record_gives_each_samples_figures_beside_their_means(registry, trained, tmp_path):
+    """Several held-out samples: record.json names each one's folder, prompt and figures (which
+    prompts failed), and ``metrics`` is their mean."""
+    out = _sample(registry, tmp_path / "s", trained, "+inputs.num_samples=3")
+    record = json.loads((out / "record.json").read_text())
+    rows = record["metrics_per_sample"]
+    assert [r["output"] for r in rows] == ["sample_00", "sample_01", "sample_02"]
+    assert all((out / r["output"]).is_dir() and r["prompt"] for r in rows)
+    assert len({r["prompt"] for r in rows}) == 3, "three held-out prompts"
+    for key, mean in record["metrics"].items():
+        values = [r[key] for r in rows if r.get(key) is not None]
+        assert mean == pytest.approx(sum(values) / len(values)), key
+
+
 def test_same_seed_same_output_other_seed_differs(registry, trained, tmp_path):
     a = _sample(registry, tmp_path / "a", trained, "seed=3", "rgba_format=png")
     b = _sample(registry, tmp_path / "b", trained, "seed=3", "rgba_format=png")

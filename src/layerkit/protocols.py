@@ -553,9 +553,21 @@ class Task:
         [F, C, H, W] in [0, 1] with C = 3 (RGB), 4 (RGBA) or 1 (matte)."""
         raise NotImplementedError
 
-    def evaluate(self, outputs: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> dict[str, float] | None:
-        """Metrics against ground truth, when the samples came from the shapes world; else None."""
+    def evaluate_samples(self, outputs: list[dict[str, torch.Tensor]],
+                         batch: dict[str, Any]) -> list[dict[str, float]] | None:
+        """Per sample, metrics against ground truth, when the samples came from the shapes world;
+        else None (``layerkit sample`` records them beside their means: which prompts failed)."""
         return None
+
+    def evaluate(self, outputs: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> dict[str, float] | None:
+        """Metrics against ground truth, when the samples came from the shapes world; else None.
+        By default the mean of each of :meth:`evaluate_samples`' figures over the samples that have it."""
+        rows = self.evaluate_samples(outputs, batch)
+        if not rows:
+            return None
+        from layerkit.data.evaluate import summarise
+
+        return summarise(rows)
 
 
 class Stage:

@@ -111,6 +111,12 @@ class LayerAnimateTask(KeyframeTask):
         return outputs
 
 
+    def evaluate_samples(self, outputs: list[dict[str, torch.Tensor]],
+                         batch: dict[str, Any]) -> list[dict[str, float]] | None:
+        """None: LayerAnimate's figures are computed over the batch (``evaluate.evaluate_layers``),
+        not per sample (ToonCrafter's per-sample frame error does not apply to its ground truth)."""
+        return None
+
     def evaluate(self, outputs: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> dict[str, float] | None:
         """Shapes-world figures (when the samples came from the shapes world): see ``evaluate.py``."""
         if not batch.get("ground_truth"):

@@ -1,8 +1,9 @@
 """``layered``: layers as sub-clips concatenated in time (LayerFlow sec. 3.1-3.2).
 
 RGBA layout: [foreground, alpha, background, blended]; RGB layout: [foreground, background,
-blended]. The foreground is composited over mid-grey (fg * alpha in [-1, 1]), the alpha matte
-is repeated to three channels and scaled to [-1, 1]. Layer-wise prompts carry an index prefix
+blended]; video layout: [blended] alone (text-to-video pretraining of a base, generate only). The
+foreground is composited over mid-grey (fg * alpha in [-1, 1]), the alpha matte is repeated to
+three channels and scaled to [-1, 1]. Layer-wise prompts carry an index prefix
 ("0, " foreground, "1, " background, "2, " blended).
 
 Modes (LayerFlow's conditional variants, sec. 3.2) keep some layers given: decomposition
@@ -32,7 +33,10 @@ from layerkit.layers import check_frame_counts
 from layerkit.protocols import Packed, Segment, Task, given_per_frame
 from layerkit_plugins.layered import FILE_KEYS, INPUT_KEYS, PROMPT_KEYS
 
-LAYOUTS = {"rgba": ("foreground", "alpha", "background", "blended"), "rgb": ("foreground", "background", "blended")}
+#: the sub-clips of each layout, in order; "video" is the blended scene alone: plain text-to-video, the
+#: pretraining of the base a layered model fine-tunes (LayerFlow starts from a pretrained CogVideoX)
+LAYOUTS = {"rgba": ("foreground", "alpha", "background", "blended"), "rgb": ("foreground", "background", "blended"),
+           "video": ("blended",)}
 GIVEN = {"generate": (), "decompose": ("blended",), "fg2bg": ("foreground", "alpha"), "bg2fg": ("background",)}
 MODES = (*GIVEN, "auto")
 #: the mode each given file selects
@@ -64,6 +68,9 @@ class LayeredTask(Task):
         if set(weights) - set(GIVEN) or any(v < 0 for v in weights.values()):
             raise LayerkitError(f"train_modes must map modes {sorted(GIVEN)} to weights >= 0; got {weights}.")
         self.train_modes = {k: v for k, v in weights.items() if v > 0}
+        if layout == "video" and ({mode} | set(self.train_modes)) - {"generate", "auto"}:
+            raise LayerkitError("task.layout=video is the blended scene alone (text-to-video): its only mode is "
+                                f"generate; got mode {mode} and train_modes {sorted(self.train_modes)}.")
 
     def given_names(self, mode: str) -> list[str]:
         return [n for n in GIVEN[mode] if n in LAYOUTS[self.layout]]
@@ -238,6 +245,9 @@ class LayeredTask(Task):
         outputs = []
         for i in range(next(iter(decoded.values())).shape[0]):
             layers: dict[str, torch.Tensor] = {}
+            if "foreground" not in decoded:  # the video layout: the blended scene alone
+                outputs.append({"blended": ((decoded["blended"][i].float() + 1) / 2).clamp(0, 1)})
+                continue
             fg = (decoded["foreground"][i].float().clamp(-1, 1) + 1) / 2  # fg over grey, [F, 3, H, W]
             if "alpha" in decoded:
                 alpha = ((decoded["alpha"][i].float().mean(1, keepdim=True) + 1) / 2).clamp(0, 1)
@@ -252,8 +262,10 @@ class LayeredTask(Task):
             outputs.append(layers)
         return outputs
 
-    def evaluate(self, outputs: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> dict[str, float] | None:
-        """Shapes-world metrics when the inputs came from the shapes world.
+    def evaluate_samples(self, outputs: list[dict[str, torch.Tensor]],
+                         batch: dict[str, Any]) -> list[dict[str, float]] | None:
+        """Shapes-world metrics of each sample when the inputs came from the shapes world (their
+        means: :meth:`Task.evaluate`).
 
         ``alpha_iou`` follows the mode (``layered.evaluate.evaluate_layered``): against the held-out
         clip's alpha where the given input fixes the sprite's place (decompose, fg2bg), against the
@@ -262,7 +274,7 @@ class LayeredTask(Task):
         truth = batch.get("ground_truth")
         if not truth or "alpha" not in outputs[0]:
             return None
-        from layerkit_plugins.layered.evaluate import evaluate_layered, summarise
+        from layerkit_plugins.layered.evaluate import evaluate_layered
 
         modes = batch.get("mode") or []
         modes = [modes] * len(outputs) if isinstance(modes, str) else list(modes)
@@ -272,7 +284,7 @@ class LayeredTask(Task):
                     "background": out["background"], "blended": out["blended"]}
             mode = modes[i] if i < len(modes) else ("generate" if self.mode == "auto" else self.mode)
             rows.append(evaluate_layered(pred, sample, mode=mode))
-        return summarise(rows)
+        return rows
 
 
 def _first(value: Any) -> int:

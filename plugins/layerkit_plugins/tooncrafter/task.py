@@ -115,12 +115,13 @@ class KeyframeTask(Task):
         video = ((decoded["video"].float() + 1) / 2).clamp(0, 1)
         return [{"video": clip} for clip in video]
 
-    def evaluate(self, outputs: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> dict[str, float] | None:
+    def evaluate_samples(self, outputs: list[dict[str, torch.Tensor]],
+                         batch: dict[str, Any]) -> list[dict[str, float]] | None:
         truth = batch.get("ground_truth")
         if truth is None:
             return None
-        errors = [(out["video"] - t.to(out["video"].dtype)).abs().mean().item() for out, t in zip(outputs, truth, strict=True)]
-        return {"frame_error": sum(errors) / len(errors)}
+        return [{"frame_error": (out["video"] - t.to(out["video"].dtype)).abs().mean().item()}
+                for out, t in zip(outputs, truth, strict=True)]
 
 
 def _strings(value: Any, b: int, name: str) -> list[str]:

@@ -174,13 +174,14 @@ class TransparentTask(Task):
             outputs.append(layers)
         return outputs
 
-    def evaluate(self, outputs: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> dict[str, float] | None:
+    def evaluate_samples(self, outputs: list[dict[str, torch.Tensor]],
+                         batch: dict[str, Any]) -> list[dict[str, float]] | None:
         truth = batch.get("ground_truth")
         if not truth or outputs[0]["foreground"].shape[1] != 4:
             return None
-        from layerkit_plugins.transparent.evaluate import evaluate_rgba_video, summarise
+        from layerkit_plugins.transparent.evaluate import evaluate_rgba_video
 
-        return summarise([evaluate_rgba_video(out["foreground"], t) for out, t in zip(outputs, truth, strict=True)])
+        return [evaluate_rgba_video(out["foreground"], t) for out, t in zip(outputs, truth, strict=True)]
 
 
 def _first(value: Any) -> int:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,7 +79,8 @@ def sampler_options(cfg: DictConfig) -> Any:
 @dataclass
 class SampleResult:
     """One run's outputs: per sample, layer name -> [F, C, H, W] in [0, 1]; the collated batch;
-    shapes-world metrics (None for a user's inputs); the denoised latents and timing."""
+    shapes-world metrics (None for a user's inputs), their means and per sample; the denoised
+    latents and timing."""
 
     outputs: list[dict[str, torch.Tensor]]
     batch: dict[str, Any]
@@ -86,6 +88,7 @@ class SampleResult:
     denoised: Any
     seconds: float
     notes: list[str] = field(default_factory=list)
+    per_sample: list[dict[str, float]] | None = None
 
 
 @dataclass
@@ -148,8 +151,9 @@ class Sampler:
                                                                 denoised.layout).items()}
         outputs = parts.task.unpack(decoded, batch)
         metrics = parts.task.evaluate(outputs, batch)
+        per_sample = parts.task.evaluate_samples(outputs, batch) if metrics is not None else None
         notes = list(dict.fromkeys(n for row in batch.get("notes") or [] for n in (row or [])))
-        return SampleResult(outputs, batch, metrics, denoised, time.perf_counter() - started, notes)
+        return SampleResult(outputs, batch, metrics, denoised, time.perf_counter() - started, notes, per_sample)
 
 
 def build_sampler(cfg: DictConfig, registry: Registry | None = None) -> Sampler:
@@ -176,6 +180,18 @@ def build_sampler(cfg: DictConfig, registry: Registry | None = None) -> Sampler:
     return Sampler(cfg, parts, container, device, dtype, sampler_options(cfg))
 
 
+def per_sample_records(result: SampleResult) -> list[dict[str, Any]]:
+    """Each sample's figures with the folder it was written to and its prompt (when it had one)."""
+    prompts = result.batch.get("prompt")
+    rows = []
+    for i, row in enumerate(result.per_sample or []):
+        entry: dict[str, Any] = {"output": "." if len(result.outputs) == 1 else f"sample_{i:02d}"}
+        if isinstance(prompts, list | tuple) and i < len(prompts):
+            entry["prompt"] = str(prompts[i])
+        rows.append({**entry, **{k: (None if v is None or math.isnan(float(v)) else float(v)) for k, v in row.items()}})
+    return rows
+
+
 def write_outputs(result: SampleResult, output_dir: Path, cfg: DictConfig) -> Path:
     """Each sample's layers as videos, a preview sheet, and the run's ``record.json``."""
     from layerkit.io.preview import write_preview_sheet
@@ -189,6 +205,8 @@ def write_outputs(result: SampleResult, output_dir: Path, cfg: DictConfig) -> Pa
             write_layers(sub, frames, fps=float(cfg.fps), rgba_format=str(cfg.rgba_format))
             write_preview_sheet(sub / "preview.png", frames)
         extra = {"seconds": round(result.seconds, 3), "metrics": result.metrics}
+        if result.per_sample:
+            extra["metrics_per_sample"] = per_sample_records(result)
         if result.notes:
             extra["inputs"] = result.notes
         if result.denoised is not None and result.denoised.interrupted:

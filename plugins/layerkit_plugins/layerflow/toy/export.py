@@ -1,10 +1,14 @@
 """Copy toy LayerFlow files into the committed model directory, stored in fp16 (run in fp32).
 
     python -m layerkit_plugins.layerflow.toy.export base runs/toy_layerflow/base
+    python -m layerkit_plugins.layerflow.toy.export pretrained runs/toy_layerflow/base_t2v
     python -m layerkit_plugins.layerflow.toy.export stage1 runs/toy_layerflow/stage1
 
 ``base``: a diffusers-format directory written by ``toy.train_vae`` (transformer/ vae/
 text_encoder/ tokenizer/ scheduler/) -> ``toy/weights/``, every safetensors tensor in fp16.
+``pretrained``: the ``layerkit train +experiment=toy_layerflow_base`` run (plain text-to-video on
+blended clips) -> ``toy/weights/transformer/`` (its denoiser's weights as the diffusers-format
+transformer stage 1 starts from, fp16) and ``toy/weights/base_t2v.json``.
 ``stageN``: a ``layerkit train`` run directory -> ``toy/weights/stageN.safetensors`` (its
 ``weights.safetensors`` in fp16, metadata kept) and ``toy/weights/stageN.json`` (steps, loss,
 seconds, the resolved config) for the model card. Later stages train from these committed
@@ -17,6 +21,8 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+
+import torch
 
 from layerkit.io.weights import save_fp16_copy
 from layerkit.runs import run_summary
@@ -45,6 +51,28 @@ def export_base(src: Path, dst: Path) -> None:
         shutil.copy2(src / "vae_training.json", dst / "vae_training.json")
 
 
+DENOISER = "backbone.denoiser."
+
+
+def export_pretrained(run: Path, dst: Path) -> None:
+    """The base run's denoiser (EMA) as ``dst/transformer`` in diffusers format: the pretrained
+    text-to-video transformer stage 1 fine-tunes. Every key of the folder's transformer must be
+    replaced (one sentence otherwise), so a run of another geometry cannot be half-exported."""
+    from layerkit.errors import LayerkitError
+    from layerkit.io.weights import load_weights, save_weights
+
+    state = load_weights(run / "weights.safetensors")
+    denoiser = {k[len(DENOISER):]: v for k, v in state.items() if k.startswith(DENOISER)}
+    target = dst / "transformer" / "diffusion_pytorch_model.safetensors"
+    current = load_weights(target)
+    if set(denoiser) != set(current) or any(denoiser[k].shape != current[k].shape for k in current):
+        raise LayerkitError(f"{run}/weights.safetensors does not hold a denoiser of {target}'s layout "
+                            f"({len(set(current) - set(denoiser))} keys missing, {len(set(denoiser) - set(current))} "
+                            "unexpected, or other shapes); it was not exported.")
+    save_weights(target, {k: v.to(torch.float16).contiguous() for k, v in denoiser.items()})
+    (dst / "base_t2v.json").write_text(json.dumps(run_summary(run, REPO), indent=1, default=str))
+
+
 def export_stage(name: str, run: Path, dst: Path) -> None:
     to_fp16(run / "weights.safetensors", dst / f"{name}.safetensors")
     (dst / f"{name}.json").write_text(json.dumps(run_summary(run, REPO), indent=1, default=str))
@@ -52,12 +80,19 @@ def export_stage(name: str, run: Path, dst: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["base", "stage1", "stage2", "stage3"])
+    parser.add_argument("what", choices=["base", "pretrained", "stage1", "stage2", "stage3"])
     parser.add_argument("source", type=Path)
     parser.add_argument("--to", type=Path, default=WEIGHTS)
     args = parser.parse_args(argv)
     if args.what == "base":
         export_base(args.source, args.to)
+    elif args.what == "pretrained":
+        from layerkit.errors import LayerkitError
+
+        try:
+            export_pretrained(args.source, args.to)
+        except (LayerkitError, FileNotFoundError) as error:
+            parser.exit(2, f"error: {error}\n")
     else:
         export_stage(args.what, args.source, args.to)
     print(f"wrote {args.what} into {args.to}")

@@ -15,6 +15,9 @@ cores:
 - text encoder: a 2-layer T5 (width 64) over the offline shapes-world tokenizer of the cogvideox
   backbone (random and frozen: the shapes vocabulary is small and the denoiser learns to read it);
 - scheduler: CogVideoX-2B's (v-prediction, zero terminal SNR, SNR shift 3).
+
+The committed ``toy/weights/transformer/`` is this seeded transformer after its text-to-video
+pretraining (``+experiment=toy_layerflow_base``, then ``toy.export pretrained``).
 """
 
 from __future__ import annotations

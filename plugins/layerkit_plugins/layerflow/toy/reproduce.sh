@@ -119,6 +119,26 @@ PY
   "${export_[@]}" stage3 $T/stage3 --to $T/weights
 fi
 
+# the base transformer pretrained on plain text-to-video (blended clips alone, task.layout=video), as
+# LayerFlow fine-tunes a pretrained CogVideoX: its EMA replaces the seeded transformer/ (base_t2v.json)
+layerkit train +experiment=toy_layerflow_base output_dir=$R/base_t2v
+"${export_[@]}" pretrained $R/base_t2v
+if [[ "${TRIED:-0}" == 1 ]]; then
+  # stage 1 from the same base with the recipe before (6000 steps on 4000 clips), then its stages 2
+  # and 3: weights/tried_pretrained_6000/stage{1,2,3}.json (worse on the val split than 14000 on 8000)
+  T=$R/tried/pretrained_6000
+  mkdir -p $T/weights && cp -r plugins/layerkit_plugins/layerflow/toy/weights/{transformer,vae,text_encoder,tokenizer,scheduler} $T/weights/
+  layerkit train +experiment=toy_layerflow_stage1 backbone.path=$T/weights trainer.max_steps=6000 data.size=4000 \
+      output_dir=$T/stage1
+  "${export_[@]}" stage1 $T/stage1 --to $T/weights
+  layerkit train +experiment=toy_layerflow_stage2 backbone.path=$T/weights layerflow.stage1_weights=$T/weights/stage1.safetensors \
+      output_dir=$T/stage2
+  "${export_[@]}" stage2 $T/stage2 --to $T/weights
+  layerkit train +experiment=toy_layerflow_stage3 backbone.path=$T/weights layerflow.stage1_weights=$T/weights/stage1.safetensors \
+      layerflow.stage2_weights=$T/weights/stage2.safetensors output_dir=$T/stage3
+  "${export_[@]}" stage3 $T/stage3 --to $T/weights
+fi
+
 layerkit train +experiment=toy_layerflow_stage1 output_dir=$R/stage1
 "${export_[@]}" stage1 $R/stage1
 
