@@ -85,4 +85,6 @@ def test_committed_toy_fits_the_budget_and_samples_with_no_other_argument(tmp_pa
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((out / "record.json").read_text())
     assert {"sprite_identity", "frame_error", "keyframe_error"} <= set(record["metrics"])
+    (row,) = record["metrics_per_sample"]  # the one sample's own figures
+    assert row["frame_error"] == pytest.approx(record["metrics"]["frame_error"])
     assert (out / "video.mp4").is_file() and (out / "preview.png").is_file()

@@ -177,6 +177,8 @@ def test_base_pretraining_packs_the_blended_clip_alone_and_exports_the_transform
     assert set(task.unpack({"blended": packed.segments[0].video}, batch)[0]) == {"blended"}
     with pytest.raises(LayerkitError, match="its only mode is generate"):
         registry.build("task", "layered", layout="video", train_modes={"generate": 1, "decompose": 1})
+    with pytest.raises(LayerkitError, match="takes no input file; inputs.blended selects decompose"):
+        task.sample_inputs({"blended": "scene.mp4"}, height=16, width=16, num_frames=4)
 
     cfg = compose("train", ["+experiment=toy_layerflow_base"], registry)
     assert cfg.task.layout == "video" and "layer_embedding" not in cfg.adapters and list(cfg.trainable) == ["*"]

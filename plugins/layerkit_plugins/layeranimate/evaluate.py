@@ -241,6 +241,13 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float((rx * ry).sum()) / float(rx.norm() * ry.norm())
 
 
+def per_sample_rows(outputs: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> list[dict[str, float]]:
+    """Each sample's own figures (those :func:`evaluate_layers` averages; its motion correlations
+    need the whole batch)."""
+    keys = ("video", "mode", "ground_truth", "layer_static", "trajectory", "motion_scores")
+    return [sample_rows(out["video"], {k: batch[k][i] for k in keys})[0] for i, out in enumerate(outputs)]
+
+
 def evaluate_layers(outputs: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> dict[str, float]:
     """The figures of ``outputs`` (each ``video`` [F, 3, H, W] in [0, 1]) against the batch's ground truth."""
     rows, motions = [], []

@@ -113,9 +113,13 @@ class LayerAnimateTask(KeyframeTask):
 
     def evaluate_samples(self, outputs: list[dict[str, torch.Tensor]],
                          batch: dict[str, Any]) -> list[dict[str, float]] | None:
-        """None: LayerAnimate's figures are computed over the batch (``evaluate.evaluate_layers``),
-        not per sample (ToonCrafter's per-sample frame error does not apply to its ground truth)."""
-        return None
+        """Each sample's figures (``evaluate.per_sample_rows``); the batch's motion correlations are
+        in :meth:`evaluate` only."""
+        if not batch.get("ground_truth"):
+            return None
+        from layerkit_plugins.layeranimate.evaluate import per_sample_rows
+
+        return per_sample_rows(outputs, batch)
 
     def evaluate(self, outputs: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> dict[str, float] | None:
         """Shapes-world figures (when the samples came from the shapes world): see ``evaluate.py``."""

@@ -159,6 +159,9 @@ class LayeredTask(Task):
             listed = ", ".join(f"inputs.{k} ({FILE_MODE[k]})" for k in files)
             raise LayerkitError(f"{listed} select different tasks; give the input(s) of one of them.")
         wanted = chosen.pop() if chosen else "generate"
+        if self.layout == "video" and wanted != "generate":
+            raise LayerkitError(f"task.layout=video is the blended scene alone (text-to-video) and takes no input "
+                                f"file; {', '.join(f'inputs.{k}' for k in files)} selects {wanted}.")
         if self.mode not in ("auto", wanted):
             if files:
                 key = next(iter(files))

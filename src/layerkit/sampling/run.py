@@ -23,8 +23,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from layerkit.config import compose, params, to_plain
+from layerkit.data.evaluate import summarise
 from layerkit.errors import LayerkitError
-from layerkit.protocols import dtype_of
+from layerkit.protocols import Task, dtype_of
 from layerkit.registry import Registry, get_registry
 from layerkit.runs import check_output_dir, default_output_dir, list_files, staged_output_dir, write_record
 
@@ -150,8 +151,12 @@ class Sampler:
         decoded = {k: v.float().cpu() for k, v in decode_packed(parts.backbone, denoised.latents, packed,
                                                                 denoised.layout).items()}
         outputs = parts.task.unpack(decoded, batch)
-        metrics = parts.task.evaluate(outputs, batch)
-        per_sample = parts.task.evaluate_samples(outputs, batch) if metrics is not None else None
+        per_sample = parts.task.evaluate_samples(outputs, batch)
+        if per_sample and type(parts.task).evaluate is Task.evaluate:  # the default: their mean
+            metrics = summarise(per_sample)
+        else:
+            metrics = parts.task.evaluate(outputs, batch)
+        per_sample = per_sample if metrics is not None else None
         notes = list(dict.fromkeys(n for row in batch.get("notes") or [] for n in (row or [])))
         return SampleResult(outputs, batch, metrics, denoised, time.perf_counter() - started, notes, per_sample)
 

@@ -69,8 +69,11 @@ def export_pretrained(run: Path, dst: Path) -> None:
         raise LayerkitError(f"{run}/weights.safetensors does not hold a denoiser of {target}'s layout "
                             f"({len(set(current) - set(denoiser))} keys missing, {len(set(denoiser) - set(current))} "
                             "unexpected, or other shapes); it was not exported.")
+    summary = json.dumps(run_summary(run, REPO), indent=1, default=str)  # before anything is written
     save_weights(target, {k: v.to(torch.float16).contiguous() for k, v in denoiser.items()})
-    (dst / "base_t2v.json").write_text(json.dumps(run_summary(run, REPO), indent=1, default=str))
+    partial = dst / "base_t2v.json.partial"
+    partial.write_text(summary)
+    partial.replace(dst / "base_t2v.json")
 
 
 def export_stage(name: str, run: Path, dst: Path) -> None:

@@ -45,7 +45,8 @@ layerkit toy-layerflow-vae --init $R/base3/rejected_vae --steps 0 --min-alpha-io
 "${export_[@]}" base $R/base4
 # a fifth run fine-tunes only the decoder of that (exported, fp16) VAE with the matte weighted 6: the
 # latents and the scaling factor stay as they are, alpha IoU 0.904 / 0.907 >= 0.9 (vae_training_5_decoder.json);
-# its folder also holds the seeded untrained transformer stage 1 starts from (model.TRANSFORMER_CONFIG)
+# its folder also holds the seeded untrained transformer (model.TRANSFORMER_CONFIG) the base pretraining
+# below starts from
 layerkit toy-layerflow-vae --init plugins/layerkit_plugins/layerflow/toy/weights/vae --parts decoder --steps 1500 \
     --lr 3e-4 --alpha-warmup 0 --layer-weights 1 6 1 1 --max-minutes 35 --out $R/base5 --threads "$OMP_NUM_THREADS"
 "${export_[@]}" base $R/base5
