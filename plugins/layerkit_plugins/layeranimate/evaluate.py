@@ -241,23 +241,24 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float((rx * ry).sum()) / float(rx.norm() * ry.norm())
 
 
+def _each_sample(outputs: list[dict[str, torch.Tensor]],
+                 batch: dict[str, Any]) -> list[tuple[dict[str, float], list[tuple[float, float, bool]]]]:
+    """:func:`sample_rows` of every output against its sample of the collated batch."""
+    keys = ("video", "mode", "ground_truth", "layer_static", "trajectory", "motion_scores")
+    return [sample_rows(out["video"], {k: batch[k][i] for k in keys}) for i, out in enumerate(outputs)]
+
+
 def per_sample_rows(outputs: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> list[dict[str, float]]:
     """Each sample's own figures (those :func:`evaluate_layers` averages; its motion correlations
     need the whole batch)."""
-    keys = ("video", "mode", "ground_truth", "layer_static", "trajectory", "motion_scores")
-    return [sample_rows(out["video"], {k: batch[k][i] for k in keys})[0] for i, out in enumerate(outputs)]
+    return [row for row, _ in _each_sample(outputs, batch)]
 
 
 def evaluate_layers(outputs: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> dict[str, float]:
     """The figures of ``outputs`` (each ``video`` [F, 3, H, W] in [0, 1]) against the batch's ground truth."""
-    rows, motions = [], []
-    keys = ("video", "mode", "ground_truth", "layer_static", "trajectory", "motion_scores")
-    for i, out in enumerate(outputs):
-        sample = {k: batch[k][i] for k in keys}
-        row, layer_motions = sample_rows(out["video"], sample)
-        rows.append(row)
-        motions += layer_motions
-    metrics = summarise(rows)
+    figures = _each_sample(outputs, batch)
+    motions = [m for _, layer_motions in figures for m in layer_motions]
+    metrics = summarise([row for row, _ in figures])
     if len(motions) >= 3:
         measured, true, scored = zip(*motions, strict=True)
         measured = [round(m / MOTION_STEP) * MOTION_STEP for m in measured]  # the measure's resolution

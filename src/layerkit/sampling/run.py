@@ -152,11 +152,8 @@ class Sampler:
                                                                 denoised.layout).items()}
         outputs = parts.task.unpack(decoded, batch)
         per_sample = parts.task.evaluate_samples(outputs, batch)
-        if per_sample and type(parts.task).evaluate is Task.evaluate:  # the default: their mean
-            metrics = summarise(per_sample)
-        else:
-            metrics = parts.task.evaluate(outputs, batch)
-        per_sample = per_sample if metrics is not None else None
+        default = per_sample and type(parts.task).evaluate is Task.evaluate  # their mean: not computed twice
+        metrics = summarise(per_sample) if default else parts.task.evaluate(outputs, batch)
         notes = list(dict.fromkeys(n for row in batch.get("notes") or [] for n in (row or [])))
         return SampleResult(outputs, batch, metrics, denoised, time.perf_counter() - started, notes, per_sample)
 

@@ -71,7 +71,7 @@ def export_pretrained(run: Path, dst: Path) -> None:
                             "unexpected, or other shapes); it was not exported.")
     summary = json.dumps(run_summary(run, REPO), indent=1, default=str)  # before anything is written
     save_weights(target, {k: v.to(torch.float16).contiguous() for k, v in denoiser.items()})
-    partial = dst / "base_t2v.json.partial"
+    partial = dst / ".base_t2v.json.partial"
     partial.write_text(summary)
     partial.replace(dst / "base_t2v.json")
 
