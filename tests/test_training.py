@@ -109,6 +109,30 @@ def test_unknown_learning_rate_schedule_is_one_sentence(registry, tmp_path):
     assert not (tmp_path / "run" / "weights.safetensors").exists()
 
 
+def test_compiled_denoiser_trains_and_its_weights_keep_their_names(registry, tmp_path, monkeypatch):
+    """train.compile compiles the denoiser in place (nn.Module.compile): the run trains, and its
+    weights and checkpoint carry the names an eager run writes (no '_orig_mod.'). The eager
+    backend runs the same dynamo capture as inductor without the C++ build (seconds, not a minute)."""
+    from layerkit.errors import LayerkitError
+
+    common = ["+experiment=toy_layered", *TINY, "trainable=[transformer_blocks.0]", "trainer.max_steps=2",
+              "train.checkpoint_every=1"]
+    compiled = train([*common, "train.compile=eager", f"output_dir={tmp_path / 'compiled'}"], registry=registry)
+    plain = train([*common, f"output_dir={tmp_path / 'plain'}"], registry=registry)
+    weights, reference = load_file(str(compiled / "weights.safetensors")), load_file(str(plain / "weights.safetensors"))
+    assert weights and set(weights) == set(reference)
+    ckpt = torch.load(compiled / "checkpoints" / "last.ckpt", weights_only=True)
+    assert set(ckpt["state_dict"]) == set(weights) and ckpt["global_step"] == 2
+    assert json.loads((compiled / "record.json").read_text())["config"]["train"]["compile"] == "eager"
+    with pytest.raises(LayerkitError, match="train.compile is 'fastest'; expected true, false or a torch.compile backend"):
+        train([*common, "train.compile=fastest", f"output_dir={tmp_path / 'bad'}"], registry=registry)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no C++ compiler for inductor: one sentence, before any step
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(LayerkitError, match="needs a C\\+\\+ compiler"):
+        train([*common, "train.compile=true", f"output_dir={tmp_path / 'nocxx'}"], registry=registry)
+    assert not (tmp_path / "nocxx" / "weights.safetensors").exists()
+
+
 def test_kill_and_resume_continues_the_same_run(tmp_path):
     out = tmp_path / "run"
     args = ["train", "+experiment=toy_layered", *TINY, "trainer.max_steps=12", "train.checkpoint_every=1",

@@ -4,8 +4,9 @@ The loss is the backbone's own diffusion objective (epsilon, v or sample predict
 generated frames only: frames the backbone re-imposes as given are never noised and never
 enter the loss. Options the toys and real runs share: an EMA of the trainable weights (saved,
 resumed, written to ``weights.safetensors`` for sampling), and caches of latents and text
-embeddings for frozen encoders (``train.cache_latents``, ``train.cache_text``), and a weighting
-of the loss over timesteps (``train.loss_weighting``, see :func:`timestep_weights`).
+embeddings for frozen encoders (``train.cache_latents``, ``train.cache_text``), a weighting
+of the loss over timesteps (``train.loss_weighting``, see :func:`timestep_weights`), and
+``torch.compile`` of the denoiser (``train.compile``; docs/benchmarks.md has what it buys).
 """
 
 from __future__ import annotations
@@ -31,6 +32,30 @@ from layerkit.pipeline import (
 )
 from layerkit.training.cache import LatentCache, cache_prompt_embeddings
 from layerkit.training.weighting import LOSS_WEIGHTINGS, prediction_target, timestep_weights
+
+
+def _compile_backend(value: Any) -> str | None:
+    """``train.compile``: false (eager), true (torch.compile's inductor) or a torch.compile backend name."""
+    if value is None or value is False or str(value).lower() in ("false", "0", "none", ""):
+        return None
+    if value is True or str(value).lower() == "true":
+        value = "inductor"
+    if str(value) == "inductor":  # it builds C++ (CPU) or Triton launchers (CUDA) with the system compiler
+        import os
+        import shutil
+
+        if not any(shutil.which(c) for c in (os.environ.get("CXX") or "", "g++", "c++", "clang++") if c):
+            raise LayerkitError("train.compile=true builds the denoiser with torch.compile's inductor, which needs a "
+                                "C++ compiler (g++ or clang++, or $CXX) on this machine; install one or set "
+                                "train.compile=false.")
+        return "inductor"
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if str(value) not in backends:
+        raise LayerkitError(f"train.compile is '{value}'; expected true, false or a torch.compile backend: "
+                            f"{', '.join(backends)}.")
+    return str(value)
 
 
 class LayerkitModule(L.LightningModule):
@@ -66,6 +91,7 @@ class LayerkitModule(L.LightningModule):
         self.latent_cache = LatentCache(self.given_latents) if train.get("cache_latents") else None
         if train.get("cache_text"):
             cache_prompt_embeddings(self.backbone)
+        self.compile_backend = _compile_backend(train.get("compile", False))
 
     @property
     def parts(self) -> Parts:
@@ -112,6 +138,10 @@ class LayerkitModule(L.LightningModule):
     def on_train_start(self) -> None:
         """Trainable parts in train mode, fully frozen parts (VAE, text encoder) in eval mode."""
         self._align_lr_with_resumed_run()
+        if self.compile_backend and getattr(self.backbone.denoiser, "_compiled_call_impl", None) is None:
+            # in place (nn.Module.compile): the weights keep their names in checkpoints and exports;
+            # static shapes: one graph per packed length (e.g. LayerFlow's 8 and 9 latent frames)
+            self.backbone.denoiser.compile(backend=self.compile_backend, dynamic=False)
         self.train()
         for module in self.backbone.children():
             if not any(p.requires_grad for p in module.parameters()):

@@ -7,6 +7,7 @@
     layerkit toy-layerflow-diagnose heldout --base DIR --weights RUN/weights.safetensors   # held-out v-loss
     layerkit toy-layerflow-diagnose positions   # can the sincos table tell the 4x4 token positions apart?
     layerkit toy-layerflow-diagnose probe       # how local is decomposition in latent space?
+    layerkit toy-layerflow-diagnose swap        # which layer's latents cost a decomposition its matte?
 
 - ``colours``: packed held-out test clips ([fg, alpha, bg, blended], one VAE pass) through the
   committed VAE; per true sprite colour, the mean decoded foreground RGB where the true alpha > 0.9.
@@ -31,6 +32,13 @@
   each layer's token with the blended token at the same place could reach. Then, on 32 held-out
   clips, the alpha IoU of the decoded matte for the true latents, the 3x3 MLP's prediction and the
   true latents plus Gaussian noise of a few MSEs: how precise the latents must be.
+- ``swap``: the committed stages 1+2+3 decompose held-out test clips (``layerkit sample
+  +inputs.num_samples=N task.mode=decompose``'s clips, sampler and noise); per layer, the MSE of
+  its sampled latents against the true ones (the training targets: the packed clip in one pass,
+  the given blended clip encoded as sampling encodes it) and their variance; then the alpha IoU
+  of the decoded matte when the sampled latents of one layer replace the true ones (the others
+  true), and of all sampled and all true. The VAE decodes the packed clip in one causal pass, so
+  a layer's errors reach the layers decoded after it.
 """
 
 from __future__ import annotations
@@ -312,10 +320,53 @@ def decoded_iou(parts, mlp, pairs, num: int, probe_mse: float) -> dict[str, floa
     return out
 
 
+def swap(num: int, seed: int = 0) -> dict[str, float]:
+    """Per layer: MSE of the sampled decomposition's latents against the true ones, and the decoded
+    matte's alpha IoU with one layer's latents sampled and the rest true (see the module doc)."""
+    from layerkit.config import compose
+    from layerkit.pipeline import decode_packed, encode_packed
+    from layerkit.registry import get_registry
+    from layerkit.sampling.run import build_sampler
+
+    registry = get_registry()
+    cfg = compose("sample", ["+experiment=toy_layerflow_stage3", "task.mode=decompose", f"+inputs.num_samples={num}",
+                             f"+inputs.seed={seed}", "sampler.progress=false"], registry)
+    sampler = build_sampler(cfg, registry)
+    result = sampler.run()
+    task, backbone = sampler.parts.task, sampler.parts.backbone
+    task.train_modes = {}  # pack as the task's mode (decompose) does, without drawing one
+    packed = task.pack(result.batch, training=True)
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        true, layout = encode_packed(backbone, packed, training=True, given_latents="sampled")
+        sampled = result.denoised.latents.to(true.dtype)
+        if sampled.shape != true.shape:
+            raise RuntimeError(f"sampled latents {tuple(sampled.shape)} and true ones {tuple(true.shape)} differ")
+        bounds, start = {}, 0
+        for seg, length in zip(packed.segments, layout.lengths, strict=True):
+            bounds[seg.name] = slice(start, start + length)
+            start += length
+        rows = {"all true": true, "all sampled": sampled}
+        for name, frames in bounds.items():
+            if bool(layout.given[0, frames].all()):
+                continue  # the given clip: the same latents in both
+            err = (sampled[:, :, frames] - true[:, :, frames]).pow(2).mean().item()
+            out[f"latent MSE: {name}"] = round(err, 4)
+            out[f"latent variance: {name}"] = round(true[:, :, frames].var().item(), 4)
+            mixed = true.clone()
+            mixed[:, :, frames] = sampled[:, :, frames]
+            rows[f"sampled {name}, the rest true"] = mixed
+        for name, latents in rows.items():
+            decoded = {k: v.float() for k, v in decode_packed(backbone, latents, packed, layout).items()}
+            outputs = task.unpack(decoded, result.batch)
+            out[f"decoded alpha IoU: {name}"] = round(task.evaluate(outputs, result.batch)["alpha_iou_heldout"], 4)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["colours", "given", "step-time", "rebase", "heldout", "positions",
-                                            "probe"])
+                                            "probe", "swap"])
     parser.add_argument("--num", type=int, default=16, help="held-out clips (colours, given, heldout); probe: 64x train and 16x held-out clips")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[200, 500, 800, 950])
     parser.add_argument("--repeats", type=int, default=10, help="timed steps (step-time)")
@@ -366,6 +417,10 @@ def main(argv: list[str] | None = None) -> None:
         print("held-out MSE, decomposition from the given blended latents around each latent pixel "
               f"({args.num * 64} train clips, {args.num * 16} held-out)")
         print(json.dumps(probe(args.num * 64, args.num * 16, base=args.base)))
+    elif args.what == "swap":
+        print(f"decomposition of {args.num} held-out test clips (stages 1+2+3): which layer's latents cost the matte")
+        for name, value in swap(args.num).items():
+            print(f"{name}: {value}")
     elif args.what == "heldout":
         if not args.weights:
             parser.error("heldout needs --weights FILE")

@@ -138,8 +138,22 @@ if [[ "${TRIED:-0}" == 1 ]]; then
   layerkit train +experiment=toy_layerflow_stage3 backbone.path=$T/weights layerflow.stage1_weights=$T/weights/stage1.safetensors \
       layerflow.stage2_weights=$T/weights/stage2.safetensors output_dir=$T/stage3
   "${export_[@]}" stage3 $T/stage3 --to $T/weights
+  # the model committed before this one: stage 1 for 14000 steps, eager (40.3 min), then stages 2
+  # and 3: weights/tried_14000/stage{1,2,3}.json (worse on the val split than 17000 compiled)
+  T=$R/tried/stage1_14000
+  mkdir -p $T/weights && cp -r plugins/layerkit_plugins/layerflow/toy/weights/{transformer,vae,text_encoder,tokenizer,scheduler} $T/weights/
+  layerkit train +experiment=toy_layerflow_stage1 backbone.path=$T/weights trainer.max_steps=14000 train.compile=false \
+      output_dir=$T/stage1
+  "${export_[@]}" stage1 $T/stage1 --to $T/weights
+  layerkit train +experiment=toy_layerflow_stage2 backbone.path=$T/weights layerflow.stage1_weights=$T/weights/stage1.safetensors \
+      output_dir=$T/stage2
+  "${export_[@]}" stage2 $T/stage2 --to $T/weights
+  layerkit train +experiment=toy_layerflow_stage3 backbone.path=$T/weights layerflow.stage1_weights=$T/weights/stage1.safetensors \
+      layerflow.stage2_weights=$T/weights/stage2.safetensors output_dir=$T/stage3
+  "${export_[@]}" stage3 $T/stage3 --to $T/weights
 fi
 
+# stage 1 compiles the transformer (train.compile: true in its config; needs g++ or clang++)
 layerkit train +experiment=toy_layerflow_stage1 output_dir=$R/stage1
 "${export_[@]}" stage1 $R/stage1
 
@@ -157,3 +171,4 @@ layerkit toy-layerflow-diagnose colours
 layerkit toy-layerflow-diagnose given
 layerkit toy-layerflow-diagnose positions
 layerkit toy-layerflow-diagnose probe
+layerkit toy-layerflow-diagnose swap
