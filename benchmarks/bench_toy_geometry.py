@@ -38,6 +38,7 @@ def seconds_per_step(patch: int, width: int, heads: int, blocks: int, repeats: i
         use_rotary_positional_embeddings=False)
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
     if compile:
+        torch._dynamo.reset()  # a fresh cache per variant: past the recompile limit dynamo falls back to eager
         model.compile(dynamic=False)
     x, text = torch.randn(batch, 8, 8, 8, 8), torch.randn(batch, 48, 64)
     t = torch.randint(0, 1000, (batch,))

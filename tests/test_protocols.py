@@ -127,7 +127,7 @@ SMALL_LAYERED = [*TINY]
 COG_TINY = ["backbone=cogvideox_tiny", "train.batch_size=1", "data.size=4", "data.num_frames=8", "data.height=32",
             "data.width=32"]
 ANIM_TINY = ["backbone=animatediff_tiny", "data.num_frames=4", "data.height=32", "data.width=32"]
-TOY_LF = ["train.batch_size=1", "data.size=4"]
+TOY_LF = ["train.batch_size=1", "data.size=4", "train.compile=false"]  # stage 1 compiles (a minute of inductor)
 TOY_T = ["train.batch_size=1", "data.size=4"]
 #: experiment -> (what a fast run does, overrides)
 EXPERIMENTS: dict[str, tuple[str, list[str]]] = {

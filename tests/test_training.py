@@ -109,6 +109,15 @@ def test_unknown_learning_rate_schedule_is_one_sentence(registry, tmp_path):
     assert not (tmp_path / "run" / "weights.safetensors").exists()
 
 
+@pytest.mark.parametrize(("value", "backend"), [(False, None), ("False", None), (None, None), ("0", None),
+                                              ("no", None), (True, "inductor"), ("1", "inductor"), ("yes", "inductor"),
+                                              ("Inductor", "inductor"), ("eager", "eager"), ("AOT_EAGER", "aot_eager")])
+def test_compile_values_read_as_a_user_means_them(value, backend):
+    from layerkit.training.module import _compile_backend
+
+    assert _compile_backend(value) == backend
+
+
 def test_compiled_denoiser_trains_and_its_weights_keep_their_names(registry, tmp_path, monkeypatch):
     """train.compile compiles the denoiser in place (nn.Module.compile): the run trains, and its
     weights and checkpoint carry the names an eager run writes (no '_orig_mod.'). The eager
@@ -124,6 +133,16 @@ def test_compiled_denoiser_trains_and_its_weights_keep_their_names(registry, tmp
     ckpt = torch.load(compiled / "checkpoints" / "last.ckpt", weights_only=True)
     assert set(ckpt["state_dict"]) == set(weights) and ckpt["global_step"] == 2
     assert json.loads((compiled / "record.json").read_text())["config"]["train"]["compile"] == "eager"
+    from layerkit.config import compose, to_plain
+    from layerkit.pipeline import build_parts
+    from layerkit.training.module import LayerkitModule
+
+    cfg = compose("train", [*common, "train.compile=eager"], registry)
+    module = LayerkitModule(build_parts(cfg, registry, training=True), to_plain(cfg))
+    assert getattr(module.backbone.denoiser, "_compiled_call_impl", None) is None
+    module.on_train_start()  # what fit (and a resumed fit) calls before the first step
+    assert module.backbone.denoiser._compiled_call_impl is not None, "the denoiser itself is compiled"
+    assert set(module.trainable_state_dict()) == set(weights), "the names weights.safetensors holds"
     with pytest.raises(LayerkitError, match="train.compile is 'fastest'; expected true, false or a torch.compile backend"):
         train([*common, "train.compile=fastest", f"output_dir={tmp_path / 'bad'}"], registry=registry)
     monkeypatch.setenv("PATH", str(tmp_path))  # no C++ compiler for inductor: one sentence, before any step

@@ -33,29 +33,39 @@ from layerkit.pipeline import (
 from layerkit.training.cache import LatentCache, cache_prompt_embeddings
 from layerkit.training.weighting import LOSS_WEIGHTINGS, prediction_target, timestep_weights
 
+_OFF = ("false", "0", "no", "off", "none", "null", "")
+_ON = ("true", "1", "yes", "on")
+
 
 def _compile_backend(value: Any) -> str | None:
-    """``train.compile``: false (eager), true (torch.compile's inductor) or a torch.compile backend name."""
-    if value is None or value is False or str(value).lower() in ("false", "0", "none", ""):
+    """``train.compile``: off (false, 0, no, null), on (true, 1, yes: torch.compile's inductor) or
+    a torch.compile backend name (any case)."""
+    name = str(value).strip().lower() if value is not None else ""
+    if value is False or name in _OFF:
         return None
-    if value is True or str(value).lower() == "true":
-        value = "inductor"
-    if str(value) == "inductor":  # it builds C++ (CPU) or Triton launchers (CUDA) with the system compiler
-        import os
-        import shutil
-
-        if not any(shutil.which(c) for c in (os.environ.get("CXX") or "", "g++", "c++", "clang++") if c):
-            raise LayerkitError("train.compile=true builds the denoiser with torch.compile's inductor, which needs a "
-                                "C++ compiler (g++ or clang++, or $CXX) on this machine; install one or set "
-                                "train.compile=false.")
+    if value is True or name in _ON:
         return "inductor"
     import torch._dynamo
 
     backends = torch._dynamo.list_backends(exclude_tags=())
-    if str(value) not in backends:
+    if name not in backends:
         raise LayerkitError(f"train.compile is '{value}'; expected true, false or a torch.compile backend: "
                             f"{', '.join(backends)}.")
-    return str(value)
+    return name
+
+
+def _check_compiler(backend: str | None) -> None:
+    """Inductor builds C++ (CPU) or Triton launchers (CUDA) with the system compiler: without one,
+    one sentence before the first step rather than a traceback inside it."""
+    if backend != "inductor":
+        return
+    import os
+    import shutil
+
+    if not any(shutil.which(c) for c in (os.environ.get("CXX") or "", "g++", "c++", "clang++") if c):
+        raise LayerkitError("train.compile=true builds the denoiser with torch.compile's inductor, which needs a "
+                            "C++ compiler (g++ or clang++, or $CXX) on this machine; install one or set "
+                            "train.compile=false.")
 
 
 class LayerkitModule(L.LightningModule):
@@ -139,6 +149,7 @@ class LayerkitModule(L.LightningModule):
         """Trainable parts in train mode, fully frozen parts (VAE, text encoder) in eval mode."""
         self._align_lr_with_resumed_run()
         if self.compile_backend and getattr(self.backbone.denoiser, "_compiled_call_impl", None) is None:
+            _check_compiler(self.compile_backend)
             # in place (nn.Module.compile): the weights keep their names in checkpoints and exports;
             # static shapes: one graph per packed length (e.g. LayerFlow's 8 and 9 latent frames)
             self.backbone.denoiser.compile(backend=self.compile_backend, dynamic=False)

@@ -129,7 +129,7 @@ def step_time(repeats: int) -> dict[str, float]:
     from layerkit.training.module import LayerkitModule
 
     registry = get_registry()
-    cfg = compose("train", ["+experiment=toy_layerflow_stage1", "train.cache_latents=false"], registry)
+    cfg = compose("train", ["+experiment=toy_layerflow_stage1", "train.compile=false", "train.cache_latents=false"], registry)
     module = LayerkitModule(build_parts(cfg, registry, training=True), to_plain(cfg))
     module.on_train_start()
     dataset = LayerkitDataModule(cfg, registry).dataset
@@ -188,7 +188,7 @@ def heldout(base: str | None, weights: str, num: int, timesteps: list[int],
     from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
 
     registry = get_registry()
-    overrides = ["+experiment=toy_layerflow_stage1", "train.cache_latents=false", "train.cache_text=false"]
+    overrides = ["+experiment=toy_layerflow_stage1", "train.compile=false", "train.cache_latents=false", "train.cache_text=false"]
     cfg = compose("train", overrides + ([f"backbone.path={base}"] if base else []), registry)
     module = LayerkitModule(build_parts(cfg, registry, training=True), to_plain(cfg)).eval()
     load_trainable_state(module, weights, parts=module.parts)
@@ -237,7 +237,7 @@ def probe(num_train: int, num_test: int, steps: int = 3000, base: str | None = N
     from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
 
     registry = get_registry()
-    cfg = compose("train", ["+experiment=toy_layerflow_stage1", "train.cache_latents=false", "train.cache_text=false",
+    cfg = compose("train", ["+experiment=toy_layerflow_stage1", "train.compile=false", "train.cache_latents=false", "train.cache_text=false",
                             *([f"backbone.path={base}"] if base else [])], registry)
     parts = build_parts(cfg, registry, training=True)
     parts.task.train_modes = {"decompose": 1.0}
