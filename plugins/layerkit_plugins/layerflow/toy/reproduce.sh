@@ -151,6 +151,14 @@ if [[ "${TRIED:-0}" == 1 ]]; then
   layerkit train +experiment=toy_layerflow_stage3 backbone.path=$T/weights layerflow.stage1_weights=$T/weights/stage1.safetensors \
       layerflow.stage2_weights=$T/weights/stage2.safetensors output_dir=$T/stage3
   "${export_[@]}" stage3 $T/stage3 --to $T/weights
+  # Min-SNR-gamma loss weighting against v-prediction's own, stage 1 alone at 6000 steps on 4000
+  # clips (the card's "Measured for the next model"; the baseline is the pretrained_6000 stage 1)
+  for gamma in 5 2; do
+    OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 trainer.max_steps=6000 data.size=4000 \
+        train.loss_weighting=min_snr train.snr_gamma=$gamma output_dir=$R/tried/minsnr${gamma}_6000
+    layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stage 1 alone, generate' \
+        --rows 'stage 1 alone, decompose' --grid "weights=$R/tried/minsnr${gamma}_6000/weights.safetensors"
+  done
 fi
 
 # stage 1 compiles the transformer (train.compile: true in its config; needs g++ or clang++) and
