@@ -47,10 +47,9 @@ def _compile_backend(value: Any) -> str | None:
         return "inductor"
     import torch._dynamo
 
-    backends = torch._dynamo.list_backends(exclude_tags=())
-    if name not in backends:
+    if name not in torch._dynamo.list_backends(exclude_tags=()):  # the message names the usual ones
         raise LayerkitError(f"train.compile is '{value}'; expected true, false or a torch.compile backend: "
-                            f"{', '.join(backends)}.")
+                            f"{', '.join(torch._dynamo.list_backends())}.")
     return name
 
 

@@ -10,6 +10,21 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export_=(python -m layerkit_plugins.layerflow.toy.export)
 R=runs/toy_layerflow
 
+# the three stages in a copy T/weights of the committed base folder, stage 1 with the overrides given
+# after T (the tried variants of stage 1; their stages 2 and 3 as committed)
+stages_in_copy() {
+  local T=$1; shift
+  mkdir -p $T/weights && cp -r plugins/layerkit_plugins/layerflow/toy/weights/{transformer,vae,text_encoder,tokenizer,scheduler} $T/weights/
+  layerkit train +experiment=toy_layerflow_stage1 backbone.path=$T/weights "$@" output_dir=$T/stage1
+  "${export_[@]}" stage1 $T/stage1 --to $T/weights
+  layerkit train +experiment=toy_layerflow_stage2 backbone.path=$T/weights layerflow.stage1_weights=$T/weights/stage1.safetensors \
+      output_dir=$T/stage2
+  "${export_[@]}" stage2 $T/stage2 --to $T/weights
+  layerkit train +experiment=toy_layerflow_stage3 backbone.path=$T/weights layerflow.stage1_weights=$T/weights/stage1.safetensors \
+      layerflow.stage2_weights=$T/weights/stage2.safetensors output_dir=$T/stage3
+  "${export_[@]}" stage3 $T/stage3 --to $T/weights
+}
+
 if [[ "${TRIED:-0}" == 1 ]]; then
   # issue 12's finding, rerun on the recipe before it (single layers drawn 3:3:1:1, 9 frames):
   # alpha in the mix from step 0, then with the alpha weight at 0 for 300 steps (both fail the check)
@@ -127,30 +142,10 @@ layerkit train +experiment=toy_layerflow_base output_dir=$R/base_t2v
 if [[ "${TRIED:-0}" == 1 ]]; then
   # stage 1 from the same base with the recipe before (6000 steps on 4000 clips), then its stages 2
   # and 3: weights/tried_pretrained_6000/stage{1,2,3}.json (worse on the val split than 14000 on 8000)
-  T=$R/tried/pretrained_6000
-  mkdir -p $T/weights && cp -r plugins/layerkit_plugins/layerflow/toy/weights/{transformer,vae,text_encoder,tokenizer,scheduler} $T/weights/
-  layerkit train +experiment=toy_layerflow_stage1 backbone.path=$T/weights trainer.max_steps=6000 data.size=4000 train.compile=false \
-      output_dir=$T/stage1
-  "${export_[@]}" stage1 $T/stage1 --to $T/weights
-  layerkit train +experiment=toy_layerflow_stage2 backbone.path=$T/weights layerflow.stage1_weights=$T/weights/stage1.safetensors \
-      output_dir=$T/stage2
-  "${export_[@]}" stage2 $T/stage2 --to $T/weights
-  layerkit train +experiment=toy_layerflow_stage3 backbone.path=$T/weights layerflow.stage1_weights=$T/weights/stage1.safetensors \
-      layerflow.stage2_weights=$T/weights/stage2.safetensors output_dir=$T/stage3
-  "${export_[@]}" stage3 $T/stage3 --to $T/weights
+  stages_in_copy $R/tried/pretrained_6000 trainer.max_steps=6000 data.size=4000 train.compile=false
   # the model committed before this one: stage 1 for 14000 steps, eager (40.3 min), then stages 2
   # and 3: weights/tried_14000/stage{1,2,3}.json (worse on the val split than 17000 compiled)
-  T=$R/tried/stage1_14000
-  mkdir -p $T/weights && cp -r plugins/layerkit_plugins/layerflow/toy/weights/{transformer,vae,text_encoder,tokenizer,scheduler} $T/weights/
-  layerkit train +experiment=toy_layerflow_stage1 backbone.path=$T/weights trainer.max_steps=14000 train.compile=false \
-      output_dir=$T/stage1
-  "${export_[@]}" stage1 $T/stage1 --to $T/weights
-  layerkit train +experiment=toy_layerflow_stage2 backbone.path=$T/weights layerflow.stage1_weights=$T/weights/stage1.safetensors \
-      output_dir=$T/stage2
-  "${export_[@]}" stage2 $T/stage2 --to $T/weights
-  layerkit train +experiment=toy_layerflow_stage3 backbone.path=$T/weights layerflow.stage1_weights=$T/weights/stage1.safetensors \
-      layerflow.stage2_weights=$T/weights/stage2.safetensors output_dir=$T/stage3
-  "${export_[@]}" stage3 $T/stage3 --to $T/weights
+  stages_in_copy $R/tried/stage1_14000 trainer.max_steps=14000 train.compile=false
   # Min-SNR-gamma loss weighting against v-prediction's own, stage 1 alone at 6000 steps on 4000
   # clips (the card's "Measured for the next model"; the baseline is the pretrained_6000 stage 1)
   for gamma in 5 2; do
