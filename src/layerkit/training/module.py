@@ -67,6 +67,11 @@ def _check_compiler(backend: str | None) -> None:
                             "train.compile=false.")
 
 
+def check_compile(value: Any) -> None:
+    """``train.compile`` as ``layerkit train`` checks it before writing anything."""
+    _check_compiler(_compile_backend(value))
+
+
 class LayerkitModule(L.LightningModule):
     def __init__(self, parts: Parts, config: dict[str, Any]) -> None:
         super().__init__()

@@ -100,6 +100,9 @@ def train(overrides: Sequence[str], *, registry: Registry | None = None, callbac
     if cfg is None:
         cfg = compose("train", overrides, registry)
         check_config("train", cfg)
+    from layerkit.training.module import check_compile
+
+    check_compile(cfg.get("train", {}).get("compile"))  # before any file: a bad value, or no C++ compiler
     output_dir = Path(cfg.output_dir) if cfg.get("output_dir") else None
     child = is_child_process()
     if child:
