@@ -48,6 +48,8 @@ BAD_VALUES = [
     ("train", "train.given_latents=both", "train.given_latents is 'both'; expected one of sampled, clip"),
     ("train", "train.loss_weighting=loud", "train.loss_weighting is 'loud'; expected one of none, min_snr"),
     ("train", "train.snr_gamma=0", "train.snr_gamma is 0; expected a number above 0.0"),
+    ("train", "+train.segment_loss_weights.alpha=-1", "train.segment_loss_weights.alpha must be a number >= 0; got -1"),
+    ("train", "train.segment_loss_weights=3", "train.segment_loss_weights must map segment names to weights"),
 ]
 
 

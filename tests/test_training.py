@@ -246,6 +246,42 @@ def test_timestep_weights_give_each_timestep_its_x0_weight(kind):
         assert torch.allclose(timestep_weights(scheduler, t, "snr_plus_one").double(), 1 / a, rtol=1e-5)
 
 
+def test_segment_loss_weights_weigh_each_layers_frames_and_a_wrong_name_is_one_sentence(registry):
+    """train.segment_loss_weights: the loss with weights w is sum_i w_i x (the loss with segment i
+    alone weighted 1, the others 0), at the same timesteps and noise; a name the task does not
+    pack, or a negative weight, is one sentence."""
+    from layerkit.config import compose, to_plain
+    from layerkit.errors import LayerkitError
+    from layerkit.pipeline import build_parts
+    from layerkit.training.data import LayerkitDataModule
+    from layerkit.training.module import LayerkitModule
+
+    def loss(weights: dict[str, float]) -> float:
+        extra = [f"+train.segment_loss_weights.{k}={v}" for k, v in weights.items()]
+        cfg = compose("train", ["+experiment=toy_layered", *TINY, *LORA_ONLY, "train.prompt_dropout=0", *extra],
+                      registry)
+        parts = build_parts(cfg, registry, training=True)
+        module = LayerkitModule(parts, to_plain(cfg))
+        data = LayerkitDataModule(cfg, registry, prepares=[])
+        data.collate = parts.task.collate
+        batch = next(iter(data.train_dataloader()))
+        torch.manual_seed(0)
+        return float(module.diffusion_loss(batch, timesteps=torch.tensor([300, 700]),
+                                           generator=torch.Generator().manual_seed(1)).detach())
+
+    names = ["foreground", "alpha", "background", "blended"]
+    alone = {n: loss({m: float(m == n) for m in names}) for n in names}
+    assert all(v > 0 for v in alone.values())
+    assert loss({}) == pytest.approx(sum(alone.values()), rel=1e-4)
+    wanted = {"foreground": 3.0, "alpha": 2.0}
+    assert loss(wanted) == pytest.approx(sum(alone[n] * wanted.get(n, 1.0) for n in names), rel=1e-4)
+    with pytest.raises(LayerkitError, match="train.segment_loss_weights names 'fg', which this task does not pack; "
+                                            "its segments are 'foreground', 'alpha'"):
+        loss({"fg": 2.0})
+    with pytest.raises(LayerkitError, match="train.segment_loss_weights.alpha must be a number >= 0; got -1"):
+        loss({"alpha": -1})
+
+
 def test_loss_weighting_scales_each_samples_loss_and_a_wrong_name_is_one_sentence(registry):
     """Two samples at t = 50 and 900: the losses of two weightings give each sample's error, which
     then predict the losses of the other two weightings (a factor on the wrong axis would not)."""

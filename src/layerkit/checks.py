@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from layerkit.errors import LayerkitError
-from layerkit.training.weighting import LOSS_WEIGHTINGS
+from layerkit.training.weighting import LOSS_WEIGHTINGS, segment_loss_weights
 
 MAX_STEPS_SAMPLING = 1000   # a scheduler's training timesteps; more sampling steps than that mean nothing
 RGBA_FORMATS = ("mov", "webm", "png")
@@ -112,6 +112,7 @@ def _rules_train() -> list[tuple[str, Callable[[str, Any], None]]]:
         ("train.given_latents", lambda k, v: _choice(k, v, ("sampled", "clip"))),
         ("train.loss_weighting", lambda k, v: _choice(k, v, LOSS_WEIGHTINGS)),
         ("train.snr_gamma", lambda k, v: _number(k, v, 0.0, low_open=True)),
+        ("train.segment_loss_weights", lambda k, v: segment_loss_weights(v)),
         ("optim.lr", lambda k, v: _number(k, v, 0.0, 10.0, low_open=True)),
         ("optim.weight_decay", lambda k, v: _number(k, v, 0.0)),
         ("optim.eps", lambda k, v: _number(k, v, 0.0, 1.0, low_open=True)),

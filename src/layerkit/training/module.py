@@ -31,7 +31,13 @@ from layerkit.pipeline import (
     trainable_names,
 )
 from layerkit.training.cache import LatentCache, cache_prompt_embeddings
-from layerkit.training.weighting import LOSS_WEIGHTINGS, prediction_target, timestep_weights
+from layerkit.training.weighting import (
+    LOSS_WEIGHTINGS,
+    prediction_target,
+    segment_frame_weights,
+    segment_loss_weights,
+    timestep_weights,
+)
 
 _OFF = ("false", "0", "no", "off", "none", "null", "")
 _ON = ("true", "1", "yes", "on")
@@ -101,6 +107,7 @@ class LayerkitModule(L.LightningModule):
             raise LayerkitError(f"train.loss_weighting={self.loss_weighting} cannot weigh the last step of a zero-"
                                 "terminal-SNR schedule for an epsilon model (its x0 error counts 0 there); use "
                                 "v prediction or loss_weighting=none.")
+        self.segment_weights = segment_loss_weights(train.get("segment_loss_weights"))
         self.given_latents = str(train.get("given_latents", "sampled"))
         self.latent_cache = LatentCache(self.given_latents) if train.get("cache_latents") else None
         if train.get("cache_text"):
@@ -147,6 +154,9 @@ class LayerkitModule(L.LightningModule):
         if self.loss_weighting != "none":  # per-sample factors; the mean keeps the frame count's scale
             factor = timestep_weights(self.scheduler, timesteps, self.loss_weighting, self.snr_gamma)
             weight = weight.float() * factor.view(-1, *([1] * (weight.dim() - 1)))
+        if self.segment_weights:  # per latent frame, from the segment it belongs to
+            per_frame = segment_frame_weights(self.segment_weights, packed, layout).to(weight.device)
+            weight = weight.float() * per_frame.view(1, 1, -1, *([1] * (weight.dim() - 3)))
         return (F.mse_loss(output.float(), target.float(), reduction="none") * weight).sum() / denom
 
     def on_train_start(self) -> None:

@@ -68,3 +68,35 @@ def timestep_weights(scheduler: Any, timesteps: torch.Tensor, weighting: str, ga
     else:
         raise LayerkitError(f"unknown loss weighting '{weighting}'; expected one of: {', '.join(LOSS_WEIGHTINGS)}.")
     return (wanted / native).float().to(timesteps.device)
+
+
+def segment_loss_weights(value: Any) -> dict[str, float]:
+    """``train.segment_loss_weights`` checked: a mapping of packed segment names (a task's layers,
+    e.g. LayerFlow's foreground, alpha, background, blended) to non-negative loss weights; segments
+    it leaves out weigh 1. Empty or null: every segment weighs 1."""
+    if value is None:
+        return {}
+    items = getattr(value, "items", None)
+    if items is None:
+        raise LayerkitError(f"train.segment_loss_weights must map segment names to weights, e.g. "
+                            f"{{foreground: 2, alpha: 2}}; got {value!r}.")
+    out: dict[str, float] = {}
+    for name, weight in items():
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
+            raise LayerkitError(f"train.segment_loss_weights.{name} must be a number >= 0; got {weight!r}.")
+        out[str(name)] = float(weight)
+    return out
+
+
+def segment_frame_weights(weights: dict[str, float], packed: Any, layout: Any) -> torch.Tensor:
+    """The loss weight [f] of each latent frame of a packed batch: its segment's in ``weights``
+    (1 when not named). A name that no segment of the batch has is an error (a typo would
+    otherwise weigh nothing)."""
+    import torch
+
+    names = [segment.name for segment in packed.segments]
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise LayerkitError(f"train.segment_loss_weights names {', '.join(map(repr, unknown))}, which this task does "
+                            f"not pack; its segments are {', '.join(map(repr, names))}.")
+    return torch.cat([torch.full((n,), weights.get(name, 1.0)) for name, n in zip(names, layout.lengths, strict=True)])

@@ -188,7 +188,8 @@ def heldout(base: str | None, weights: str, num: int, timesteps: list[int],
     from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
 
     registry = get_registry()
-    overrides = ["+experiment=toy_layerflow_stage1", "train.compile=false", "train.cache_latents=false", "train.cache_text=false"]
+    overrides = ["+experiment=toy_layerflow_stage1", "train.compile=false", "train.cache_latents=false", "train.cache_text=false",
+                 "train.loss_weighting=none"]  # the plain v-prediction loss, whatever stage 1 trains with
     cfg = compose("train", overrides + ([f"backbone.path={base}"] if base else []), registry)
     module = LayerkitModule(build_parts(cfg, registry, training=True), to_plain(cfg)).eval()
     load_trainable_state(module, weights, parts=module.parts)

@@ -99,6 +99,17 @@ def make_batch(rng: random.Random, split: str, seed: int, start: int, clips: int
     return torch.stack(out)
 
 
+def composite_residual(decoded: torch.Tensor, frames: int, first_frame: bool = False) -> torch.Tensor:
+    """blended - (foreground over grey + background x (1 - alpha)) of decoded packed clips
+    [N, 3, F', H, W] (VAE units, [-1, 1]): zero wherever the four decoded sub-clips composite
+    exactly (LayerFlow eq. 1, blended = fg x alpha + bg x (1 - alpha), written for the packed
+    foreground (2 fg - 1) x alpha: blended = fg-over-grey + bg x (1 - alpha))."""
+    o = 1 if first_frame else 0
+    fg, alpha, bg, blended = (decoded[:, :, o + k * frames:o + (k + 1) * frames] for k in range(4))
+    a = ((alpha.mean(1, keepdim=True) + 1) / 2).clamp(0, 1)
+    return blended - (fg + bg * (1 - a))
+
+
 def chroma(video: torch.Tensor) -> torch.Tensor:
     """Colour-opponent channels of [N, 3, ...]: R - G and (R + G) / 2 - B (zero on grey, so on every matte)."""
     r, g, b = video[:, 0], video[:, 1], video[:, 2]
@@ -163,6 +174,7 @@ def validate(vae, samples: list[dict], packing: str = "clip", first_frame: bool 
                              latent_noise=latent_noise)
         offset = 1 if first_frame else 0
         fg, alpha = decoded[:, :, offset:offset + n], decoded[:, :, offset + n:offset + 2 * n]
+    composite = {} if packing == "single" else composite_figures(decoded[:, :, offset:], samples, n)
     rgb: dict[str, list[torch.Tensor]] = {}
     right: dict[str, list[float]] = {}
     inter = union = 0
@@ -185,7 +197,28 @@ def validate(vae, samples: list[dict], packing: str = "clip", first_frame: bool 
     return {"rgb": {c: [round(x, 3) for x in m.tolist()] for c, m in means.items()},
             "colour_correct": {c: round(sum(v) / len(v), 3) for c, v in right.items()},
             "rg_separation": separation("red", "green"), "cm_separation": separation("magenta", "cyan"),
-            "alpha_iou": round(inter / max(union, 1), 4)}
+            "alpha_iou": round(inter / max(union, 1), 4), **composite}
+
+
+def composite_figures(decoded: torch.Tensor, samples: list[dict], n: int) -> dict[str, float]:
+    """What the evaluator (``layered.evaluate``) scores on the decoded sub-clips, unpacked as the
+    ``layerflow`` task unpacks them: the compositing error and the IoU of the decoded matte with
+    the one the decoded blended clip implies over the decoded background (the ceiling of a
+    generation's ``alpha_iou``)."""
+    from layerkit.data.evaluate import alpha_iou, compositing_error
+    from layerkit_plugins.layered.evaluate import composite_alpha
+
+    errors, ious = [], []
+    for i in range(len(samples)):
+        fg, alpha, bg, blended = (((decoded[i, :, k * n:(k + 1) * n].clamp(-1, 1) + 1) / 2).permute(1, 0, 2, 3)
+                                  for k in range(4))                                # [F, 3, H, W] in [0, 1]
+        a = alpha.mean(1, keepdim=True)
+        rgb = ((fg - 0.5 * (1 - a)) / a.clamp_min(1e-3)).clamp(0, 1)
+        rgb = torch.where(a > 0.02, rgb, torch.full_like(rgb, 0.5))
+        errors.append(compositing_error(rgb, a, bg, blended))
+        ious.append(alpha_iou(a, composite_alpha(rgb, a, bg, blended)))
+    return {"compositing_error": round(sum(errors) / len(errors), 4),
+            "alpha_iou_composite": round(sum(ious) / len(ious), 4)}
 
 
 def check(result: dict, min_alpha_iou: float) -> list[str]:
@@ -202,11 +235,16 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
           copy_paste_prob: float = 0.3, norm_groups: int = 4, mse_weight: float = 1.0,
           layer_weights: tuple[float, ...] = (1, 1, 1, 1), alpha_warmup: int = 300, val_every: int = 250,
           min_alpha_iou: float = 0.9, chroma_weight: float = 0.0, write: bool = True,
-          init: Path | None = None, parts: str = "all", latent_noise: float = 0.0) -> dict:
+          init: Path | None = None, parts: str = "all", latent_noise: float = 0.0,
+          composite_weight: float = 0.0) -> dict:
     """Train (or, ``parts="decoder"``, fine-tune the decoder of ``init``) and check the toy VAE.
     ``latent_noise``: the decoder sees its latents plus Gaussian noise of a std drawn per clip from
     U(0, latent_noise), in the denoiser's (scaled) latent units: a decoder that turns imprecise
-    latents (a denoiser's) into clean layers."""
+    latents (a denoiser's) into clean layers. ``composite_weight``: weight of an L1 term on
+    :func:`composite_residual` (packed clips): decoded layers that composite into the decoded
+    blended clip, as the true ones do."""
+    if composite_weight and packing != "clip":
+        raise SystemExit("--composite-weight needs the packed clip (--packing clip): single clips have no four layers")
     if latent_noise and parts != "decoder":
         raise SystemExit("--latent-noise is in the units of a trained VAE's scaling factor: use it with "
                          "--parts decoder --init VAE")
@@ -256,6 +294,8 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
         loss = rec + mse_weight * ((recon - x).pow(2) * w).mean() + kl_weight * latent
         if chroma_weight:
             loss = loss + chroma_weight * ((chroma(recon) - chroma(x)).abs() * w).mean()
+        if composite_weight:  # the decoded layers composite into the decoded blended clip
+            loss = loss + composite_weight * composite_residual(recon, frames, first).abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -303,7 +343,7 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
             "packing": packing, "frames": frames, "first_frame_prob": first_frame_prob,
             "copy_paste_prob": copy_paste_prob, "kl_weight": kl_weight, "static_prob": static_prob,
             "norm_groups": norm_groups, "mse_weight": mse_weight, "layer_weights": list(layer_weights),
-            "alpha_warmup": alpha_warmup, "chroma_weight": chroma_weight, "init": str(init) if init else None,
+            "alpha_warmup": alpha_warmup, "chroma_weight": chroma_weight, "composite_weight": composite_weight, "init": str(init) if init else None,
             "parts": parts, "latent_noise": latent_noise, "validation_noisy_latents": noisy, "val_l1": round(val_l1, 4), "scaling_factor": round(scaling, 6),
             "validation": final, "validation_first_frame": final_first, "failures": failures,
             "validation_log": checks, "log": log}
@@ -357,6 +397,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latent-noise", type=float, default=0.0,
                         help="train the decoder on latents plus Gaussian noise, std per clip from U(0, this), "
                              "in scaled latent units (robust to a denoiser's errors)")
+    parser.add_argument("--composite-weight", type=float, default=0.0,
+                        help="weight of an L1 term on blended - (fg over grey + bg x (1 - alpha)) of the decoded "
+                             "packed clip: decoded layers that composite into the decoded blended clip")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 on a machine shared with other jobs: two threads there thrash)")
     args = parser.parse_args(argv)
@@ -370,7 +413,8 @@ def main(argv: list[str] | None = None) -> None:
                  copy_paste_prob=args.copy_paste_prob, norm_groups=args.norm_groups, mse_weight=args.mse_weight,
                  layer_weights=tuple(args.layer_weights), alpha_warmup=args.alpha_warmup, val_every=args.val_every,
                  min_alpha_iou=args.min_alpha_iou, chroma_weight=args.chroma_weight, write=not args.no_write,
-                 init=args.init, parts=args.parts, latent_noise=args.latent_noise)
+                 init=args.init, parts=args.parts, latent_noise=args.latent_noise,
+                 composite_weight=args.composite_weight)
     print(json.dumps({k: v for k, v in info.items() if k not in ("log", "validation_log")}))
 
 
