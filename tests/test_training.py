@@ -246,25 +246,30 @@ def test_timestep_weights_give_each_timestep_its_x0_weight(kind):
         assert torch.allclose(timestep_weights(scheduler, t, "snr_plus_one").double(), 1 / a, rtol=1e-5)
 
 
-def test_segment_loss_weights_weigh_each_layers_frames_and_a_wrong_name_is_one_sentence(registry):
-    """train.segment_loss_weights: the loss with weights w is sum_i w_i x (the loss with segment i
-    alone weighted 1, the others 0), at the same timesteps and noise; a name the task does not
-    pack, or a negative weight, is one sentence."""
+def _module_and_batch(registry, overrides: list[str]):
+    """The toy_layered module (LoRA only, no prompt dropout) with ``overrides`` and its first batch."""
     from layerkit.config import compose, to_plain
-    from layerkit.errors import LayerkitError
     from layerkit.pipeline import build_parts
     from layerkit.training.data import LayerkitDataModule
     from layerkit.training.module import LayerkitModule
 
+    cfg = compose("train", ["+experiment=toy_layered", *TINY, *LORA_ONLY, "train.prompt_dropout=0", *overrides],
+                  registry)
+    parts = build_parts(cfg, registry, training=True)
+    module = LayerkitModule(parts, to_plain(cfg))
+    data = LayerkitDataModule(cfg, registry, prepares=[])
+    data.collate = parts.task.collate
+    return module, next(iter(data.train_dataloader()))
+
+
+def test_segment_loss_weights_weigh_each_layers_frames_and_a_wrong_name_is_one_sentence(registry):
+    """train.segment_loss_weights: the loss with weights w is sum_i w_i x (the loss with segment i
+    alone weighted 1, the others 0), at the same timesteps and noise; a name the task does not
+    pack, or a negative weight, is one sentence."""
+    from layerkit.errors import LayerkitError
+
     def loss(weights: dict[str, float]) -> float:
-        extra = [f"+train.segment_loss_weights.{k}={v}" for k, v in weights.items()]
-        cfg = compose("train", ["+experiment=toy_layered", *TINY, *LORA_ONLY, "train.prompt_dropout=0", *extra],
-                      registry)
-        parts = build_parts(cfg, registry, training=True)
-        module = LayerkitModule(parts, to_plain(cfg))
-        data = LayerkitDataModule(cfg, registry, prepares=[])
-        data.collate = parts.task.collate
-        batch = next(iter(data.train_dataloader()))
+        module, batch = _module_and_batch(registry, [f"+train.segment_loss_weights.{k}={v}" for k, v in weights.items()])
         torch.manual_seed(0)
         return float(module.diffusion_loss(batch, timesteps=torch.tensor([300, 700]),
                                            generator=torch.Generator().manual_seed(1)).detach())
@@ -288,19 +293,12 @@ def test_loss_weighting_scales_each_samples_loss_and_a_wrong_name_is_one_sentenc
     from layerkit.config import compose, to_plain
     from layerkit.errors import LayerkitError
     from layerkit.pipeline import build_parts
-    from layerkit.training.data import LayerkitDataModule
     from layerkit.training.module import LayerkitModule, timestep_weights
 
     t = torch.tensor([50, 900])
     losses, factors = {}, {}
     for weighting, gamma in (("none", 5.0), ("min_snr", 0.5), ("truncated_snr", 5.0), ("min_snr", 3.0)):
-        cfg = compose("train", ["+experiment=toy_layered", *TINY, *LORA_ONLY, "train.prompt_dropout=0",
-                                f"train.loss_weighting={weighting}", f"train.snr_gamma={gamma}"], registry)
-        parts = build_parts(cfg, registry, training=True)
-        module = LayerkitModule(parts, to_plain(cfg))
-        data = LayerkitDataModule(cfg, registry, prepares=[])
-        data.collate = parts.task.collate
-        batch = next(iter(data.train_dataloader()))
+        module, batch = _module_and_batch(registry, [f"train.loss_weighting={weighting}", f"train.snr_gamma={gamma}"])
         torch.manual_seed(0)
         key = (weighting, gamma)
         losses[key] = float(module.diffusion_loss(batch, timesteps=t, generator=torch.Generator().manual_seed(1)).detach())
