@@ -134,6 +134,8 @@ def test_train_runs_every_stage_and_the_two_arms_side_by_side(tmp_path, one_thre
     before = {p: p.stat().st_mtime_ns for p in out.rglob("weights.safetensors")}
     assert train.main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in out.rglob("weights.safetensors")} == before
+    calls = json.loads((out / "summary.json").read_text())["calls"]  # every call's flags, not the last alone
+    assert len(calls) == 2 and all(c["steps_d"] == 2 and c["side_by_side"] for c in calls)
     with pytest.raises(SystemExit, match=r"stage_d_inter_frame was trained with loss weighting min_snr \(asked none\)"):
         train.main([*args[:-1], "none"])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("weights.safetensors")} == before
@@ -164,6 +166,25 @@ def test_evaluate_refuses_a_bad_override_before_sampling(tmp_path, capsys):
         evaluate.main(["--out", str(tmp_path / "eval"), "--override", "sampler.guidance_scale=abc"])
     assert "sampler.guidance_scale is 'abc'" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_records_its_settings_with_the_rows(tmp_path, monkeypatch):
+    """results.json keeps what the rows were sampled with (--override among them), not the rows alone."""
+    from layerkit_plugins.transparent.toy import evaluate
+
+    seen = {}
+
+    def fake_evaluate(out, **kwargs):
+        seen.update(kwargs)
+        return {"a row": {"alpha_iou": 0.5}}
+
+    monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
+    assert evaluate.main(["--out", str(tmp_path / "eval"), "--num-samples", "4",
+                          "--override", "sampler.guidance_scale=3.0"]) == 0
+    written = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert written["rows"] == {"a row": {"alpha_iou": 0.5}}
+    assert written["settings"]["override"] == ["sampler.guidance_scale=3.0"] == seen["extra"]
+    assert written["settings"]["num_samples"] == 4
 
 
 def test_train_passes_the_accelerator_and_threads_to_layerkit_train(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@
     layerkit toy-layerflow-diagnose positions   # can the sincos table tell the 4x4 token positions apart?
     layerkit toy-layerflow-diagnose probe       # how local is decomposition in latent space?
     layerkit toy-layerflow-diagnose swap        # which layer's latents cost a decomposition its matte?
+    layerkit toy-layerflow-diagnose shapes      # how far apart are the four shapes in latent space?
 
 - ``colours``: packed held-out test clips ([fg, alpha, bg, blended], one VAE pass) through the
   committed VAE; per true sprite colour, the mean decoded foreground RGB where the true alpha > 0.9.
@@ -38,7 +39,14 @@
   the given blended clip encoded as sampling encodes it) and their variance; then the alpha IoU
   of the decoded matte when the sampled latents of one layer replace the true ones (the others
   true), and of all sampled and all true. The VAE decodes the packed clip in one causal pass, so
-  a layer's errors reach the layers decoded after it.
+  a layer's errors reach the layers decoded after it. Extra ``sample`` overrides after the
+  command (e.g. ``backbone.path=DIR layerflow.stage1_weights=... weights=...``) swap in other stages.
+- ``shapes``: how precise a layer's latents must be to carry the sprite's shape. Each held-out test
+  clip's sprite is redrawn as each of the other three shapes (same path, size, colour and
+  background), and moved 1 px right; every packed clip is encoded as training encodes it (one VAE
+  pass). Per layer (foreground, alpha): the latent MSE between the clip and its redrawings (the
+  mean over the three other shapes, and the nearest one), and the 1 px shift, against the layer's
+  latent variance: the figures to hold against ``swap``'s latent MSE of a sampled decomposition.
 """
 
 from __future__ import annotations
@@ -321,7 +329,7 @@ def decoded_iou(parts, mlp, pairs, num: int, probe_mse: float) -> dict[str, floa
     return out
 
 
-def swap(num: int, seed: int = 0) -> dict[str, float]:
+def swap(num: int, seed: int = 0, extra: list[str] = ()) -> dict[str, float]:
     """Per layer: MSE of the sampled decomposition's latents against the true ones, and the decoded
     matte's alpha IoU with one layer's latents sampled and the rest true (see the module doc)."""
     from layerkit.config import compose
@@ -331,7 +339,7 @@ def swap(num: int, seed: int = 0) -> dict[str, float]:
 
     registry = get_registry()
     cfg = compose("sample", ["+experiment=toy_layerflow_stage3", "task.mode=decompose", f"+inputs.num_samples={num}",
-                             f"+inputs.seed={seed}", "sampler.progress=false"], registry)
+                             f"+inputs.seed={seed}", "sampler.progress=false", *extra], registry)
     sampler = build_sampler(cfg, registry)
     result = sampler.run()
     task, backbone = sampler.parts.task, sampler.parts.backbone
@@ -364,10 +372,72 @@ def swap(num: int, seed: int = 0) -> dict[str, float]:
     return out
 
 
+def redraw(sample: dict, shape: str, shift: float = 0.0) -> dict:
+    """``sample`` (one sprite) with its sprite drawn as ``shape`` and moved ``shift`` px right: the
+    same path, size, colour and background; the layers recomposited."""
+    from layerkit.data.shapes import COLOURS, render_shape
+
+    sprite = sample["meta"]["sprites"][0]
+    frames, _, height, width = sample["foreground_alpha"].shape
+    t = torch.arange(frames, dtype=torch.float32)
+    cx = sprite["start"][0] + shift + sprite["velocity"][0] * t
+    cy = sprite["start"][1] + sprite["velocity"][1] * t
+    alpha = render_shape(shape, cx, cy, torch.full((frames,), float(sprite["size"])), height, width).unsqueeze(1)
+    colour = torch.tensor(COLOURS[sprite["colour"]]).view(1, 3, 1, 1)
+    fg_rgb = torch.where(alpha > 0, colour.expand(frames, 3, height, width), torch.full((frames, 3, height, width), 0.5))
+    blended = colour * alpha + sample["background"] * (1 - alpha)
+    return {**sample, "foreground_alpha": alpha, "foreground_rgb": fg_rgb, "blended": blended}
+
+
+def shapes(num: int, extra: list[str] = ()) -> dict[str, float]:
+    """Latent distances between each held-out clip and its sprite redrawn as the other shapes or
+    moved 1 px, per layer, against the layer's latent variance (see the module doc)."""
+    from layerkit.config import compose
+    from layerkit.data.shapes import SHAPES
+    from layerkit.pipeline import encode_packed
+    from layerkit.registry import get_registry
+    from layerkit.sampling.run import build_sampler
+    from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
+
+    registry = get_registry()
+    cfg = compose("sample", ["+experiment=toy_layerflow_stage3", f"+inputs.num_samples={num}", "task.mode=generate",
+                             *extra], registry)
+    sampler = build_sampler(cfg, registry)
+    task, backbone = sampler.parts.task, sampler.parts.backbone
+    task.train_modes = {}  # pack every layer as generation does: every latent frame from the whole clip
+    samples = task.sample_inputs({"num_samples": num, "split": "test"}, height=SIZE, width=SIZE, num_frames=FRAMES)
+
+    def encode(items: list[dict]) -> tuple[torch.Tensor, dict[str, slice]]:
+        packed = task.pack(task.collate(items), training=True)
+        with torch.no_grad():
+            z, layout = encode_packed(backbone, packed, training=True)
+        bounds, start = {}, 0
+        for seg, length in zip(packed.segments, layout.lengths, strict=True):
+            bounds[seg.name] = slice(start, start + length)
+            start += length
+        return z.float(), bounds
+
+    true, bounds = encode(samples)
+    sprite_shapes = [s["meta"]["sprites"][0]["shape"] for s in samples]
+    moved, _ = encode([redraw(s, shape, 1.0) for s, shape in zip(samples, sprite_shapes, strict=True)])
+    others = {k: encode([redraw(s, SHAPES[(SHAPES.index(shape) + k) % len(SHAPES)])
+                         for s, shape in zip(samples, sprite_shapes, strict=True)])[0] for k in (1, 2, 3)}
+    out: dict[str, float] = {}
+    for name in ("foreground", "alpha"):
+        frames = bounds[name]
+        per_clip = torch.stack([(z[:, :, frames] - true[:, :, frames]).pow(2).mean((1, 2, 3, 4))
+                                for z in others.values()])  # [3, B]
+        out[f"latent variance: {name}"] = round(true[:, :, frames].var().item(), 4)
+        out[f"latent MSE, another shape (mean of three): {name}"] = round(per_clip.mean().item(), 4)
+        out[f"latent MSE, the nearest other shape: {name}"] = round(per_clip.min(0).values.mean().item(), 4)
+        out[f"latent MSE, moved 1 px: {name}"] = round((moved[:, :, frames] - true[:, :, frames]).pow(2).mean().item(), 4)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["colours", "given", "step-time", "rebase", "heldout", "positions",
-                                            "probe", "swap"])
+                                            "probe", "swap", "shapes"])
     parser.add_argument("--num", type=int, default=16, help="held-out clips (colours, given, heldout); probe: 64x train and 16x held-out clips")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[200, 500, 800, 950])
     parser.add_argument("--repeats", type=int, default=10, help="timed steps (step-time)")
@@ -386,7 +456,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="rebase: the scheduler's snr_shift_scale (default: the committed 3.0)")
     parser.add_argument("--base", default=None, help="heldout, probe: backbone.path (default: committed)")
     parser.add_argument("--weights", default=None, help="heldout: stage-1 weights.safetensors")
+    parser.add_argument("overrides", nargs="*", help="swap, shapes: extra sample overrides (e.g. backbone.path=DIR)")
     args = parser.parse_args(argv)
+    if args.overrides and args.what not in ("swap", "shapes"):
+        parser.error(f"extra overrides are for swap and shapes, not {args.what}")
     torch.set_num_threads(args.threads)
     if args.what == "colours":
         print("true colour -> mean decoded RGB inside the sprite, clips")
@@ -420,7 +493,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(probe(args.num * 64, args.num * 16, base=args.base)))
     elif args.what == "swap":
         print(f"decomposition of {args.num} held-out test clips (stages 1+2+3): which layer's latents cost the matte")
-        for name, value in swap(args.num).items():
+        for name, value in swap(args.num, extra=args.overrides).items():
+            print(f"{name}: {value}")
+    elif args.what == "shapes":
+        print(f"{args.num} held-out test clips, each sprite redrawn as the other shapes or moved 1 px: latent distances")
+        for name, value in shapes(args.num, args.overrides).items():
             print(f"{name}: {value}")
     elif args.what == "heldout":
         if not args.weights:

@@ -9,6 +9,9 @@ set -euo pipefail
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export_=(python -m layerkit_plugins.layerflow.toy.export)
 R=runs/toy_layerflow
+# every packed segment's loss weighs 1: the stage-1 recipes tried before the committed one, whose
+# toy_layerflow_stage1.yaml weighs the foreground's and the matte's latent frames 3
+UNIT=(train.segment_loss_weights.foreground=1 train.segment_loss_weights.alpha=1)
 
 # the three stages in a copy T/weights of the committed base folder, stage 1 with the overrides given
 # after T (the tried variants of stage 1; their stages 2 and 3 as committed)
@@ -114,7 +117,7 @@ save_components(build_components(0, vae=vae, patch_size=1, attention_head_dim=16
 PY
   "${export_[@]}" base $T/base --to $T/weights
   layerkit train +experiment=toy_layerflow_stage1 backbone.path=$T/weights train.given_latents=sampled \
-      trainer.max_steps=2600 train.compile=false train.loss_weighting=none \
+      trainer.max_steps=2600 train.compile=false train.loss_weighting=none "${UNIT[@]}" \
       output_dir=$T/stage1
   "${export_[@]}" stage1 $T/stage1 --to $T/weights
   layerkit train +experiment=toy_layerflow_stage2 backbone.path=$T/weights train.given_latents=sampled \
@@ -142,7 +145,7 @@ PY
   "${export_[@]}" base $T/base --to $T/weights
   W64=(backbone.path=$T/weights train.given_latents=clip)
   layerkit train +experiment=toy_layerflow_stage1 "${W64[@]}" trainer.max_steps=4000 train.compile=false data.size=12000 \
-      train.loss_weighting=none output_dir=$T/stage1
+      train.loss_weighting=none "${UNIT[@]}" output_dir=$T/stage1
   "${export_[@]}" stage1 $T/stage1 --to $T/weights
   layerkit train +experiment=toy_layerflow_stage2 "${W64[@]}" layerflow.stage1_weights=$T/weights/stage1.safetensors \
       output_dir=$T/stage2
@@ -162,29 +165,47 @@ if [[ "${TRIED:-0}" == 1 ]]; then
   # stage 1 from the same base with the recipe before (6000 steps on 4000 clips), then its stages 2
   # and 3: weights/tried_pretrained_6000/stage{1,2,3}.json (worse on the val split than 14000 on 8000)
   stages_in_copy $R/tried/pretrained_6000 trainer.max_steps=6000 data.size=4000 train.compile=false \
-      train.loss_weighting=none
+      train.loss_weighting=none "${UNIT[@]}"
   # stage 1 for 14000 steps, eager (40.3 min), then stages 2 and 3: weights/tried_14000/stage{1,2,3}.json
   # (worse on the val split than 17000 compiled)
-  stages_in_copy $R/tried/stage1_14000 trainer.max_steps=14000 train.compile=false train.loss_weighting=none
+  stages_in_copy $R/tried/stage1_14000 trainer.max_steps=14000 train.compile=false train.loss_weighting=none "${UNIT[@]}"
   # the model committed before this one: 17000 steps compiled (44.7 min in its session), v-prediction's
   # weighting: weights/tried_17000/stage{1,2,3}.json (worse on the val split than Min-SNR)
-  OMP_NUM_THREADS=2 stages_in_copy $R/tried/stage1_17000 trainer.max_steps=17000 train.loss_weighting=none
+  OMP_NUM_THREADS=2 stages_in_copy $R/tried/stage1_17000 trainer.max_steps=17000 train.loss_weighting=none "${UNIT[@]}"
   # Min-SNR-gamma 2 for 17000 steps: better on the val split than the committed 14000, but 49.9 min
   # (over the 45-minute budget on the machine of that session): weights/tried_minsnr2_17000/
-  OMP_NUM_THREADS=2 stages_in_copy $R/tried/minsnr2_17000 trainer.max_steps=17000
+  OMP_NUM_THREADS=2 stages_in_copy $R/tried/minsnr2_17000 trainer.max_steps=17000 "${UNIT[@]}"
+  # the model committed before this one: Min-SNR-gamma 2, 14000 steps, every segment 1 (40.6 min):
+  # weights/tried_minsnr2_14000/stage{1,2,3}.json (worse on the val split than the segment weights)
+  OMP_NUM_THREADS=2 stages_in_copy $R/tried/minsnr2_14000 "${UNIT[@]}"
   # Min-SNR-gamma loss weighting against v-prediction's own, stage 1 alone at 6000 steps on 4000
   # clips (the card's "Measured for the next model"; the baseline is the pretrained_6000 stage 1)
   for gamma in 5 2; do
     OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 trainer.max_steps=6000 data.size=4000 \
-        train.loss_weighting=min_snr train.snr_gamma=$gamma output_dir=$R/tried/minsnr${gamma}_6000
+        train.loss_weighting=min_snr train.snr_gamma=$gamma "${UNIT[@]}" output_dir=$R/tried/minsnr${gamma}_6000
     layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stage 1 alone, generate' \
-        --rows 'stage 1 alone, decompose' --grid "weights=$R/tried/minsnr${gamma}_6000/weights.safetensors"
+        --rows 'stage 1 alone, decompose' --grid "weights=$R/tried/minsnr${gamma}_6000/weights.safetensors sampler.guidance_scale=2.0"
   done
+  # the segment weights at 6000 steps (foreground and matte 3 against the gamma-2 run above, whose
+  # segments all weigh 1; the card's figures decode with the sixth decoder, these with the seventh)
+  OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 trainer.max_steps=6000 data.size=4000 \
+      output_dir=$R/tried/seg33_minsnr2_6000
+  layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stage 1 alone, generate' \
+      --rows 'stage 1 alone, decompose' --grid "weights=$R/tried/seg33_minsnr2_6000/weights.safetensors sampler.guidance_scale=2.0"
+  # foreground and matte weighted 6 instead of 3, 14000 steps, then stages 2 and 3 (the card's "Weights
+  # of 6": decomposition +0.010, compositing errors +0.001-0.003 on the val split; not kept)
+  OMP_NUM_THREADS=2 stages_in_copy $R/tried/seg66_14000 train.segment_loss_weights.foreground=6 \
+      train.segment_loss_weights.alpha=6
+  D=$R/tried/seg66_14000/weights
+  layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stage 1 alone, generate' \
+      --rows 'stage 1 alone, decompose' --grid "backbone.path=$D weights=$D/stage1.safetensors"
+  layerkit toy-layerflow-eval --split val --num-samples 32 --grid "backbone.path=$D \
+      layerflow.stage1_weights=$D/stage1.safetensors layerflow.stage2_weights=$D/stage2.safetensors weights=$D/stage3.safetensors"
 fi
 
 # stage 1 compiles the transformer (train.compile: true in its config; needs g++ or clang++), weighs
-# the loss with Min-SNR-gamma 2 and runs alone with 2 threads: 14000 steps in 40.6 min (with 1
-# thread a step takes 0.167 s, not 0.091)
+# the loss with Min-SNR-gamma 2 and the foreground's and matte's frames by 3, and runs alone with 2
+# threads: 14000 steps in 41.1 min (with 1 thread a step takes 0.167 s, not 0.091)
 OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 output_dir=$R/stage1
 "${export_[@]}" stage1 $R/stage1
 
@@ -203,3 +224,10 @@ layerkit toy-layerflow-diagnose given
 layerkit toy-layerflow-diagnose positions
 layerkit toy-layerflow-diagnose probe
 layerkit toy-layerflow-diagnose swap
+layerkit toy-layerflow-diagnose shapes
+# the sampler chosen on the val split (the card's "Sampler": CFG 1.5 against 1, 2, 2.5, 3 and 50 steps)
+layerkit toy-layerflow-eval --split val --num-samples 32 --grid 'sampler.guidance_scale=2.0' \
+    --grid 'sampler.guidance_scale=1.0' --grid 'sampler.guidance_scale=1.5' --grid 'sampler.guidance_scale=2.5' \
+    --grid 'sampler.guidance_scale=3.0' --grid 'sampler.guidance_scale=2.0 sampler.steps=50'
+# the test figures with the guidance of the model before (CFG 2)
+layerkit toy-layerflow-eval --num-samples 16 --seed 0 sampler.guidance_scale=2.0

@@ -227,7 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = evaluate(args.out, num_samples=args.num_samples, seed=args.seed, base=args.base,
                        weights_dir=args.weights_dir, extra=args.override)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
+    settings = {"num_samples": args.num_samples, "seed": args.seed, "base": args.base,
+                "weights_dir": args.weights_dir, "override": list(args.override)}
+    (Path(args.out) / "results.json").write_text(json.dumps({"settings": settings, "rows": results}, indent=2))
     print(table(results))
     return 0
 

@@ -507,7 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     clock = Clock()
     summary_file = out / "summary.json"
     summary: dict[str, Any] = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    summary["args"] = vars(args)
+    summary["args"] = vars(args)  # this call's; "calls" keeps every call's (a run resumed with other flags)
+    summary.setdefault("calls", []).append({**vars(args), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     clock.stages = summary.setdefault("timings", {})
 
     pool_file = out / "pool.pt"
