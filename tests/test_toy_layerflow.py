@@ -490,18 +490,21 @@ def test_diagnostics_show_what_the_model_card_says():
         assert rows[f"latent MSE, another shape (mean of three): {layer}"] < 0.2 * rows[f"latent variance: {layer}"]
 
 
-def test_redraw_keeps_the_clip_and_changes_only_the_sprite():
-    """diagnose.redraw: the sprite's own shape gives the clip back exactly; another shape or a
-    1 px move changes the matte and the blended clip, never the background."""
+def test_redraw_keeps_the_clip_and_changes_only_the_sprite(monkeypatch):
+    """diagnose.redraw: the sprite's own shape gives the clip back (to float32 rounding of the
+    size); another shape or a 1 px move changes the matte and the blended clip, never the
+    background; the overrides of ``swap`` and ``shapes`` may come before or after options."""
     from layerkit_plugins.layerflow.toy.diagnose import redraw
 
     from layerkit.data.shapes import SHAPES, ShapesConfig, held_out_seed, make_sample
 
+    for i in range(8):
+        clip = make_sample(held_out_seed("test", 0, i), ShapesConfig(num_frames=8, height=32, width=32))
+        same = redraw(clip, clip["meta"]["sprites"][0]["shape"])
+        for key in ("foreground_alpha", "foreground_rgb", "blended", "background"):
+            assert torch.allclose(same[key], clip[key], atol=1e-5), (i, key)
     sample = make_sample(held_out_seed("test", 0, 0), ShapesConfig(num_frames=8, height=32, width=32))
     shape = sample["meta"]["sprites"][0]["shape"]
-    same = redraw(sample, shape)
-    for key in ("foreground_alpha", "foreground_rgb", "blended", "background"):
-        assert torch.equal(same[key], sample[key]), key
     for other in [s for s in SHAPES if s != shape] + [shape]:
         changed = redraw(sample, other, shift=1.0 if other == shape else 0.0)
         assert not torch.equal(changed["foreground_alpha"], sample["foreground_alpha"]), other
@@ -510,3 +513,13 @@ def test_redraw_keeps_the_clip_and_changes_only_the_sprite():
         colour = changed["foreground_rgb"][alpha.expand_as(changed["foreground_rgb"]) > 0]
         assert torch.allclose(changed["blended"], changed["foreground_rgb"] * alpha + sample["background"] * (1 - alpha),
                               atol=1e-6) and colour.numel() > 0
+    from layerkit_plugins.layerflow.toy import diagnose
+
+    seen = {}
+    monkeypatch.setattr(diagnose, "shapes", lambda num, extra: seen.update(num=num, extra=list(extra)) or {})
+    threads = torch.get_num_threads()
+    try:
+        diagnose.main(["shapes", "--num", "4", "backbone.path=X", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)  # main sets the process's torch threads
+    assert seen == {"num": 4, "extra": ["backbone.path=X"]}

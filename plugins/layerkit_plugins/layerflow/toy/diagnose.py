@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", default=None, help="heldout, probe: backbone.path (default: committed)")
     parser.add_argument("--weights", default=None, help="heldout: stage-1 weights.safetensors")
     parser.add_argument("overrides", nargs="*", help="swap, shapes: extra sample overrides (e.g. backbone.path=DIR)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options before or after the overrides
     if args.overrides and args.what not in ("swap", "shapes"):
         parser.error(f"extra overrides are for swap and shapes, not {args.what}")
     torch.set_num_threads(args.threads)

@@ -169,10 +169,10 @@ if [[ "${TRIED:-0}" == 1 ]]; then
   # stage 1 for 14000 steps, eager (40.3 min), then stages 2 and 3: weights/tried_14000/stage{1,2,3}.json
   # (worse on the val split than 17000 compiled)
   stages_in_copy $R/tried/stage1_14000 trainer.max_steps=14000 train.compile=false train.loss_weighting=none "${UNIT[@]}"
-  # the model committed before this one: 17000 steps compiled (44.7 min in its session), v-prediction's
+  # the model committed before that one: 17000 steps compiled (44.7 min in its session), v-prediction's
   # weighting: weights/tried_17000/stage{1,2,3}.json (worse on the val split than Min-SNR)
   OMP_NUM_THREADS=2 stages_in_copy $R/tried/stage1_17000 trainer.max_steps=17000 train.loss_weighting=none "${UNIT[@]}"
-  # Min-SNR-gamma 2 for 17000 steps: better on the val split than the committed 14000, but 49.9 min
+  # Min-SNR-gamma 2 for 17000 steps: better on the val split than minsnr2_14000 below, but 49.9 min
   # (over the 45-minute budget on the machine of that session): weights/tried_minsnr2_17000/
   OMP_NUM_THREADS=2 stages_in_copy $R/tried/minsnr2_17000 trainer.max_steps=17000 "${UNIT[@]}"
   # the model committed before this one: Min-SNR-gamma 2, 14000 steps, every segment 1 (40.6 min):
