@@ -287,6 +287,18 @@ def test_segment_loss_weights_weigh_each_layers_frames_and_a_wrong_name_is_one_s
         loss({"alpha": -1})
 
 
+def test_segment_loss_weights_null_clears_an_experiments_weights(registry):
+    """The toy LayerFlow's stage 1 weighs foreground and alpha 3; ``=null`` weighs every segment 1
+    again (``={}`` is merged into the experiment's weights by Hydra: the comment in train.yaml)."""
+    from layerkit.config import compose
+
+    base = ["+experiment=toy_layerflow_stage1"]
+    assert dict(compose("train", base, registry).train.segment_loss_weights) == {"foreground": 3, "alpha": 3}
+    assert compose("train", [*base, "train.segment_loss_weights=null"], registry).train.segment_loss_weights is None
+    assert dict(compose("train", [*base, "train.segment_loss_weights={}"], registry).train.segment_loss_weights) \
+        == {"foreground": 3, "alpha": 3}  # what the comment warns of
+
+
 def test_loss_weighting_scales_each_samples_loss_and_a_wrong_name_is_one_sentence(registry):
     """Two samples at t = 50 and 900: the losses of two weightings give each sample's error, which
     then predict the losses of the other two weightings (a factor on the wrong axis would not)."""

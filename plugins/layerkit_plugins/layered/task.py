@@ -249,19 +249,16 @@ class LayeredTask(Task):
         for i in range(next(iter(decoded.values())).shape[0]):
             layers: dict[str, torch.Tensor] = {}
             if "foreground" not in decoded:  # the video layout: the blended scene alone
-                outputs.append({"blended": ((decoded["blended"][i].float() + 1) / 2).clamp(0, 1)})
+                outputs.append({"blended": to_unit(decoded["blended"][i])})
                 continue
-            fg = (decoded["foreground"][i].float().clamp(-1, 1) + 1) / 2  # fg over grey, [F, 3, H, W]
             if "alpha" in decoded:
-                alpha = ((decoded["alpha"][i].float().mean(1, keepdim=True) + 1) / 2).clamp(0, 1)
-                rgb = ((fg - 0.5 * (1 - alpha)) / alpha.clamp_min(1e-3)).clamp(0, 1)
-                rgb = torch.where(alpha > 0.02, rgb, torch.full_like(rgb, 0.5))
+                rgb, alpha = unpack_foreground(decoded["foreground"][i], decoded["alpha"][i])
                 layers["foreground"] = torch.cat([rgb, alpha], dim=1)
                 layers["alpha"] = alpha
             else:
-                layers["foreground"] = fg
-            layers["background"] = ((decoded["background"][i].float() + 1) / 2).clamp(0, 1)
-            layers["blended"] = ((decoded["blended"][i].float() + 1) / 2).clamp(0, 1)
+                layers["foreground"] = to_unit(decoded["foreground"][i])
+            layers["background"] = to_unit(decoded["background"][i])
+            layers["blended"] = to_unit(decoded["blended"][i])
             outputs.append(layers)
         return outputs
 
@@ -288,6 +285,22 @@ class LayeredTask(Task):
             mode = modes[i] if i < len(modes) else ("generate" if self.mode == "auto" else self.mode)
             rows.append(evaluate_layered(pred, sample, mode=mode))
         return rows
+
+
+def to_unit(video: torch.Tensor) -> torch.Tensor:
+    """A decoded sub-clip in VAE units ([-1, 1]) as an image in [0, 1]."""
+    return ((video.float() + 1) / 2).clamp(0, 1)
+
+
+def unpack_foreground(foreground: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RGBA layer of the decoded foreground and alpha sub-clips ([F, 3, H, W], VAE units): the
+    foreground is packed over mid-grey (fg x alpha + 0.5 x (1 - alpha)), the matte as grey; returns
+    the un-premultiplied colour [F, 3, H, W] (0.5 where the matte is nearly 0) and the matte
+    [F, 1, H, W], both in [0, 1]."""
+    fg = to_unit(foreground)
+    a = to_unit(alpha.float().mean(1, keepdim=True))
+    rgb = ((fg - 0.5 * (1 - a)) / a.clamp_min(1e-3)).clamp(0, 1)
+    return torch.where(a > 0.02, rgb, torch.full_like(rgb, 0.5)), a
 
 
 def _first(value: Any) -> int:

@@ -10,8 +10,9 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export_=(python -m layerkit_plugins.layerflow.toy.export)
 R=runs/toy_layerflow
 # every packed segment's loss weighs 1: the stage-1 recipes tried before the committed one, whose
-# toy_layerflow_stage1.yaml weighs the foreground's and the matte's latent frames 3
-UNIT=(train.segment_loss_weights.foreground=1 train.segment_loss_weights.alpha=1)
+# toy_layerflow_stage1.yaml weighs the foreground's and the matte's latent frames 3 (null, not {}:
+# Hydra merges {} into those weights)
+UNIT=(train.segment_loss_weights=null)
 
 # the three stages in a copy T/weights of the committed base folder, stage 1 with the overrides given
 # after T (the tried variants of stage 1; their stages 2 and 3 as committed)

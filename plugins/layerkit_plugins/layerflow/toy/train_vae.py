@@ -207,14 +207,13 @@ def composite_figures(decoded: torch.Tensor, samples: list[dict], n: int) -> dic
     generation's ``alpha_iou``)."""
     from layerkit.data.evaluate import alpha_iou, compositing_error
     from layerkit_plugins.layered.evaluate import composite_alpha
+    from layerkit_plugins.layered.task import to_unit, unpack_foreground
 
     errors, ious = [], []
     for i in range(len(samples)):
-        fg, alpha, bg, blended = (((decoded[i, :, k * n:(k + 1) * n].clamp(-1, 1) + 1) / 2).permute(1, 0, 2, 3)
-                                  for k in range(4))                                # [F, 3, H, W] in [0, 1]
-        a = alpha.mean(1, keepdim=True)
-        rgb = ((fg - 0.5 * (1 - a)) / a.clamp_min(1e-3)).clamp(0, 1)
-        rgb = torch.where(a > 0.02, rgb, torch.full_like(rgb, 0.5))
+        fg, alpha, bg, blended = (decoded[i, :, k * n:(k + 1) * n].permute(1, 0, 2, 3) for k in range(4))
+        rgb, a = unpack_foreground(fg, alpha)                                       # [F, 3 | 1, H, W] in [0, 1]
+        bg, blended = to_unit(bg), to_unit(blended)
         errors.append(compositing_error(rgb, a, bg, blended))
         ious.append(alpha_iou(a, composite_alpha(rgb, a, bg, blended)))
     return {"compositing_error": round(sum(errors) / len(errors), 4),
