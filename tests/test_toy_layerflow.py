@@ -137,6 +137,54 @@ def test_composite_term_is_zero_on_true_layers_and_scores_what_the_evaluator_sco
     assert composite_residual(wrong, 8).abs().mean() > 0.01
     assert composite_figures(wrong, samples, 8)["alpha_iou_composite"] < 0.1
 
+def test_implied_matte_term_is_zero_on_true_layers_and_sees_a_blurred_sprite_edge():
+    """train_vae's --implied-weight term: the matte the blended and background sub-clips imply for
+    the true sprite colour matches the true matte exactly on true layers (with and without the
+    frame-0 copy), and not when the blended clip's sprite is blurred or missing."""
+    import torch.nn.functional as F
+    from layerkit_plugins.layerflow.toy.train_vae import implied_matte_error, packed_clip
+
+    from layerkit.data.shapes import ShapesConfig, make_sample, seed_for
+
+    config = ShapesConfig(num_frames=8, height=32, width=32)
+    samples = [make_sample(seed_for("val", 0, i), config) for i in range(3)]
+    for first in (False, True):
+        clips = torch.stack([packed_clip(s, first_frame=first) for s in samples])
+        assert implied_matte_error(clips, clips, 8, first).max() < 1e-5
+    clips = torch.stack([packed_clip(s) for s in samples])
+    blurred = clips.clone()
+    frames = blurred[:, :, 24:].permute(0, 2, 1, 3, 4).reshape(-1, 3, 32, 32)
+    frames = F.avg_pool2d(F.pad(frames, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    blurred[:, :, 24:] = frames.reshape(3, 8, 3, 32, 32).permute(0, 2, 1, 3, 4)
+    missing = clips.clone()
+    missing[:, :, 24:] = clips[:, :, 16:24]  # blended replaced by the background: no sprite
+    e_blur = implied_matte_error(blurred, clips, 8).mean()
+    e_missing = implied_matte_error(missing, clips, 8).mean()
+    assert 0.001 < e_blur < e_missing
+    assert e_missing == pytest.approx(torch.stack([s["foreground_alpha"] for s in samples]).mean().item(), rel=1e-4)
+
+
+def test_grown_vae_encodes_and_decodes_as_the_vae_it_grew_from():
+    """train_vae --init VAE --latent-channels N: the grown VAE's first latent channels are the old
+    VAE's latents, the new ones are read with zero weights, so it decodes exactly as before."""
+    from layerkit_plugins.layerflow.toy.model import build_components, build_vae
+    from layerkit_plugins.layerflow.toy.train_vae import grow_latent_channels
+
+    old = build_vae(3).eval()
+    grown = grow_latent_channels(old, 16, seed=0).eval()
+    assert grown.config.latent_channels == 16 and grown.config.scaling_factor == old.config.scaling_factor
+    clips = torch.rand(2, 3, 9, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z_old, z_new = old.encode(clips).latent_dist.mode(), grown.encode(clips).latent_dist.mode()
+        assert z_new.shape[1] == 16 and torch.equal(z_new[:, :8], z_old)
+        assert z_new[:, 8:].abs().mean() > 0, "the new channels carry the seeded encoder's output"
+        torch.testing.assert_close(grown.decode(z_new).sample, old.decode(z_old).sample, atol=1e-5, rtol=0)
+    transformer = build_components(0, vae=grown)["transformer"]  # the denoiser follows the VAE's channels
+    assert transformer.config.in_channels == transformer.config.out_channels == 16
+    with pytest.raises(SystemExit, match="only growing"):
+        grow_latent_channels(grown, 8)
+
+
 def test_sampler_sweep_samples_each_setting_on_each_row_of_the_split_asked(monkeypatch):
     from layerkit_plugins.layerflow.toy import evaluate
 
@@ -460,7 +508,7 @@ def test_cpu_offload_on_cuda_matches_fp32_cpu_sampling(registry, tmp_path):
 
 @needs_weights
 def test_diagnostics_show_what_the_model_card_says():
-    from layerkit_plugins.layerflow.toy.diagnose import colours, given, shapes, step_time, swap
+    from layerkit_plugins.layerflow.toy.diagnose import colours, given, implied, shapes, step_time, swap
 
     rows = colours(24)  # held-out packed clips through the committed VAE, one pass
     print(json.dumps(rows))
@@ -488,6 +536,11 @@ def test_diagnostics_show_what_the_model_card_says():
         nearest = rows[f"latent MSE, the nearest other shape: {layer}"]
         assert 0.0 < nearest <= rows[f"latent MSE, another shape (mean of three): {layer}"]
         assert rows[f"latent MSE, another shape (mean of three): {layer}"] < 0.2 * rows[f"latent variance: {layer}"]
+    rows = implied(per_colour=1)  # the composite-implied matte through the committed VAE, and what loses it
+    print(json.dumps(rows))
+    assert rows["clips"] == 6 and rows["alpha IoU, all decoded (the ceiling)"] > 0.6
+    assert rows["alpha IoU, decoded matte against the true matte"] > 0.8
+    assert rows["disagreeing pixels farther (share of the union)"] < rows["disagreeing pixels within 2 px of the sprite (share of the union)"]
 
 
 def test_redraw_keeps_the_clip_and_changes_only_the_sprite(monkeypatch):

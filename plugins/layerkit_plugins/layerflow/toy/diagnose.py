@@ -9,6 +9,7 @@
     layerkit toy-layerflow-diagnose probe       # how local is decomposition in latent space?
     layerkit toy-layerflow-diagnose swap        # which layer's latents cost a decomposition its matte?
     layerkit toy-layerflow-diagnose shapes      # how far apart are the four shapes in latent space?
+    layerkit toy-layerflow-diagnose implied [--base DIR]   # which decoded layer costs the composite-implied matte?
 
 - ``colours``: packed held-out test clips ([fg, alpha, bg, blended], one VAE pass) through the
   committed VAE; per true sprite colour, the mean decoded foreground RGB where the true alpha > 0.9.
@@ -47,6 +48,12 @@
   pass). Per layer (foreground, alpha): the latent MSE between the clip and its redrawings (the
   mean over the three other shapes, and the nearest one), and the 1 px shift, against the layer's
   latent variance: the figures to hold against ``swap``'s latent MSE of a sampled decomposition.
+- ``implied``: the ceiling of a generation's ``alpha_iou`` (the decoded matte against the matte the
+  decoded blended and background clips imply, ``layered.evaluate.composite_alpha``) through a VAE
+  (``--base DIR``: DIR/vae; default: committed) on ``toy.train_vae``'s validation clips (``--num``
+  per sprite colour), and the same with some layers true instead of decoded: which layer's
+  reconstruction loses it; and where the disagreeing pixels lie (within 2 px of the true sprite or
+  farther).
 """
 
 from __future__ import annotations
@@ -434,11 +441,56 @@ def shapes(num: int, extra: list[str] = ()) -> dict[str, float]:
     return out
 
 
+def implied(base: str | None = None, per_colour: int = 4) -> dict[str, float]:
+    """See the module doc (``implied``)."""
+    from pathlib import Path
+
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKLCogVideoX
+
+    from layerkit.data.evaluate import alpha_iou
+    from layerkit.data.shapes import ShapesConfig
+    from layerkit_plugins.layered.evaluate import composite_alpha
+    from layerkit_plugins.layered.task import to_unit, unpack_foreground
+    from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
+    from layerkit_plugins.layerflow.toy.train_vae import packed_clip, round_trip, validation_samples
+
+    folder = Path(base) if base else Path(__file__).resolve().parent / "weights"
+    vae = AutoencoderKLCogVideoX.from_pretrained(str(folder / "vae"), torch_dtype=torch.float32).eval()
+    samples = validation_samples(0, ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE), per_colour=per_colour)
+    decoded = round_trip(vae, torch.stack([packed_clip(s) for s in samples]))
+    rows: dict[str, list[float]] = {k: [] for k in ("all decoded (the ceiling)", "blended and background true",
+                                                    "foreground and matte true", "decoded matte against the true matte")}
+    near = far = union = 0
+    for i, sample in enumerate(samples):
+        fg, alpha, bg, blended = (decoded[i, :, k * FRAMES:(k + 1) * FRAMES].permute(1, 0, 2, 3) for k in range(4))
+        rgb, a = unpack_foreground(fg, alpha)
+        bg, blended = to_unit(bg), to_unit(blended)
+        true_rgb, true_a = sample["foreground_rgb"], sample["foreground_alpha"]
+        implied_matte = composite_alpha(rgb, a, bg, blended)
+        rows["all decoded (the ceiling)"].append(alpha_iou(a, implied_matte))
+        rows["blended and background true"].append(alpha_iou(a, composite_alpha(rgb, a, sample["background"],
+                                                                                 sample["blended"])))
+        rows["foreground and matte true"].append(alpha_iou(true_a, composite_alpha(true_rgb, true_a, bg, blended)))
+        rows["decoded matte against the true matte"].append(alpha_iou(a, true_a))
+        shown, matte = implied_matte >= 0.5, a >= 0.5
+        ring = F.max_pool2d((true_a > 0.01).float(), 5, 1, 2) > 0  # within 2 px of the true sprite
+        near += ((shown ^ matte) & ring).sum().item()
+        far += ((shown ^ matte) & ~ring).sum().item()
+        union += (shown | matte).sum().item()
+    out = {f"alpha IoU, {k}": round(sum(v) / len(v), 4) for k, v in rows.items()}
+    out["disagreeing pixels within 2 px of the sprite (share of the union)"] = round(near / max(union, 1), 4)
+    out["disagreeing pixels farther (share of the union)"] = round(far / max(union, 1), 4)
+    out["clips"] = len(samples)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["colours", "given", "step-time", "rebase", "heldout", "positions",
-                                            "probe", "swap", "shapes"])
-    parser.add_argument("--num", type=int, default=16, help="held-out clips (colours, given, heldout); probe: 64x train and 16x held-out clips")
+                                            "probe", "swap", "shapes", "implied"])
+    parser.add_argument("--num", type=int, default=16, help="held-out clips (colours, given, heldout); probe: 64x train "
+                        "and 16x held-out clips; implied: val clips per sprite colour")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[200, 500, 800, 950])
     parser.add_argument("--repeats", type=int, default=10, help="timed steps (step-time)")
     parser.add_argument("--threads", type=int, default=1)
@@ -454,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="rebase: 3D rotary positions (CogVideoX-5B's) instead of the sincos table, or not")
     parser.add_argument("--snr-shift", type=float, default=None,
                         help="rebase: the scheduler's snr_shift_scale (default: the committed 3.0)")
-    parser.add_argument("--base", default=None, help="heldout, probe: backbone.path (default: committed)")
+    parser.add_argument("--base", default=None, help="heldout, probe, implied: backbone.path (default: committed)")
     parser.add_argument("--weights", default=None, help="heldout: stage-1 weights.safetensors")
     parser.add_argument("overrides", nargs="*", help="swap, shapes: extra sample overrides (e.g. backbone.path=DIR)")
     args = parser.parse_intermixed_args(argv)  # options before or after the overrides
@@ -498,6 +550,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.what == "shapes":
         print(f"{args.num} held-out test clips, each sprite redrawn as the other shapes or moved 1 px: latent distances")
         for name, value in shapes(args.num, args.overrides).items():
+            print(f"{name}: {value}")
+    elif args.what == "implied":
+        print(f"the composite-implied matte through the VAE, {args.num} val clips per sprite colour")
+        for name, value in implied(args.base, args.num).items():
             print(f"{name}: {value}")
     elif args.what == "heldout":
         if not args.weights:

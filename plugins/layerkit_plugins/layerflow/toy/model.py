@@ -5,8 +5,11 @@ encoder, ``CogVideoXDDIMScheduler``), scaled down so that the whole pipeline tra
 cores:
 
 - VAE: three CogVideoX down/up blocks (8, 16, 32 channels), 8 latent channels, 4x spatial and
-  4x temporal compression: a 9-frame 32x32 clip -> 3 x 8 x 8 latents ((F - 1) // 4 + 1 frames);
-- transformer: 6 blocks, 4 heads of 32 (width 128), patch 2 (16 tokens per latent frame; patch 1
+  4x temporal compression: a 9-frame 32x32 clip -> 3 x 8 x 8 latents ((F - 1) // 4 + 1 frames)
+  (a VAE grown to CogVideoX's 16 channels, ``train_vae --latent-channels 16``, was tried and not
+  kept: the model card);
+- transformer: 6 blocks, 4 heads of 32 (width 128), its input and output channels the VAE's
+  latent channels (``build_components``), patch 2 (16 tokens per latent frame; patch 1
   and width 64 were tried, see the model card), sincos positions (CogVideoX-2B style) with a
   spatial interpolation scale of 0.3 instead of 2B's 1.875 (2B's scale spreads a 30x45 token grid;
   on this 4x4 grid it leaves neighbouring tokens' position embeddings at cosine 0.996, so no layer's
@@ -38,7 +41,7 @@ VAE_CONFIG = dict(
     layers_per_block=1, norm_num_groups=4, temporal_compression_ratio=4, sample_height=SIZE, sample_width=SIZE,
 )
 TRANSFORMER_CONFIG = dict(
-    num_attention_heads=4, attention_head_dim=32, in_channels=8, out_channels=8, time_embed_dim=32,
+    num_attention_heads=4, attention_head_dim=32, in_channels=8, out_channels=8, time_embed_dim=32,  # channels: the VAE's
     text_embed_dim=64, num_layers=6, sample_width=SIZE // 4, sample_height=SIZE // 4, sample_frames=FRAMES,
     patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT_TOKENS,
     use_rotary_positional_embeddings=False, spatial_interpolation_scale=0.3,
@@ -57,18 +60,22 @@ def build_vae(seed: int = 0, **changes: Any):
 
 
 def build_components(seed: int = 0, vae: Any = None, **transformer_changes: Any) -> dict[str, Any]:
-    """Seeded toy components (the VAE given, e.g. trained by ``toy.train_vae``, or a fresh one;
-    ``transformer_changes`` override ``TRANSFORMER_CONFIG``, for measurements)."""
+    """Seeded toy components (the VAE given, e.g. trained by ``toy.train_vae``, or a fresh one; the
+    transformer reads and predicts that VAE's latent channels; ``transformer_changes`` override
+    ``TRANSFORMER_CONFIG``, for measurements)."""
     from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
     from transformers import T5Config, T5EncoderModel
 
     from layerkit_plugins.cogvideox.backbone import SCHEDULER_CONFIG, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
+    vae = vae if vae is not None else build_vae(seed)
+    channels = int(vae.config.latent_channels)  # the transformer reads and predicts the VAE's latents
+    transformer_changes = {"in_channels": channels, "out_channels": channels, **transformer_changes}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         transformer = CogVideoXTransformer3DModel(**{**TRANSFORMER_CONFIG, **transformer_changes})
         text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **T5_CONFIG))
-    return {"transformer": transformer.eval(), "vae": (vae if vae is not None else build_vae(seed)).eval(),
+    return {"transformer": transformer.eval(), "vae": vae.eval(),
             "text_encoder": text_encoder.eval(), "tokenizer": tokenizer,
             "scheduler": CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)}

@@ -156,6 +156,69 @@ PY
   "${export_[@]}" stage3 $T/stage3 --to $T/weights
 fi
 
+if [[ "${TRIED:-0}" == 1 ]]; then
+  # A 16-channel VAE (the card's "Tried and not kept: a 16-channel VAE"; records in weights/tried_vae16/).
+  # The composite-implied matte through the committed 8-channel VAE, and which decoded layer loses it:
+  layerkit toy-layerflow-diagnose implied --num 4
+  # 16 latent channels trained from scratch lose the colours (red and blue tied; with a 600-step
+  # warm-up and the colour-opponent term, red and green): tried_vae16/vae_training_fresh.json
+  OMP_NUM_THREADS=2 layerkit toy-layerflow-vae --latent-channels 16 --steps 2400 --layer-weights 1 3 1 1 \
+      --val-every 800 --max-minutes 30 --threads 2 --out $R/tried/vae16_fresh || true
+  OMP_NUM_THREADS=2 layerkit toy-layerflow-vae --latent-channels 16 --steps 3000 --layer-weights 1 3 1 1 \
+      --alpha-warmup 600 --chroma-weight 1 --val-every 600 --max-minutes 30 --threads 2 \
+      --out $R/tried/vae16_fresh_chroma || true   # stopped by hand at step 1550 (red and green tied at 1200)
+  # grown from the committed VAE (train_vae.grow_latent_channels: it first encodes and decodes exactly as
+  # the 8-channel one), every part trained, background and blended weighted 2: vae_training_grow16.json
+  T=$R/tried/vae16
+  OMP_NUM_THREADS=2 layerkit toy-layerflow-vae --init plugins/layerkit_plugins/layerflow/toy/weights/vae \
+      --latent-channels 16 --steps 2000 --lr 5e-4 --alpha-warmup 0 --layer-weights 1 3 2 2 --val-every 500 \
+      --max-minutes 15 --threads 2 --out $T/grow
+  # the implied-matte term at weight 1 (vae_training_implied1.json) and 10 (vae_training_implied10.json:
+  # the encoder the stages below were trained on)
+  for w in 1 10; do
+    OMP_NUM_THREADS=2 layerkit toy-layerflow-vae --init $T/grow/vae --steps 1000 --lr 3e-4 --alpha-warmup 0 \
+        --layer-weights 1 3 2 2 --implied-weight $w --val-every 500 --max-minutes 10 --threads 2 --out $T/implied$w
+  done
+  # its base and three stages, as the committed recipe (base 25.4 min, stage 1 37.5 min: two threads, alone)
+  mkdir -p $T/weights && "${export_[@]}" base $T/implied10 --to $T/weights
+  OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_base backbone.path=$T/weights output_dir=$T/base_t2v
+  "${export_[@]}" pretrained $T/base_t2v --to $T/weights
+  OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 backbone.path=$T/weights output_dir=$T/stage1
+  "${export_[@]}" stage1 $T/stage1 --to $T/weights
+  OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage2 backbone.path=$T/weights \
+      layerflow.stage1_weights=$T/weights/stage1.safetensors output_dir=$T/stage2
+  "${export_[@]}" stage2 $T/stage2 --to $T/weights
+  OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage3 backbone.path=$T/weights \
+      layerflow.stage1_weights=$T/weights/stage1.safetensors layerflow.stage2_weights=$T/weights/stage2.safetensors \
+      output_dir=$T/stage3
+  "${export_[@]}" stage3 $T/stage3 --to $T/weights
+  D=$T/weights
+  layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stage 1 alone, generate' \
+      --rows 'stage 1 alone, decompose' --grid "backbone.path=$D weights=$D/stage1.safetensors"
+  layerkit toy-layerflow-eval --split val --num-samples 32 --grid "backbone.path=$D \
+      layerflow.stage1_weights=$D/stage1.safetensors layerflow.stage2_weights=$D/stage2.safetensors weights=$D/stage3.safetensors"
+  # the decoder alone once more (latent noise 0.15, composite 2, implied 10): alpha IoU 0.881 < 0.9, rejected
+  # (vae_training_decoder_rejected.json); the stages sampled through its rejected_vae/ all the same
+  OMP_NUM_THREADS=2 layerkit toy-layerflow-vae --init $T/implied10/vae --parts decoder --steps 1500 --lr 3e-4 \
+      --alpha-warmup 0 --layer-weights 1 3 2 2 --latent-noise 0.15 --composite-weight 2 --implied-weight 10 \
+      --val-every 500 --max-minutes 12 --threads 2 --out $T/decoder || true
+  mkdir -p $T/weights_decoder && cp -r $D/* $T/weights_decoder/ && rm -rf $T/weights_decoder/vae \
+      && cp -r $T/decoder/rejected_vae $T/weights_decoder/vae
+  D=$T/weights_decoder
+  layerkit toy-layerflow-eval --split val --num-samples 32 --grid "backbone.path=$D \
+      layerflow.stage1_weights=$D/stage1.safetensors layerflow.stage2_weights=$D/stage2.safetensors weights=$D/stage3.safetensors"
+  # the implied-matte term on the committed 8-channel decoder alone (the seventh run's recipe plus the
+  # term): alpha IoU 0.893 < 0.9, rejected (vae_training_decoder8_implied.json); the committed stages
+  # sampled through its rejected_vae/
+  layerkit toy-layerflow-vae --init plugins/layerkit_plugins/layerflow/toy/weights/vae --parts decoder --steps 1500 \
+      --lr 3e-4 --alpha-warmup 0 --layer-weights 1 6 1 1 --latent-noise 0.15 --composite-weight 1 \
+      --implied-weight 10 --val-every 500 --max-minutes 12 --threads 2 --out $R/tried/vae8_implied || true
+  D=$R/tried/vae8_implied/weights
+  mkdir -p $D && cp -r plugins/layerkit_plugins/layerflow/toy/weights/{transformer,text_encoder,tokenizer,scheduler} $D/ \
+      && cp -r $R/tried/vae8_implied/rejected_vae $D/vae
+  layerkit toy-layerflow-eval --split val --num-samples 32 --grid "backbone.path=$D"
+fi
+
 # the base transformer pretrained on plain text-to-video (blended clips alone, task.layout=video), as
 # LayerFlow fine-tunes a pretrained CogVideoX: its EMA replaces the seeded transformer/ (base_t2v.json)
 layerkit train +experiment=toy_layerflow_base output_dir=$R/base_t2v
@@ -226,6 +289,7 @@ layerkit toy-layerflow-diagnose positions
 layerkit toy-layerflow-diagnose probe
 layerkit toy-layerflow-diagnose swap
 layerkit toy-layerflow-diagnose shapes
+layerkit toy-layerflow-diagnose implied --num 4
 # the sampler chosen on the val split (the card's "Sampler": CFG 1.5 against 1, 2, 2.5, 3 and 50 steps)
 layerkit toy-layerflow-eval --split val --num-samples 32 --grid 'sampler.guidance_scale=2.0' \
     --grid 'sampler.guidance_scale=1.0' --grid 'sampler.guidance_scale=1.5' --grid 'sampler.guidance_scale=2.5' \

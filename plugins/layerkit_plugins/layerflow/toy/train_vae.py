@@ -110,6 +110,25 @@ def composite_residual(decoded: torch.Tensor, frames: int, first_frame: bool = F
     return blended - (fg + bg * (1 - a))
 
 
+def implied_matte_error(decoded: torch.Tensor, target: torch.Tensor, frames: int,
+                        first_frame: bool = False) -> torch.Tensor:
+    """|implied - true matte| [N, 1, F, H, W] of packed clips: the matte the decoded blended and
+    background sub-clips imply for the true sprite colour (``layered.evaluate.composite_alpha``'s
+    formula: how far blended has moved from the background towards the sprite's colour) against
+    the true matte of ``target``. Zero when the decoded blended clip shows the sprite exactly where
+    the matte is (the composite-implied matte a generation is scored by); the sprite's edges in the
+    blended clip are where a VAE blurs, and where this term weighs."""
+    o = 1 if first_frame else 0
+    unit = [((v + 1) / 2) for v in (decoded, target)]
+    _, _, bg, blended = (unit[0][:, :, o + k * frames:o + (k + 1) * frames].clamp(0, 1) for k in range(4))
+    fg_true, alpha_true = (unit[1][:, :, o + k * frames:o + (k + 1) * frames] for k in range(2))
+    a = alpha_true.mean(1, keepdim=True)
+    colour = (fg_true - 0.5 * (1 - a)).sum((2, 3, 4), keepdim=True) / a.sum((2, 3, 4), keepdim=True).clamp_min(1e-3)
+    towards = colour - bg
+    implied = ((blended - bg) * towards).sum(1, keepdim=True) / towards.pow(2).sum(1, keepdim=True).clamp_min(0.05)
+    return (implied.clamp(0, 1) - a).abs()
+
+
 def chroma(video: torch.Tensor) -> torch.Tensor:
     """Colour-opponent channels of [N, 3, ...]: R - G and (R + G) / 2 - B (zero on grey, so on every matte)."""
     r, g, b = video[:, 0], video[:, 1], video[:, 2]
@@ -220,6 +239,39 @@ def composite_figures(decoded: torch.Tensor, samples: list[dict], n: int) -> dic
             "alpha_iou_composite": round(sum(ious) / len(ious), 4)}
 
 
+def grow_latent_channels(vae, channels: int, seed: int = 0):
+    """A VAE with ``channels`` latent channels that encodes and decodes exactly as ``vae`` at first:
+    the encoder's mean and log-variance outputs and every weight that reads the latents (the
+    decoder's input convolution and its spatial norms) are copied into the first channels; the new
+    mean channels keep their seeded initialisation, and the weights reading them start at zero, so
+    training adds capacity without first unlearning what ``vae`` knows (its colours, above all).
+    """
+    from layerkit_plugins.layerflow.toy.model import VAE_CONFIG
+
+    old_c = int(vae.config.latent_channels)
+    if channels < old_c:
+        raise SystemExit(f"--latent-channels {channels} is fewer than the --init VAE's {old_c}: only growing is supported")
+    config = {k: vae.config[k] for k in VAE_CONFIG if k in vae.config}
+    grown = build_vae(seed, **{**config, "latent_channels": channels})
+    old, new = vae.state_dict(), grown.state_dict()
+    with torch.no_grad():
+        for key, value in new.items():
+            source = old[key]
+            if source.shape == value.shape:
+                value.copy_(source)
+            elif key.startswith("encoder.conv_out."):  # [mean | logvar] along the output channels
+                value[:old_c].copy_(source[:old_c])
+                value[channels:channels + old_c].copy_(source[old_c:])
+            elif key.startswith("decoder.") and value.dim() >= 2 and value.shape[1] == channels:  # reads z
+                value.zero_()
+                value[:, :old_c].copy_(source)
+            else:
+                raise SystemExit(f"cannot grow '{key}' from {tuple(source.shape)} to {tuple(value.shape)}")
+    grown.load_state_dict(new)
+    grown.register_to_config(scaling_factor=float(vae.config.scaling_factor))
+    return grown
+
+
 def check(result: dict, min_alpha_iou: float) -> list[str]:
     """What fails the run: a checked colour classified right on < 90% of its clips, or a low IoU."""
     failures = [f"{c} decodes as its own colour on {result['colour_correct'][c]:.0%} of the validation clips "
@@ -235,15 +287,21 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
           layer_weights: tuple[float, ...] = (1, 1, 1, 1), alpha_warmup: int = 300, val_every: int = 250,
           min_alpha_iou: float = 0.9, chroma_weight: float = 0.0, write: bool = True,
           init: Path | None = None, parts: str = "all", latent_noise: float = 0.0,
-          composite_weight: float = 0.0) -> dict:
+          composite_weight: float = 0.0, latent_channels: int | None = None, implied_weight: float = 0.0) -> dict:
     """Train (or, ``parts="decoder"``, fine-tune the decoder of ``init``) and check the toy VAE.
     ``latent_noise``: the decoder sees its latents plus Gaussian noise of a std drawn per clip from
     U(0, latent_noise), in the denoiser's (scaled) latent units: a decoder that turns imprecise
     latents (a denoiser's) into clean layers. ``composite_weight``: weight of an L1 term on
     :func:`composite_residual` (packed clips): decoded layers that composite into the decoded
-    blended clip, as the true ones do."""
+    blended clip, as the true ones do. ``latent_channels``: a fresh VAE's (default: ``VAE_CONFIG``'s),
+    or, with ``init``, the channels ``init`` grows to (:func:`grow_latent_channels`); the transformer
+    written beside it takes and predicts that many channels."""
+    if implied_weight and packing != "clip":
+        raise SystemExit("--implied-weight needs the packed clip (--packing clip): single clips have no four layers")
     if composite_weight and packing != "clip":
         raise SystemExit("--composite-weight needs the packed clip (--packing clip): single clips have no four layers")
+    if latent_channels and parts == "decoder":
+        raise SystemExit("--latent-channels changes the latent space; --parts decoder keeps it (train all parts)")
     if latent_noise and parts != "decoder":
         raise SystemExit("--latent-noise is in the units of a trained VAE's scaling factor: use it with "
                          "--parts decoder --init VAE")
@@ -255,8 +313,11 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
         from diffusers import AutoencoderKLCogVideoX
 
         vae = AutoencoderKLCogVideoX.from_pretrained(str(init), torch_dtype=torch.float32).train()
+        if latent_channels and latent_channels != vae.config.latent_channels:
+            vae = grow_latent_channels(vae, latent_channels, seed).train()
     else:
-        vae = build_vae(seed, norm_num_groups=norm_groups).train()
+        changes = {"latent_channels": latent_channels} if latent_channels else {}
+        vae = build_vae(seed, norm_num_groups=norm_groups, **changes).train()
     if parts == "decoder":  # the latent space stays as it is: denoisers trained on it stay valid
         if init is None:
             raise SystemExit("--parts decoder fine-tunes the decoder of an --init VAE; give --init")
@@ -295,6 +356,8 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
             loss = loss + chroma_weight * ((chroma(recon) - chroma(x)).abs() * w).mean()
         if composite_weight:  # the decoded layers composite into the decoded blended clip
             loss = loss + composite_weight * composite_residual(recon, frames, first).abs().mean()
+        if implied_weight:  # the decoded blended clip shows the sprite where the true matte is
+            loss = loss + implied_weight * implied_matte_error(recon, x, frames, first).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -342,7 +405,8 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
             "packing": packing, "frames": frames, "first_frame_prob": first_frame_prob,
             "copy_paste_prob": copy_paste_prob, "kl_weight": kl_weight, "static_prob": static_prob,
             "norm_groups": norm_groups, "mse_weight": mse_weight, "layer_weights": list(layer_weights),
-            "alpha_warmup": alpha_warmup, "chroma_weight": chroma_weight, "composite_weight": composite_weight, "init": str(init) if init else None,
+            "alpha_warmup": alpha_warmup, "chroma_weight": chroma_weight, "composite_weight": composite_weight,
+            "implied_weight": implied_weight, "latent_channels": int(vae.config.latent_channels), "init": str(init) if init else None,
             "parts": parts, "latent_noise": latent_noise, "validation_noisy_latents": noisy, "val_l1": round(val_l1, 4), "scaling_factor": round(scaling, 6),
             "validation": final, "validation_first_frame": final_first, "failures": failures,
             "validation_log": checks, "log": log}
@@ -399,6 +463,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--composite-weight", type=float, default=0.0,
                         help="weight of an L1 term on blended - (fg over grey + bg x (1 - alpha)) of the decoded "
                              "packed clip: decoded layers that composite into the decoded blended clip")
+    parser.add_argument("--implied-weight", type=float, default=0.0,
+                        help="weight of an L1 term on the matte the decoded blended and background clips "
+                             "imply for the true sprite colour against the true matte (sprite edges in the blended clip)")
+    parser.add_argument("--latent-channels", type=int, default=None,
+                        help="latent channels of a fresh VAE (default 8; CogVideoX's own VAE has 16), "
+                             "or, with --init, the channels the --init VAE grows to")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 on a machine shared with other jobs: two threads there thrash)")
     args = parser.parse_args(argv)
@@ -413,7 +483,8 @@ def main(argv: list[str] | None = None) -> None:
                  layer_weights=tuple(args.layer_weights), alpha_warmup=args.alpha_warmup, val_every=args.val_every,
                  min_alpha_iou=args.min_alpha_iou, chroma_weight=args.chroma_weight, write=not args.no_write,
                  init=args.init, parts=args.parts, latent_noise=args.latent_noise,
-                 composite_weight=args.composite_weight)
+                 composite_weight=args.composite_weight, latent_channels=args.latent_channels,
+                 implied_weight=args.implied_weight)
     print(json.dumps({k: v for k, v in info.items() if k not in ("log", "validation_log")}))
 
 
