@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("what", choices=["colours", "given", "step-time", "rebase", "heldout", "positions",
                                             "probe", "swap", "shapes", "implied"])
     parser.add_argument("--num", type=int, default=16, help="held-out clips (colours, given, heldout); probe: 64x train "
-                        "and 16x held-out clips; implied: val clips per sprite colour")
+                        "and 16x held-out clips; implied: val clips per sprite colour, 6 colours (the card: --num 4)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[200, 500, 800, 950])
     parser.add_argument("--repeats", type=int, default=10, help="timed steps (step-time)")
     parser.add_argument("--threads", type=int, default=1)

@@ -158,8 +158,8 @@ fi
 
 if [[ "${TRIED:-0}" == 1 ]]; then
   # A 16-channel VAE (the card's "Tried and not kept: a 16-channel VAE"; records in weights/tried_vae16/).
-  # The composite-implied matte through the committed 8-channel VAE, and which decoded layer loses it:
-  layerkit toy-layerflow-diagnose implied --num 4
+  # (the composite-implied matte through the committed 8-channel VAE, and which decoded layer loses it:
+  # `toy-layerflow-diagnose implied --num 4`, run with the diagnostics at the end)
   # 16 latent channels trained from scratch lose the colours (red and blue tied; with a 600-step
   # warm-up and the colour-opponent term, red and green): tried_vae16/vae_training_fresh.json
   OMP_NUM_THREADS=2 layerkit toy-layerflow-vae --latent-channels 16 --steps 2400 --layer-weights 1 3 1 1 \
@@ -210,8 +210,8 @@ if [[ "${TRIED:-0}" == 1 ]]; then
   # the implied-matte term on the committed 8-channel decoder alone (the seventh run's recipe plus the
   # term): alpha IoU 0.893 < 0.9, rejected (vae_training_decoder8_implied.json); the committed stages
   # sampled through its rejected_vae/
-  layerkit toy-layerflow-vae --init plugins/layerkit_plugins/layerflow/toy/weights/vae --parts decoder --steps 1500 \
-      --lr 3e-4 --alpha-warmup 0 --layer-weights 1 6 1 1 --latent-noise 0.15 --composite-weight 1 \
+  OMP_NUM_THREADS=2 layerkit toy-layerflow-vae --init plugins/layerkit_plugins/layerflow/toy/weights/vae --parts decoder \
+      --steps 1500 --lr 3e-4 --alpha-warmup 0 --layer-weights 1 6 1 1 --latent-noise 0.15 --composite-weight 1 \
       --implied-weight 10 --val-every 500 --max-minutes 12 --threads 2 --out $R/tried/vae8_implied || true
   D=$R/tried/vae8_implied/weights
   mkdir -p $D && cp -r plugins/layerkit_plugins/layerflow/toy/weights/{transformer,text_encoder,tokenizer,scheduler} $D/ \

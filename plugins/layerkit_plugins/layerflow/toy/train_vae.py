@@ -246,14 +246,15 @@ def grow_latent_channels(vae, channels: int, seed: int = 0):
     mean channels keep their seeded initialisation, and the weights reading them start at zero, so
     training adds capacity without first unlearning what ``vae`` knows (its colours, above all).
     """
-    from layerkit_plugins.layerflow.toy.model import VAE_CONFIG
-
     old_c = int(vae.config.latent_channels)
     if channels < old_c:
         raise SystemExit(f"--latent-channels {channels} is fewer than the --init VAE's {old_c}: only growing is supported")
-    config = {k: vae.config[k] for k in VAE_CONFIG if k in vae.config}
-    grown = build_vae(seed, **{**config, "latent_channels": channels})
+    with torch.random.fork_rng(devices=[]):  # the same config but the channels, seeded
+        torch.manual_seed(seed)
+        grown = type(vae).from_config({**dict(vae.config), "latent_channels": channels})
     old, new = vae.state_dict(), grown.state_dict()
+    if set(old) != set(new):
+        raise SystemExit(f"cannot grow this VAE: its weights {sorted(set(old) ^ set(new))[:4]} have no counterpart")
     with torch.no_grad():
         for key, value in new.items():
             source = old[key]
