@@ -227,6 +227,21 @@ def test_toy_tools_refuse_to_write_over_a_users_files(tmp_path, capsys):
     assert (tmp_path / "eval.json").read_text() == "earlier"
 
 
+def test_toy_tools_refuse_a_missing_vae_folder_and_no_latent_channels(tmp_path, capsys):
+    """toy-layerflow-vae --init and toy-layerflow-diagnose --base name folders that must hold a VAE,
+    and --latent-channels 0 is refused, not replaced by the default: one sentence each, nothing written."""
+    from layerkit_plugins.layerflow.toy import diagnose, train_vae
+
+    cases = [(train_vae.main, ["--init", str(tmp_path / "missing"), "--out", str(tmp_path / "a")], "is not a VAE folder"),
+             (train_vae.main, ["--latent-channels", "0", "--out", str(tmp_path / "b")], "must be at least 1"),
+             (diagnose.main, ["implied", "--base", str(tmp_path / "missing")], "is not a toy model folder")]
+    for main, args, message in cases:
+        with pytest.raises(SystemExit) as error:
+            main(args)
+        assert error.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_base_pretraining_packs_the_blended_clip_alone_and_exports_the_transformer(registry, tmp_path):
     """toy_layerflow_base: plain text-to-video on the blended sub-clip (task.layout=video, no layer
     embedding); ``export pretrained`` writes its denoiser as the diffusers transformer stage 1

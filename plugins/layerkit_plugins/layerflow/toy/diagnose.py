@@ -512,6 +512,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)  # options before or after the overrides
     if args.overrides and args.what not in ("swap", "shapes"):
         parser.error(f"extra overrides are for swap and shapes, not {args.what}")
+    if args.base is not None and args.what in ("heldout", "probe", "implied"):
+        from pathlib import Path
+
+        if not (Path(args.base) / "vae" / "config.json").is_file():
+            parser.error(f"--base '{args.base}' is not a toy model folder (no vae/config.json there; e.g. "
+                         "plugins/layerkit_plugins/layerflow/toy/weights or a toy-layerflow-vae --out folder).")
     torch.set_num_threads(args.threads)
     if args.what == "colours":
         print("true colour -> mean decoded RGB inside the sprite, clips")

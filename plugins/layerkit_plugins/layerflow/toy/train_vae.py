@@ -113,20 +113,25 @@ def composite_residual(decoded: torch.Tensor, frames: int, first_frame: bool = F
 def implied_matte_error(decoded: torch.Tensor, target: torch.Tensor, frames: int,
                         first_frame: bool = False) -> torch.Tensor:
     """|implied - true matte| [N, 1, F, H, W] of packed clips: the matte the decoded blended and
-    background sub-clips imply for the true sprite colour (``layered.evaluate.composite_alpha``'s
-    formula: how far blended has moved from the background towards the sprite's colour) against
-    the true matte of ``target``. Zero when the decoded blended clip shows the sprite exactly where
-    the matte is (the composite-implied matte a generation is scored by); the sprite's edges in the
-    blended clip are where a VAE blurs, and where this term weighs."""
+    background sub-clips imply for the true sprite colour (the evaluator's own
+    ``layered.evaluate.composite_alpha``: how far blended has moved from the background towards the
+    sprite's colour) against the true matte of ``target``. Zero when the decoded blended clip shows
+    the sprite exactly where the matte is (the composite-implied matte a generation is scored by);
+    the sprite's edges in the blended clip are where a VAE blurs, and where this term weighs."""
+    from layerkit_plugins.layered.evaluate import composite_alpha
+    from layerkit_plugins.layered.task import to_unit, unpack_foreground
+
     o = 1 if first_frame else 0
-    unit = [((v + 1) / 2) for v in (decoded, target)]
-    _, _, bg, blended = (unit[0][:, :, o + k * frames:o + (k + 1) * frames].clamp(0, 1) for k in range(4))
-    fg_true, alpha_true = (unit[1][:, :, o + k * frames:o + (k + 1) * frames] for k in range(2))
-    a = alpha_true.mean(1, keepdim=True)
-    colour = (fg_true - 0.5 * (1 - a)).sum((2, 3, 4), keepdim=True) / a.sum((2, 3, 4), keepdim=True).clamp_min(1e-3)
-    towards = colour - bg
-    implied = ((blended - bg) * towards).sum(1, keepdim=True) / towards.pow(2).sum(1, keepdim=True).clamp_min(0.05)
-    return (implied.clamp(0, 1) - a).abs()
+
+    def layer(clips: torch.Tensor, i: int, k: int) -> torch.Tensor:  # sub-clip k of clip i, [F, 3, H, W]
+        return clips[i, :, o + k * frames:o + (k + 1) * frames].permute(1, 0, 2, 3)
+
+    errors = []
+    for i in range(decoded.shape[0]):
+        rgb, alpha = unpack_foreground(layer(target, i, 0), layer(target, i, 1))
+        implied = composite_alpha(rgb, alpha, to_unit(layer(decoded, i, 2)), to_unit(layer(decoded, i, 3)))
+        errors.append((implied - alpha).abs().permute(1, 0, 2, 3))  # [1, F, H, W]
+    return torch.stack(errors)
 
 
 def chroma(video: torch.Tensor) -> torch.Tensor:
@@ -301,7 +306,7 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
         raise SystemExit("--implied-weight needs the packed clip (--packing clip): single clips have no four layers")
     if composite_weight and packing != "clip":
         raise SystemExit("--composite-weight needs the packed clip (--packing clip): single clips have no four layers")
-    if latent_channels and parts == "decoder":
+    if latent_channels is not None and parts == "decoder":
         raise SystemExit("--latent-channels changes the latent space; --parts decoder keeps it (train all parts)")
     if latent_noise and parts != "decoder":
         raise SystemExit("--latent-noise is in the units of a trained VAE's scaling factor: use it with "
@@ -314,10 +319,10 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
         from diffusers import AutoencoderKLCogVideoX
 
         vae = AutoencoderKLCogVideoX.from_pretrained(str(init), torch_dtype=torch.float32).train()
-        if latent_channels and latent_channels != vae.config.latent_channels:
+        if latent_channels is not None and latent_channels != vae.config.latent_channels:
             vae = grow_latent_channels(vae, latent_channels, seed).train()
     else:
-        changes = {"latent_channels": latent_channels} if latent_channels else {}
+        changes = {"latent_channels": latent_channels} if latent_channels is not None else {}
         vae = build_vae(seed, norm_num_groups=norm_groups, **changes).train()
     if parts == "decoder":  # the latent space stays as it is: denoisers trained on it stay valid
         if init is None:
@@ -473,6 +478,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 on a machine shared with other jobs: two threads there thrash)")
     args = parser.parse_args(argv)
+    if args.latent_channels is not None and args.latent_channels < 1:
+        parser.error(f"--latent-channels must be at least 1; got {args.latent_channels}.")
+    if args.init is not None and not (args.init / "config.json").is_file():
+        parser.error(f"--init '{args.init}' is not a VAE folder (no config.json there; e.g. toy/weights/vae or a "
+                     "run's rejected_vae/).")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"'{args.out}' is a file; --out names a folder to write the run into.")
     if args.out.exists() and any(args.out.iterdir()):
