@@ -50,6 +50,7 @@ BAD_VALUES = [
     ("train", "train.snr_gamma=0", "train.snr_gamma is 0; expected a number above 0.0"),
     ("train", "+train.segment_loss_weights.alpha=-1", "train.segment_loss_weights.alpha must be a number >= 0; got -1"),
     ("train", "train.segment_loss_weights=3", "train.segment_loss_weights must map segment names to weights"),
+    ("train", "train.region_loss_weight=-2", "train.region_loss_weight is -2; expected a number at least 0.0"),
 ]
 
 

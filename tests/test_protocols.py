@@ -271,9 +271,18 @@ def test_packed_select_keeps_the_rows_asked_of_every_per_sample_part():
     packed = Packed(segments=[Segment("a", 2, video)], given=given, prompts=[["p0"], ["p1"], ["p2"]], height=2, width=2,
                     scales={"motion": torch.tensor([1.0, 0.0, 0.5])},
                     extras={"masks": torch.arange(3)[:, None].expand(3, 4), "table": torch.ones(5)},
-                    conditions={"fps": torch.tensor([8, 12, 24])})
+                    conditions={"fps": torch.tensor([8, 12, 24])}, loss_region=torch.rand(3, 2, 2, 2))
     part = packed.select([2, 0])
+    assert torch.equal(part.loss_region, packed.loss_region[[2, 0]])
     assert torch.equal(part.segments[0].video, video[[2, 0]])
     assert torch.equal(part.given, given[[2, 0]]) and part.prompts == [["p2"], ["p0"]]
     assert part.scales["motion"].tolist() == [0.5, 1.0] and part.conditions["fps"].tolist() == [24, 8]
     assert part.extras["masks"][:, 0].tolist() == [2, 0] and torch.equal(part.extras["table"], torch.ones(5))
+
+
+def test_a_loss_region_of_the_wrong_shape_is_one_sentence():
+    from layerkit.errors import LayerkitError
+    from layerkit.protocols import Packed, Segment
+
+    with pytest.raises(LayerkitError, match=r"Packed.loss_region must be \[B, F, H, W\] = \[1, 2, 4, 4\]; got \(1, 2, 2, 2\)"):
+        Packed([Segment("a", 2)], torch.zeros(1, 2, dtype=torch.bool), [["p"]], 4, 4, loss_region=torch.zeros(1, 2, 2, 2))

@@ -320,3 +320,23 @@ def test_layered_task_samples_held_out_clips_from_the_test_split_or_the_val_spli
     assert not torch.equal(test[0]["blended"], val[0]["blended"])
     with pytest.raises(LayerkitError, match="inputs.split must be val or test"):
         task.sample_inputs({"num_samples": 1, "split": "train"}, **size)
+
+
+def test_layered_task_shapes_world_draws_the_held_out_clips_of_another_world():
+    """task.shapes_world: ShapesConfig fields of the held-out clips (e.g. larger sprites), the
+    sampler's size kept; an unknown field or a bad value is one sentence when the task is built."""
+    from layerkit_plugins.layered.task import LayeredTask
+
+    from layerkit.data.shapes import ShapesConfig, make_sample, seed_for
+
+    size = {"height": 32, "width": 32, "num_frames": 4}
+    big = LayeredTask(shapes_world={"sprite_size": [0.5, 0.7]}).sample_inputs({"num_samples": 3}, **size)
+    config = ShapesConfig(num_frames=4, height=32, width=32, sprite_size=(0.5, 0.7))
+    for i, sample in enumerate(big):
+        wanted = make_sample(seed_for("test", 0, i), config)
+        assert torch.equal(sample["foreground_alpha"], wanted["foreground_alpha"])
+        assert 16.0 <= sample["meta"]["sprites"][0]["size"] <= 22.4
+    with pytest.raises(LayerkitError, match=r"task.shapes_world names \['sprite_scale'\], which the shapes world"):
+        LayeredTask(shapes_world={"sprite_scale": 2})
+    with pytest.raises(LayerkitError, match="sprite_size must be a range"):
+        LayeredTask(shapes_world={"sprite_size": [0.7, 0.5]})

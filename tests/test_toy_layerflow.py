@@ -234,7 +234,8 @@ def test_toy_tools_refuse_a_missing_vae_folder_and_no_latent_channels(tmp_path, 
 
     cases = [(train_vae.main, ["--init", str(tmp_path / "missing"), "--out", str(tmp_path / "a")], "is not a VAE folder"),
              (train_vae.main, ["--latent-channels", "0", "--out", str(tmp_path / "b")], "must be at least 1"),
-             (diagnose.main, ["implied", "--base", str(tmp_path / "missing")], "is not a toy model folder")]
+             (diagnose.main, ["implied", "--base", str(tmp_path / "missing")], "is not a toy model folder"),
+             (diagnose.main, ["x0", "--weights", str(tmp_path / "missing.safetensors")], "does not exist")]
     for main, args, message in cases:
         with pytest.raises(SystemExit) as error:
             main(args)
@@ -524,7 +525,7 @@ def test_cpu_offload_on_cuda_matches_fp32_cpu_sampling(registry, tmp_path):
 
 @needs_weights
 def test_diagnostics_show_what_the_model_card_says():
-    from layerkit_plugins.layerflow.toy.diagnose import colours, given, implied, shapes, step_time, swap
+    from layerkit_plugins.layerflow.toy.diagnose import colours, given, implied, shapes, step_time, swap, x0
 
     rows = colours(24)  # held-out packed clips through the committed VAE, one pass
     print(json.dumps(rows))
@@ -557,6 +558,31 @@ def test_diagnostics_show_what_the_model_card_says():
     assert rows["clips"] == 6 and rows["alpha IoU, all decoded (the ceiling)"] > 0.6
     assert rows["alpha IoU, decoded matte against the true matte"] > 0.8
     assert rows["disagreeing pixels farther (share of the union)"] < rows["disagreeing pixels within 2 px of the sprite (share of the union)"]
+    rows = x0(None, None, 4, "val", [39, 800])  # one-step clean predictions of the committed stage 1
+    print(json.dumps(rows))
+    for mode in ("generate", "decompose"):
+        low, high = rows[mode][39], rows[mode][800]
+        assert low["snr"] > 8 > 0.01 > high["snr"]
+        assert low["latent MSE"] < high["latent MSE"] and low["input alpha_iou"] > high["input alpha_iou"]
+        assert low["alpha_iou"] > 0.6 and 0.0 <= low["shape_correct"] <= 1.0
+
+
+@pytest.mark.parametrize("kind", ["v_prediction", "epsilon", "sample"])
+def test_predicted_x0_inverts_the_training_target(kind):
+    """diagnose.predicted_x0 of the exact target (v, noise or x0) at t gives the clean latents back."""
+    from diffusers import CogVideoXDDIMScheduler
+    from layerkit_plugins.layerflow.toy.diagnose import predicted_x0
+
+    from layerkit.training.weighting import prediction_target
+
+    scheduler = CogVideoXDDIMScheduler(prediction_type=kind, rescale_betas_zero_snr=kind != "epsilon",
+                                       snr_shift_scale=3.0, timestep_spacing="trailing")
+    z, noise = torch.randn(2, 4, 3, 4, 4, dtype=torch.float64), torch.randn(2, 4, 3, 4, 4, dtype=torch.float64)
+    for t in (39, 500):
+        ts = torch.full((2,), t)
+        noisy = scheduler.add_noise(z, noise, ts)
+        target = prediction_target(scheduler, z, noise, ts)
+        assert torch.allclose(predicted_x0(scheduler, noisy, target, t), z, atol=1e-6), (kind, t)
 
 
 def test_redraw_keeps_the_clip_and_changes_only_the_sprite(monkeypatch):

@@ -299,6 +299,47 @@ def test_segment_loss_weights_null_clears_an_experiments_weights(registry):
         == {"foreground": 3, "alpha": 3}  # what the comment warns of
 
 
+def test_region_weights_pool_the_region_to_each_latent_element():
+    """1 + w x the region's maximum over each latent element's pixel frames and 4 x 4 cell."""
+    from layerkit.training.weighting import region_weights
+
+    region = torch.zeros(2, 8, 16, 16)
+    region[0, 5, 4:6, 9:10] = 0.5           # one pixel block in frame 5: latent frame 1, cell (1, 2)
+    factor = region_weights(region, [(0, 4), (4, 8)], (2, 8, 2, 4, 4), 3.0)
+    assert factor.shape == (2, 1, 2, 4, 4)
+    wanted = torch.ones(2, 1, 2, 4, 4)
+    wanted[0, 0, 1, 1, 2] = 2.5
+    assert torch.equal(factor, wanted)
+    with pytest.raises(Exception, match="3 latent frame windows for 2 latent frames"):
+        region_weights(region, [(0, 2), (2, 4), (4, 8)], (2, 8, 2, 4, 4), 3.0)
+
+
+def test_region_loss_weight_adds_the_sprites_loss_and_needs_a_region(registry, monkeypatch):
+    """train.region_loss_weight w: the loss is L0 + w x L_region at the same timesteps and noise
+    (linear in w, the added part positive); the layered task's region is the sprite's matte behind
+    every segment; a task that marks none is one sentence."""
+    from layerkit.errors import LayerkitError
+
+    def loss(w: float, module_batch=None) -> float:
+        module, batch = module_batch or _module_and_batch(registry, [f"train.region_loss_weight={w}"])
+        torch.manual_seed(0)
+        return float(module.diffusion_loss(batch, timesteps=torch.tensor([300, 700]),
+                                           generator=torch.Generator().manual_seed(1)).detach())
+
+    l0, l1, l3 = loss(0.0), loss(1.0), loss(3.0)
+    assert l1 > l0 and l3 - l0 == pytest.approx(3 * (l1 - l0), rel=1e-4)
+
+    module, batch = _module_and_batch(registry, ["train.region_loss_weight=2"])
+    packed = module.task.pack(batch, training=True)
+    alpha = batch["foreground_alpha"][:, :, 0]
+    assert packed.loss_region.shape == (alpha.shape[0], packed.num_frames, *alpha.shape[2:])
+    assert torch.equal(packed.loss_region[:, : alpha.shape[1]], alpha.clamp(0, 1))
+    assert module.task.pack(batch, training=False).loss_region is None
+    monkeypatch.setattr(type(module.task), "loss_region", staticmethod(lambda batch, segments: None))
+    with pytest.raises(LayerkitError, match="train.region_loss_weight is 2.0, but task '.*' marks no loss region"):
+        loss(2.0, (module, batch))
+
+
 def test_loss_weighting_scales_each_samples_loss_and_a_wrong_name_is_one_sentence(registry):
     """Two samples at t = 50 and 900: the losses of two weightings give each sample's error, which
     then predict the losses of the other two weightings (a factor on the wrong axis would not)."""

@@ -113,6 +113,7 @@ def _rules_train() -> list[tuple[str, Callable[[str, Any], None]]]:
         ("train.loss_weighting", lambda k, v: _choice(k, v, LOSS_WEIGHTINGS)),
         ("train.snr_gamma", lambda k, v: _number(k, v, 0.0, low_open=True)),
         ("train.segment_loss_weights", lambda k, v: segment_loss_weights(v)),
+        ("train.region_loss_weight", lambda k, v: _number(k, v, 0.0)),
         ("optim.lr", lambda k, v: _number(k, v, 0.0, 10.0, low_open=True)),
         ("optim.weight_decay", lambda k, v: _number(k, v, 0.0)),
         ("optim.eps", lambda k, v: _number(k, v, 0.0, 1.0, low_open=True)),

@@ -76,6 +76,8 @@ class Packed:
         a leading B are repeated for classifier-free guidance rows.
     conditions: inputs of the backbone's own conditioning (e.g. ``fps`` [B]); read by
         :meth:`Backbone.encode_conditions`.
+    loss_region: optional [B, F, H, W] in [0, 1] per pixel frame: where the training loss may weigh
+        more (``train.region_loss_weight``), e.g. a layered task's sprite matte; None: nowhere.
     """
 
     segments: list[Segment]
@@ -86,6 +88,7 @@ class Packed:
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     conditions: dict[str, Any] = field(default_factory=dict)
+    loss_region: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         total = sum(s.num_frames for s in self.segments)
@@ -94,6 +97,10 @@ class Packed:
                 f"Packed.given must be [B, F] over the {total} frames of the segments; got {tuple(self.given.shape)}."
             )
         self.given = self.given.bool()
+        if self.loss_region is not None and (self.loss_region.dim() != 4 or tuple(self.loss_region.shape) != (
+                self.given.shape[0], total, self.height, self.width)):
+            raise LayerkitError(f"Packed.loss_region must be [B, F, H, W] = [{self.given.shape[0]}, {total}, "
+                                f"{self.height}, {self.width}]; got {tuple(self.loss_region.shape)}.")
 
     @property
     def batch_size(self) -> int:
@@ -123,7 +130,8 @@ class Packed:
         return Packed(segments=segments, given=self.given[index.to(self.given.device)],
                       prompts=[self.prompts[j] for j in rows], height=self.height, width=self.width,
                       scales=take_rows(self.scales, index, b), extras=take_rows(self.extras, index, b),
-                      conditions=take_rows(self.conditions, index, b))
+                      conditions=take_rows(self.conditions, index, b),
+                      loss_region=None if self.loss_region is None else self.loss_region[index.to(self.loss_region.device)])
 
     def given_segment(self, name: str) -> torch.Tensor:
         """[B] True where every frame of segment ``name`` is given."""

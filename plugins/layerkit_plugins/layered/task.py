@@ -51,7 +51,8 @@ class LayeredTask(Task):
 
     def __init__(self, mode: str = "auto", layout: str = "rgba", index_prefix: bool = True,
                  scale_from: dict[str, str] | None = None, default_seed: int = 0, num_samples: int = 1,
-                 train_modes: dict[str, float] | None = None, prepend_first_frame: bool | list[str] = ()) -> None:
+                 train_modes: dict[str, float] | None = None, prepend_first_frame: bool | list[str] = (),
+                 shapes_world: dict[str, Any] | None = None) -> None:
         if mode not in MODES:
             raise LayerkitError(f"unknown layered mode '{mode}'; modes are {', '.join(MODES)}.")
         if layout not in LAYOUTS:
@@ -64,6 +65,10 @@ class LayeredTask(Task):
             raise LayerkitError(f"prepend_first_frame lists modes {sorted(set(prepend) - set(GIVEN))}, which do not "
                                 f"exist; modes are {', '.join(GIVEN)}.")
         self.prepend_first_frame = set(prepend)
+        # ShapesConfig fields of the held-out shapes-world clips sampled without inputs (e.g. sprite_size)
+        self.shapes_world = {str(k): tuple(v) if isinstance(v, list | tuple) else v
+                             for k, v in dict(shapes_world or {}).items()}
+        _world_config(self.shapes_world, 8, 32, 32)  # a wrong field or value: one sentence, now
         weights = {str(k): float(v) for k, v in (train_modes or {}).items()}
         if set(weights) - set(GIVEN) or any(v < 0 for v in weights.values()):
             raise LayerkitError(f"train_modes must map modes {sorted(GIVEN)} to weights >= 0; got {weights}.")
@@ -139,7 +144,18 @@ class LayeredTask(Task):
         prompts = [self.prompt_blocks(batch, i) for i in range(b)]
         scales = {adapter: torch.as_tensor(batch[key], dtype=torch.float32).reshape(b)
                   for adapter, key in self.scale_from.items() if key in batch}
-        return Packed(segments, given, prompts, h, w, scales=scales, extras={"mode": mode})
+        return Packed(segments, given, prompts, h, w, scales=scales, extras={"mode": mode},
+                      loss_region=self.loss_region(batch, segments) if training else None)
+
+    @staticmethod
+    def loss_region(batch: dict[str, Any], segments: list[Segment]) -> torch.Tensor | None:
+        """The sprite's matte [B, F, H, W] behind every packed segment (each layer's frame t, and the
+        frame-0 copy, get matte frame t): where ``train.region_loss_weight`` weighs the loss more."""
+        alpha = batch.get("foreground_alpha")
+        if alpha is None:
+            return None
+        matte = alpha[:, :, 0].float().clamp(0, 1)
+        return torch.cat([matte[:, : seg.num_frames] for seg in segments], dim=1)
 
     def prompt_blocks(self, batch: dict[str, Any], i: int) -> list[str]:
         texts = []
@@ -199,9 +215,9 @@ class LayeredTask(Task):
                         split: str = "test") -> list[dict[str, Any]]:
         """Held-out shapes-world samples: the ``test`` split (what records report), or ``val``
         (``inputs.split=val``: for choosing settings without looking at the test clips)."""
-        from layerkit.data.shapes import ShapesConfig, held_out_seed, make_sample
+        from layerkit.data.shapes import held_out_seed, make_sample
 
-        config = ShapesConfig(num_frames=num_frames, height=height, width=width)
+        config = _world_config(self.shapes_world, num_frames, height, width)
         samples = [make_sample(held_out_seed(split, seed, i), config) for i in range(n)]
         mode = "generate" if self.mode == "auto" else self.mode
         out = []
@@ -310,3 +326,19 @@ def _first(value: Any) -> int:
     if isinstance(value, list | tuple):
         return int(value[0])
     return int(value)
+
+
+def _world_config(world: dict[str, Any], num_frames: int, height: int, width: int) -> Any:
+    """The ShapesConfig of held-out clips: the sampler's size, then ``task.shapes_world``'s fields."""
+    from dataclasses import fields
+
+    from layerkit.data.shapes import ShapesConfig
+
+    known = {f.name for f in fields(ShapesConfig)} - {"num_frames", "height", "width"}
+    unknown = sorted(set(world) - known)
+    if unknown:
+        raise LayerkitError(f"task.shapes_world names {unknown}, which the shapes world does not have; "
+                            f"its fields are {sorted(known)}.")
+    config = ShapesConfig(num_frames=num_frames, height=height, width=width, **world)
+    config.validate()
+    return config

@@ -34,6 +34,7 @@ from layerkit.training.cache import LatentCache, cache_prompt_embeddings
 from layerkit.training.weighting import (
     LOSS_WEIGHTINGS,
     prediction_target,
+    region_weights,
     segment_frame_weights,
     segment_loss_weights,
     timestep_weights,
@@ -108,6 +109,9 @@ class LayerkitModule(L.LightningModule):
                                 "terminal-SNR schedule for an epsilon model (its x0 error counts 0 there); use "
                                 "v prediction or loss_weighting=none.")
         self.segment_weights = segment_loss_weights(train.get("segment_loss_weights"))
+        self.region_weight = float(train.get("region_loss_weight", 0.0) or 0.0)
+        if self.region_weight < 0:
+            raise LayerkitError(f"train.region_loss_weight must be at least 0; got {self.region_weight}.")
         self.given_latents = str(train.get("given_latents", "sampled"))
         self.latent_cache = LatentCache(self.given_latents) if train.get("cache_latents") else None
         if train.get("cache_text"):
@@ -157,6 +161,13 @@ class LayerkitModule(L.LightningModule):
         if self.segment_weights:  # per latent frame, from the segment it belongs to
             per_frame = segment_frame_weights(self.segment_weights, packed, layout).to(weight.device)
             weight = weight.float() * per_frame.view(1, 1, -1, *([1] * (weight.dim() - 3)))
+        if self.region_weight > 0:  # per latent element, from the task's loss region (e.g. a sprite's matte)
+            if packed.loss_region is None:
+                raise LayerkitError(f"train.region_loss_weight is {self.region_weight}, but task '{self.task.name}' "
+                                    "marks no loss region in its training batches (Packed.loss_region); set it to 0.")
+            factor = region_weights(packed.loss_region.to(weight.device), layout.windows, tuple(output.shape),
+                                    self.region_weight)
+            weight = weight.float() * factor
         return (F.mse_loss(output.float(), target.float(), reduction="none") * weight).sum() / denom
 
     def on_train_start(self) -> None:

@@ -10,6 +10,7 @@
     layerkit toy-layerflow-diagnose swap        # which layer's latents cost a decomposition its matte?
     layerkit toy-layerflow-diagnose shapes      # how far apart are the four shapes in latent space?
     layerkit toy-layerflow-diagnose implied [--base DIR]   # which decoded layer costs the composite-implied matte?
+    layerkit toy-layerflow-diagnose x0 [--weights W] [--split val]   # at which noise level does the denoiser lose the shape?
 
 - ``colours``: packed held-out test clips ([fg, alpha, bg, blended], one VAE pass) through the
   committed VAE; per true sprite colour, the mean decoded foreground RGB where the true alpha > 0.9.
@@ -54,6 +55,14 @@
   per sprite colour), and the same with some layers true instead of decoded: which layer's
   reconstruction loses it; and where the disagreeing pixels lie (within 2 px of the true sprite or
   farther).
+- ``x0``: stage-1 weights (``--weights``, default the committed stage 1; ``--base DIR`` its folder),
+  held-out clips (``--split``, ``--num``), per task (generate, decompose) and timestep t: the true
+  packed latents noised to t (given layers clean, as training does), the denoiser's one-step
+  prediction of the clean latents from them, decoded; its ``shape_correct`` and matte alpha IoU
+  against the true matte, beside those of the noisy input itself decoded (x_t / sqrt(alpha_bar_t):
+  what is left of the sprite at that noise), and the prediction's latent MSE on the generated
+  frames. A sampler's last step returns such a prediction (CogVideoX's 25 trailing DPM steps: from
+  t = 39), so a shape the prediction loses at every t a sampler cannot return.
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -171,7 +181,6 @@ def rebase(out: str, patch: int, width: int, heads: int, layers: int, source: st
            scale: float | None = None, rope: bool | None = None, snr_shift: float | None = None) -> int:
     """Write a base directory: ``source``'s (default: the committed) VAE, T5, tokenizer and scheduler
     with a seeded toy transformer of another geometry; returns its parameter count."""
-    from pathlib import Path
 
     from diffusers import AutoencoderKLCogVideoX
 
@@ -226,7 +235,6 @@ def heldout(base: str | None, weights: str, num: int, timesteps: list[int],
 
 def positions(scales: tuple[float, ...] = ()) -> dict[float, dict[str, float]]:
     """Cosine similarity of one latent frame's sincos position embeddings (committed width)."""
-    from pathlib import Path
 
     from diffusers import CogVideoXTransformer3DModel
 
@@ -443,7 +451,6 @@ def shapes(num: int, extra: list[str] = ()) -> dict[str, float]:
 
 def implied(base: str | None = None, per_colour: int = 4) -> dict[str, float]:
     """See the module doc (``implied``)."""
-    from pathlib import Path
 
     import torch.nn.functional as F
     from diffusers import AutoencoderKLCogVideoX
@@ -485,10 +492,80 @@ def implied(base: str | None = None, per_colour: int = 4) -> dict[str, float]:
     return out
 
 
+def predicted_x0(scheduler, noisy: torch.Tensor, output: torch.Tensor, t: int) -> torch.Tensor:
+    """The clean latents a denoiser's ``output`` at timestep ``t`` implies (epsilon, v or sample)."""
+    a = scheduler.alphas_cumprod[t].to(noisy.dtype)
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
+        return a.sqrt() * noisy - (1 - a).sqrt() * output
+    if kind == "epsilon":
+        return (noisy - (1 - a).sqrt() * output) / a.sqrt()
+    return output
+
+
+def x0(weights: str | None, base: str | None, num: int, split: str, timesteps: list[int],
+       modes: tuple[str, ...] = ("generate", "decompose")) -> dict[str, dict[int, dict[str, float]]]:
+    """Per task and timestep: shape and matte of the one-step clean prediction and of the noisy input."""
+
+    from layerkit.config import compose, to_plain
+    from layerkit.pipeline import (
+        build_parts,
+        decode_packed,
+        encode_packed,
+        frame_mask,
+        load_trainable_state,
+        make_step,
+        predict,
+        reimposed,
+    )
+    from layerkit.registry import get_registry
+    from layerkit.training.module import LayerkitModule
+    from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
+
+    registry = get_registry()
+    cfg = compose("train", ["+experiment=toy_layerflow_stage1", "train.compile=false", "train.cache_latents=false",
+                            "train.cache_text=false", *([f"backbone.path={base}"] if base else [])], registry)
+    module = LayerkitModule(build_parts(cfg, registry, training=True), to_plain(cfg)).eval()
+    load_trainable_state(module, weights or str(Path(__file__).resolve().parent / "weights" / "stage1.safetensors"),
+                         parts=module.parts)
+    task, backbone, scheduler = module.task, module.backbone, module.scheduler
+    batch = task.collate(task.sample_inputs({"num_samples": num, "split": split}, height=SIZE, width=SIZE,
+                                            num_frames=FRAMES))
+
+    def scored(latents: torch.Tensor, packed, layout) -> tuple[float, float]:
+        decoded = {k: v.float() for k, v in decode_packed(backbone, latents, packed, layout).items()}
+        figures = task.evaluate(task.unpack(decoded, batch), batch)
+        return round(figures["shape_correct"], 4), round(figures["alpha_iou_heldout"], 4)
+
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    with torch.no_grad():
+        for mode in modes:
+            task.train_modes = {mode: 1.0}
+            packed = task.pack(batch, training=True)
+            z, layout = encode_packed(backbone, packed, training=True, given_latents="sampled")
+            cond = backbone.encode_conditions(packed, latents=z, drop=None)
+            keep = frame_mask(reimposed(backbone, layout), z)
+            generated = ~layout.given[0]
+            out[mode] = {}
+            for t in timesteps:
+                noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(t))
+                ts = torch.full((num,), t)
+                noisy = torch.where(keep, z, scheduler.add_noise(z, noise, ts))
+                clean = torch.where(keep, z, predicted_x0(scheduler, noisy, predict(module.parts, packed,
+                                                                                  make_step(packed, noisy, ts, cond)), t))
+                a = scheduler.alphas_cumprod[t]
+                shape, iou = scored(clean, packed, layout)
+                in_shape, in_iou = scored(torch.where(keep, z, noisy / a.sqrt()), packed, layout)
+                out[mode][t] = {"snr": round(float(a / (1 - a)), 3), "shape_correct": shape, "alpha_iou": iou,
+                                "input shape_correct": in_shape, "input alpha_iou": in_iou,
+                                "latent MSE": round(((clean - z)[:, :, generated] ** 2).mean().item(), 4)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["colours", "given", "step-time", "rebase", "heldout", "positions",
-                                            "probe", "swap", "shapes", "implied"])
+                                            "probe", "swap", "shapes", "implied", "x0"])
     parser.add_argument("--num", type=int, default=16, help="held-out clips (colours, given, heldout); probe: 64x train "
                         "and 16x held-out clips; implied: val clips per sprite colour, 6 colours (the card: --num 4)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[200, 500, 800, 950])
@@ -506,18 +583,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="rebase: 3D rotary positions (CogVideoX-5B's) instead of the sincos table, or not")
     parser.add_argument("--snr-shift", type=float, default=None,
                         help="rebase: the scheduler's snr_shift_scale (default: the committed 3.0)")
-    parser.add_argument("--base", default=None, help="heldout, probe, implied: backbone.path (default: committed)")
-    parser.add_argument("--weights", default=None, help="heldout: stage-1 weights.safetensors")
+    parser.add_argument("--base", default=None, help="heldout, probe, implied, x0: backbone.path (default: committed)")
+    parser.add_argument("--weights", default=None, help="heldout, x0: stage-1 weights.safetensors (x0: default the "
+                        "committed stage 1)")
+    parser.add_argument("--split", default="test", choices=("val", "test"), help="x0: held-out split")
     parser.add_argument("overrides", nargs="*", help="swap, shapes: extra sample overrides (e.g. backbone.path=DIR)")
     args = parser.parse_intermixed_args(argv)  # options before or after the overrides
     if args.overrides and args.what not in ("swap", "shapes"):
         parser.error(f"extra overrides are for swap and shapes, not {args.what}")
-    if args.base is not None and args.what in ("heldout", "probe", "implied"):
-        from pathlib import Path
-
-        if not (Path(args.base) / "vae" / "config.json").is_file():
-            parser.error(f"--base '{args.base}' is not a toy model folder (no vae/config.json there; e.g. "
-                         "plugins/layerkit_plugins/layerflow/toy/weights or a toy-layerflow-vae --out folder).")
+    if (args.base is not None and args.what in ("heldout", "probe", "implied", "x0")
+            and not (Path(args.base) / "vae" / "config.json").is_file()):
+        parser.error(f"--base '{args.base}' is not a toy model folder (no vae/config.json there; e.g. "
+                     "plugins/layerkit_plugins/layerflow/toy/weights or a toy-layerflow-vae --out folder).")
     torch.set_num_threads(args.threads)
     if args.what == "colours":
         print("true colour -> mean decoded RGB inside the sprite, clips")
@@ -530,8 +607,6 @@ def main(argv: list[str] | None = None) -> None:
     elif args.what == "rebase":
         if not args.out:
             parser.error("rebase needs --out DIR")
-        from pathlib import Path
-
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             parser.error(f"rebase: '{args.out}' is a file; --out names a folder to write the base into.")
@@ -561,6 +636,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"the composite-implied matte through the VAE, {args.num} val clips per sprite colour")
         for name, value in implied(args.base, args.num).items():
             print(f"{name}: {value}")
+    elif args.what == "x0":
+        if args.weights is not None and not Path(args.weights).is_file():
+            parser.error(f"--weights '{args.weights}' does not exist.")
+        print(f"one-step clean predictions of stage 1, {args.num} {args.split} clips: shape_correct and alpha IoU "
+              "of the prediction and of the noisy input, decoded")
+        for mode, rows in x0(args.weights, args.base, args.num, args.split, args.timesteps).items():
+            for t, row in rows.items():
+                print(mode, t, json.dumps(row))
     elif args.what == "heldout":
         if not args.weights:
             parser.error("heldout needs --weights FILE")

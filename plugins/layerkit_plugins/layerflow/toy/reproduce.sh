@@ -296,3 +296,35 @@ layerkit toy-layerflow-eval --split val --num-samples 32 --grid 'sampler.guidanc
     --grid 'sampler.guidance_scale=3.0' --grid 'sampler.guidance_scale=2.0 sampler.steps=50'
 # the test figures with the guidance of the model before (CFG 2)
 layerkit toy-layerflow-eval --num-samples 16 --seed 0 sampler.guidance_scale=2.0
+
+if [[ "${TRIED:-0}" == 1 ]]; then
+  # where the shape is lost (the card's "Where the shape is lost"): the committed stage 1's one-step
+  # predictions of the clean latents at fixed noise levels, decoded and scored
+  layerkit toy-layerflow-diagnose x0 --num 32 --split val --timesteps 39 200 400 600 800 950
+  # what more steps buy: the committed stage 1 trained 14000 more steps at lr 3e-4 on decomposition
+  # alone (30.3 min), then on all four tasks (38.0 min); neither is a recipe (each doubles stage 1's time)
+  S1=plugins/layerkit_plugins/layerflow/toy/weights/stage1.safetensors
+  OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 '~task.train_modes' +task.train_modes.decompose=1 \
+      "init_from=[$S1]" optim.lr=3e-4 trainer.max_steps=14000 output_dir=$R/tried/more_decompose_14000
+  OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 "init_from=[$S1]" optim.lr=3e-4 \
+      trainer.max_steps=14000 output_dir=$R/tried/more_mixed_14000
+  for run in more_decompose_14000 more_mixed_14000; do
+    layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stage 1 alone, decompose' \
+        --rows 'stage 1 alone, generate' --grid "weights=$R/tried/$run/weights.safetensors"
+    layerkit toy-layerflow-diagnose x0 --num 32 --split val --timesteps 39 200 400 600 800 950 \
+        --weights $R/tried/$run/weights.safetensors
+  done
+  layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stage 1 alone, decompose' \
+      --rows 'stage 1 alone, generate' --grid ''
+  # the sprite-weighted loss (train.region_loss_weight) at 6000 steps, against the committed recipe's
+  # 6000-step run above (tried/seg33_minsnr2_6000), both sampled as committed (CFG 1.5)
+  OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 trainer.max_steps=6000 data.size=4000 \
+      train.region_loss_weight=4 output_dir=$R/tried/region4_6000
+  layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stage 1 alone, generate' \
+      --rows 'stage 1 alone, decompose' --grid "weights=$R/tried/seg33_minsnr2_6000/weights.safetensors" \
+      --grid "weights=$R/tried/region4_6000/weights.safetensors"
+  # larger sprites (task.shapes_world): the "VAE ceiling" rows of the card's "Larger sprites"
+  for size in '' '[0.45,0.6]' '[0.5,0.7]'; do  # '': the shapes world's own 0.3-0.45
+    layerkit toy-layerflow-eval --split val --num-samples 32 ${size:+"+task.shapes_world.sprite_size=$size"}
+  done
+fi
