@@ -338,5 +338,12 @@ def test_layered_task_shapes_world_draws_the_held_out_clips_of_another_world():
         assert 16.0 <= sample["meta"]["sprites"][0]["size"] <= 22.4
     with pytest.raises(LayerkitError, match=r"task.shapes_world names \['sprite_scale'\], which the shapes world"):
         LayeredTask(shapes_world={"sprite_scale": 2})
-    with pytest.raises(LayerkitError, match="sprite_size must be a range"):
+    with pytest.raises(LayerkitError, match="is not a shapes world: sprite_size must be a range"):
         LayeredTask(shapes_world={"sprite_size": [0.7, 0.5]})
+    for wrong in ({"sprite_size": 0.5}, {"num_sprites": "2"}):
+        with pytest.raises(LayerkitError, match="has a value of the wrong type: sprite_size and speed are ranges"):
+            LayeredTask(shapes_world=wrong)
+    with pytest.raises(LayerkitError, match=r"task.shapes_world sets \['height'\], which the sampler sets"):
+        LayeredTask(shapes_world={"height": 64})
+    with pytest.raises(LayerkitError, match="task.shapes_world must map ShapesConfig fields to values"):
+        LayeredTask(shapes_world="big")

@@ -235,7 +235,8 @@ def test_toy_tools_refuse_a_missing_vae_folder_and_no_latent_channels(tmp_path, 
     cases = [(train_vae.main, ["--init", str(tmp_path / "missing"), "--out", str(tmp_path / "a")], "is not a VAE folder"),
              (train_vae.main, ["--latent-channels", "0", "--out", str(tmp_path / "b")], "must be at least 1"),
              (diagnose.main, ["implied", "--base", str(tmp_path / "missing")], "is not a toy model folder"),
-             (diagnose.main, ["x0", "--weights", str(tmp_path / "missing.safetensors")], "does not exist")]
+             (diagnose.main, ["x0", "--weights", str(tmp_path / "missing.safetensors")], "does not exist"),
+             (diagnose.main, ["x0", "--timesteps", "39", "1000"], "--timesteps must lie in 0..999")]
     for main, args, message in cases:
         with pytest.raises(SystemExit) as error:
             main(args)

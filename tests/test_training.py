@@ -301,6 +301,7 @@ def test_segment_loss_weights_null_clears_an_experiments_weights(registry):
 
 def test_region_weights_pool_the_region_to_each_latent_element():
     """1 + w x the region's maximum over each latent element's pixel frames and 4 x 4 cell."""
+    from layerkit.errors import LayerkitError
     from layerkit.training.weighting import region_weights
 
     region = torch.zeros(2, 8, 16, 16)
@@ -310,7 +311,7 @@ def test_region_weights_pool_the_region_to_each_latent_element():
     wanted = torch.ones(2, 1, 2, 4, 4)
     wanted[0, 0, 1, 1, 2] = 2.5
     assert torch.equal(factor, wanted)
-    with pytest.raises(Exception, match="3 latent frame windows for 2 latent frames"):
+    with pytest.raises(LayerkitError, match="the latent layout has 3 frame windows but the latents have 2 frames"):
         region_weights(region, [(0, 2), (2, 4), (4, 8)], (2, 8, 2, 4, 4), 3.0)
 
 
@@ -335,6 +336,15 @@ def test_region_loss_weight_adds_the_sprites_loss_and_needs_a_region(registry, m
     assert packed.loss_region.shape == (alpha.shape[0], packed.num_frames, *alpha.shape[2:])
     assert torch.equal(packed.loss_region[:, : alpha.shape[1]], alpha.clamp(0, 1))
     assert module.task.pack(batch, training=False).loss_region is None
+    module.task.train_modes, module.task.prepend_first_frame = {"bg2fg": 1.0}, {"bg2fg"}  # with the frame-0 copy
+    packed = module.task.pack(batch, training=True)
+    assert [s.name for s in packed.segments][0] != "foreground" and packed.segments[0].num_frames == 1
+    f = alpha.shape[1]
+    assert packed.loss_region.shape[1] == 1 + f * (len(packed.segments) - 1)
+    assert torch.equal(packed.loss_region[:, 0], alpha[:, 0].clamp(0, 1))
+    for k in range(len(packed.segments) - 1):  # every layer's segment gets the whole matte
+        assert torch.equal(packed.loss_region[:, 1 + k * f: 1 + (k + 1) * f], alpha.clamp(0, 1))
+    module.task.train_modes, module.task.prepend_first_frame = {}, set()
     monkeypatch.setattr(type(module.task), "loss_region", staticmethod(lambda batch, segments: None))
     with pytest.raises(LayerkitError, match="train.region_loss_weight is 2.0, but task '.*' marks no loss region"):
         loss(2.0, (module, batch))

@@ -66,8 +66,11 @@ class LayeredTask(Task):
                                 f"exist; modes are {', '.join(GIVEN)}.")
         self.prepend_first_frame = set(prepend)
         # ShapesConfig fields of the held-out shapes-world clips sampled without inputs (e.g. sprite_size)
+        if shapes_world is not None and not hasattr(shapes_world, "items"):
+            raise LayerkitError(f"task.shapes_world must map ShapesConfig fields to values, e.g. "
+                                f"{{sprite_size: [0.3, 0.45]}}; got {shapes_world!r}.")
         self.shapes_world = {str(k): tuple(v) if isinstance(v, list | tuple) else v
-                             for k, v in dict(shapes_world or {}).items()}
+                             for k, v in (shapes_world or {}).items()}
         _world_config(self.shapes_world, 8, 32, 32)  # a wrong field or value: one sentence, now
         weights = {str(k): float(v) for k, v in (train_modes or {}).items()}
         if set(weights) - set(GIVEN) or any(v < 0 for v in weights.values()):
@@ -334,11 +337,22 @@ def _world_config(world: dict[str, Any], num_frames: int, height: int, width: in
 
     from layerkit.data.shapes import ShapesConfig
 
-    known = {f.name for f in fields(ShapesConfig)} - {"num_frames", "height", "width"}
+    sampler_set = {"num_frames", "height", "width"}
+    known = {f.name for f in fields(ShapesConfig)} - sampler_set
+    if set(world) & sampler_set:
+        raise LayerkitError(f"task.shapes_world sets {sorted(set(world) & sampler_set)}, which the sampler sets "
+                            "(sampler.num_frames, sampler.height, sampler.width).")
     unknown = sorted(set(world) - known)
     if unknown:
         raise LayerkitError(f"task.shapes_world names {unknown}, which the shapes world does not have; "
                             f"its fields are {sorted(known)}.")
-    config = ShapesConfig(num_frames=num_frames, height=height, width=width, **world)
-    config.validate()
+    try:
+        config = ShapesConfig(num_frames=num_frames, height=height, width=width, **world)
+        config.validate()
+    except LayerkitError as error:
+        message = str(error).split(" (got ")[0].removeprefix("ShapesConfig: ")
+        raise LayerkitError(f"task.shapes_world {world} is not a shapes world: {message}.") from None
+    except (TypeError, ValueError, IndexError):
+        raise LayerkitError(f"task.shapes_world {world} has a value of the wrong type: sprite_size and speed are "
+                            "ranges [low, high], the other fields numbers.") from None
     return config

@@ -118,7 +118,7 @@ def region_weights(region: torch.Tensor, windows: list[tuple[int, int]], latent_
 
     f, h, w = latent_shape[2:]
     if len(windows) != f:
-        raise LayerkitError(f"the loss region has {len(windows)} latent frame windows for {f} latent frames.")
+        raise LayerkitError(f"the latent layout has {len(windows)} frame windows but the latents have {f} frames.")
     frames = torch.stack([region[:, a:z].amax(dim=1) for a, z in windows], dim=1)  # [B, f, H, W]
     pooled = F.adaptive_max_pool2d(frames.float(), (h, w))
     return (1.0 + weight * pooled.clamp(0, 1)).unsqueeze(1)

@@ -55,14 +55,16 @@
   per sprite colour), and the same with some layers true instead of decoded: which layer's
   reconstruction loses it; and where the disagreeing pixels lie (within 2 px of the true sprite or
   farther).
-- ``x0``: stage-1 weights (``--weights``, default the committed stage 1; ``--base DIR`` its folder),
+- ``x0``: stage-1 weights (``--weights``, default the committed stage 1; ``--base DIR``: the
+  backbone.path they run on),
   held-out clips (``--split``, ``--num``), per task (generate, decompose) and timestep t: the true
   packed latents noised to t (given layers clean, as training does), the denoiser's one-step
   prediction of the clean latents from them, decoded; its ``shape_correct`` and matte alpha IoU
   against the true matte, beside those of the noisy input itself decoded (x_t / sqrt(alpha_bar_t):
   what is left of the sprite at that noise), and the prediction's latent MSE on the generated
-  frames. A sampler's last step returns such a prediction (CogVideoX's 25 trailing DPM steps: from
-  t = 39), so a shape the prediction loses at every t a sampler cannot return.
+  frames (unguided: the conditional prediction alone). A sampler's last step returns such a
+  prediction, guided and combined with the step before by the multistep DPM solver (CogVideoX's 25
+  trailing DPM steps: from t = 39), so a shape the prediction loses at every t a sampler cannot return.
 """
 
 from __future__ import annotations
@@ -500,7 +502,9 @@ def predicted_x0(scheduler, noisy: torch.Tensor, output: torch.Tensor, t: int) -
         return a.sqrt() * noisy - (1 - a).sqrt() * output
     if kind == "epsilon":
         return (noisy - (1 - a).sqrt() * output) / a.sqrt()
-    return output
+    if kind == "sample":
+        return output
+    raise ValueError(f"the scheduler's prediction_type '{kind}' is not one of epsilon, v_prediction, sample.")
 
 
 def x0(weights: str | None, base: str | None, num: int, split: str, timesteps: list[int],
@@ -542,7 +546,7 @@ def x0(weights: str | None, base: str | None, num: int, split: str, timesteps: l
         for mode in modes:
             task.train_modes = {mode: 1.0}
             packed = task.pack(batch, training=True)
-            z, layout = encode_packed(backbone, packed, training=True, given_latents="sampled")
+            z, layout = encode_packed(backbone, packed, training=True, given_latents=module.given_latents)
             cond = backbone.encode_conditions(packed, latents=z, drop=None)
             keep = frame_mask(reimposed(backbone, layout), z)
             generated = ~layout.given[0]
@@ -555,7 +559,8 @@ def x0(weights: str | None, base: str | None, num: int, split: str, timesteps: l
                                                                                   make_step(packed, noisy, ts, cond)), t))
                 a = scheduler.alphas_cumprod[t]
                 shape, iou = scored(clean, packed, layout)
-                in_shape, in_iou = scored(torch.where(keep, z, noisy / a.sqrt()), packed, layout)
+                # the noisy input itself, rescaled to the clean latents' scale (nothing of it is left at a zero-SNR t)
+                in_shape, in_iou = scored(torch.where(keep, z, noisy / a.sqrt()), packed, layout) if a > 0 else (None, None)
                 out[mode][t] = {"snr": round(float(a / (1 - a)), 3), "shape_correct": shape, "alpha_iou": iou,
                                 "input shape_correct": in_shape, "input alpha_iou": in_iou,
                                 "latent MSE": round(((clean - z)[:, :, generated] ** 2).mean().item(), 4)}
@@ -639,6 +644,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.what == "x0":
         if args.weights is not None and not Path(args.weights).is_file():
             parser.error(f"--weights '{args.weights}' does not exist.")
+        if any(not 0 <= t < 1000 for t in args.timesteps):
+            parser.error(f"x0: --timesteps must lie in 0..999 (the scheduler's training timesteps); got {args.timesteps}.")
         print(f"one-step clean predictions of stage 1, {args.num} {args.split} clips: shape_correct and alpha IoU "
               "of the prediction and of the noisy input, decoded")
         for mode, rows in x0(args.weights, args.base, args.num, args.split, args.timesteps).items():
