@@ -222,6 +222,26 @@ def test_a_second_run_into_a_busy_folder_is_refused_naming_the_first(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".layerkit.lock"]
 
 
+def test_a_run_that_fails_before_its_first_step_leaves_no_folder_behind(tmp_path):
+    """The trainer's logger makes logs/ before the first step; a failure there leaves nothing (the
+    folder the run created, and the empty folders in it, are removed); a folder that was there
+    before is kept."""
+
+    class Boom(Callback):
+        def on_train_start(self, trainer, pl_module):
+            raise LayerkitError("boom before the first step.")
+
+    out = tmp_path / "new" / "run"
+    with pytest.raises(LayerkitError, match="boom before the first step"):
+        train([*BASE, "trainer.max_steps=2", f"output_dir={out}"], callbacks=[Boom()])
+    assert list(tmp_path.iterdir()) == []
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with pytest.raises(LayerkitError, match="boom before the first step"):
+        train([*BASE, "trainer.max_steps=2", f"output_dir={mine}"], callbacks=[Boom()])
+    assert mine.is_dir()
+
+
 def test_a_killed_runs_lock_and_traces_do_not_block_the_same_command(tmp_path, capsys):
     out = tmp_path / "run"
     (out / "logs").mkdir(parents=True)

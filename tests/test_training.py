@@ -346,8 +346,12 @@ def test_region_loss_weight_adds_the_sprites_loss_and_needs_a_region(registry, m
         assert torch.equal(packed.loss_region[:, 1 + k * f: 1 + (k + 1) * f], alpha.clamp(0, 1))
     module.task.train_modes, module.task.prepend_first_frame = {}, set()
     monkeypatch.setattr(type(module.task), "loss_region", staticmethod(lambda batch, segments: None))
-    with pytest.raises(LayerkitError, match="train.region_loss_weight is 2.0, but task '.*' marks no loss region"):
+    with pytest.raises(LayerkitError, match="train.region_loss_weight is 2.0, but this training batch of task '.*' "
+                                            "has no loss region"):
         loss(2.0, (module, batch))
+    monkeypatch.setattr(type(module.task), "marks_loss_region", False)  # a task that marks none: at build time
+    with pytest.raises(LayerkitError, match="train.region_loss_weight is 2.0, but task '.*' marks no loss region"):
+        _module_and_batch(registry, ["train.region_loss_weight=2"])
 
 
 def test_loss_weighting_scales_each_samples_loss_and_a_wrong_name_is_one_sentence(registry):

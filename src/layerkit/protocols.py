@@ -540,6 +540,8 @@ class Task:
     input_keys: tuple[str, ...] = ("num_samples", "seed", "prompt")
     #: those of them that name a file or folder: checked to exist before any model loads
     file_keys: tuple[str, ...] = ()
+    #: whether ``pack(..., training=True)`` marks ``Packed.loss_region`` (what ``train.region_loss_weight`` weighs)
+    marks_loss_region: bool = False
 
     def pack(self, batch: dict[str, Any], *, training: bool) -> Packed:
         raise NotImplementedError

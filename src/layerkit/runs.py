@@ -128,10 +128,17 @@ def run_lock(path: Path) -> Iterator[None]:
         break
     else:  # pragma: no cover - three stale locks in a row
         raise LayerkitError(f"output_dir '{path}': could not take its lock {lock}.")
+    failed = True
     try:
         yield
+        failed = False
     finally:
         lock.unlink(missing_ok=True)
+        if created and failed:  # a folder this failed run made: drop the empty folders in it (e.g. a logger's)
+            for root, _dirs, _files in os.walk(path, topdown=False):
+                if Path(root) != path:
+                    with contextlib.suppress(OSError):
+                        Path(root).rmdir()
         for folder in created:  # innermost first
             try:
                 folder.rmdir()

@@ -48,6 +48,7 @@ class LayeredTask(Task):
     name = "layered"
     input_keys = INPUT_KEYS
     file_keys = FILE_KEYS
+    marks_loss_region = True  # the sprite's matte (training batches that carry one)
 
     def __init__(self, mode: str = "auto", layout: str = "rgba", index_prefix: bool = True,
                  scale_from: dict[str, str] | None = None, default_seed: int = 0, num_samples: int = 1,

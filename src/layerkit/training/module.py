@@ -112,6 +112,9 @@ class LayerkitModule(L.LightningModule):
         self.region_weight = float(train.get("region_loss_weight", 0.0) or 0.0)
         if self.region_weight < 0:
             raise LayerkitError(f"train.region_loss_weight must be at least 0; got {self.region_weight}.")
+        if self.region_weight > 0 and not self.task.marks_loss_region:
+            raise LayerkitError(f"train.region_loss_weight is {self.region_weight}, but task '{self.task.name}' marks no "
+                                "loss region (Packed.loss_region) to weigh; set it to 0.")
         self.given_latents = str(train.get("given_latents", "sampled"))
         self.latent_cache = LatentCache(self.given_latents) if train.get("cache_latents") else None
         if train.get("cache_text"):
@@ -163,8 +166,8 @@ class LayerkitModule(L.LightningModule):
             weight = weight.float() * per_frame.view(1, 1, -1, *([1] * (weight.dim() - 3)))
         if self.region_weight > 0:  # per latent element, from the task's loss region (e.g. a sprite's matte)
             if packed.loss_region is None:
-                raise LayerkitError(f"train.region_loss_weight is {self.region_weight}, but task '{self.task.name}' "
-                                    "marks no loss region in its training batches (Packed.loss_region); set it to 0.")
+                raise LayerkitError(f"train.region_loss_weight is {self.region_weight}, but this training batch of "
+                                    f"task '{self.task.name}' has no loss region (e.g. no foreground matte); set it to 0.")
             factor = region_weights(packed.loss_region.to(weight.device), layout.windows, tuple(output.shape),
                                     self.region_weight)
             weight = weight.float() * factor

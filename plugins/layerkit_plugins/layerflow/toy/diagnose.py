@@ -203,22 +203,31 @@ def rebase(out: str, patch: int, width: int, heads: int, layers: int, source: st
     return sum(p.numel() for p in components["transformer"].parameters())
 
 
-def heldout(base: str | None, weights: str, num: int, timesteps: list[int],
-            modes: tuple[str, ...] = ("generate", "decompose")) -> dict[str, dict[int, float]]:
-    """Held-out (test split) v-loss on the generated parts of stage-1 weights, per mode and timestep."""
+def stage1_module(base: str | None, weights: str, overrides: list[str] = ()) -> torch.nn.Module:
+    """The toy's stage-1 training module (eager, no caches) on ``base`` (default: committed) with
+    ``weights`` loaded, in eval mode."""
     from layerkit.config import compose, to_plain
-    from layerkit.data.shapes import ShapesConfig, ShapesDataset
     from layerkit.pipeline import build_parts, load_trainable_state
     from layerkit.registry import get_registry
     from layerkit.training.module import LayerkitModule
-    from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
 
     registry = get_registry()
-    overrides = ["+experiment=toy_layerflow_stage1", "train.compile=false", "train.cache_latents=false", "train.cache_text=false",
-                 "train.loss_weighting=none"]  # the plain v-prediction loss, whatever stage 1 trains with
-    cfg = compose("train", overrides + ([f"backbone.path={base}"] if base else []), registry)
+    cfg = compose("train", ["+experiment=toy_layerflow_stage1", "train.compile=false", "train.cache_latents=false",
+                            "train.cache_text=false", *overrides, *([f"backbone.path={base}"] if base else [])],
+                  registry)
     module = LayerkitModule(build_parts(cfg, registry, training=True), to_plain(cfg)).eval()
     load_trainable_state(module, weights, parts=module.parts)
+    return module
+
+
+def heldout(base: str | None, weights: str, num: int, timesteps: list[int],
+            modes: tuple[str, ...] = ("generate", "decompose")) -> dict[str, dict[int, float]]:
+    """Held-out (test split) v-loss on the generated parts of stage-1 weights, per mode and timestep."""
+    from layerkit.data.shapes import ShapesConfig, ShapesDataset
+    from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
+
+    # the plain v-prediction loss, whatever stage 1 trains with
+    module = stage1_module(base, weights, ["train.loss_weighting=none"])
     module.prompt_dropout = 0.0
     data = ShapesDataset(num, seed=0, config=ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE), split="test")
     batch = module.task.collate([data[i] for i in range(num)])
@@ -510,28 +519,10 @@ def predicted_x0(scheduler, noisy: torch.Tensor, output: torch.Tensor, t: int) -
 def x0(weights: str | None, base: str | None, num: int, split: str, timesteps: list[int],
        modes: tuple[str, ...] = ("generate", "decompose")) -> dict[str, dict[int, dict[str, float]]]:
     """Per task and timestep: shape and matte of the one-step clean prediction and of the noisy input."""
-
-    from layerkit.config import compose, to_plain
-    from layerkit.pipeline import (
-        build_parts,
-        decode_packed,
-        encode_packed,
-        frame_mask,
-        load_trainable_state,
-        make_step,
-        predict,
-        reimposed,
-    )
-    from layerkit.registry import get_registry
-    from layerkit.training.module import LayerkitModule
+    from layerkit.pipeline import decode_packed, encode_packed, frame_mask, make_step, predict, reimposed
     from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
 
-    registry = get_registry()
-    cfg = compose("train", ["+experiment=toy_layerflow_stage1", "train.compile=false", "train.cache_latents=false",
-                            "train.cache_text=false", *([f"backbone.path={base}"] if base else [])], registry)
-    module = LayerkitModule(build_parts(cfg, registry, training=True), to_plain(cfg)).eval()
-    load_trainable_state(module, weights or str(Path(__file__).resolve().parent / "weights" / "stage1.safetensors"),
-                         parts=module.parts)
+    module = stage1_module(base, weights or str(Path(__file__).resolve().parent / "weights" / "stage1.safetensors"))
     task, backbone, scheduler = module.task, module.backbone, module.scheduler
     batch = task.collate(task.sample_inputs({"num_samples": num, "split": split}, height=SIZE, width=SIZE,
                                             num_frames=FRAMES))
