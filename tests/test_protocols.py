@@ -4,6 +4,7 @@ experiment config composed and fast-run, user inputs kept the user's, the per-fr
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -118,6 +119,67 @@ def test_one_vae_pass_over_the_packed_clip_equals_the_whole_clip_encoding():
     assert layout.lengths == [2, 2, 2, 2]
     assert torch.equal(latents[:, :, 4:6], whole[:, :, 4:6])
     assert (alone - whole[:, :, 4:6]).abs().max() > 1e-3, "the causal VAE sees the earlier sub-clips"
+
+
+def test_a_latent_norm_diffuses_the_named_segments_per_channel_and_decoding_undoes_it():
+    """``Packed.latent_norm``: the named segments' latent frames come out of encode_packed as
+    (z - mean) / std per channel, the others untouched; decode_packed decodes the same clip as without it."""
+    from layerkit_plugins.cogvideox.backbone import CogVideoX
+
+    from layerkit.pipeline import decode_packed, encode_packed
+    from layerkit.protocols import Packed, Segment
+
+    backbone = CogVideoX(tiny=True, tiny_layers=2).eval()
+    torch.manual_seed(0)
+    clips = [torch.rand(1, 8, 3, 32, 32) * 2 - 1 for _ in range(4)]
+    c = backbone.latent_channels
+    mean, std = torch.linspace(-1, 1, c), torch.linspace(0.1, 0.5, c)
+
+    def packed(norm):
+        return Packed([Segment(str(i), 8, v) for i, v in enumerate(clips)], torch.zeros(1, 32, dtype=torch.bool),
+                      [["x"]], 32, 32, latent_norm=norm)
+
+    with torch.no_grad():
+        plain, layout = encode_packed(backbone, packed(None), training=True)
+        normed, _ = encode_packed(backbone, packed({"1": (mean, std)}), training=True)
+        assert torch.equal(normed[:, :, :2], plain[:, :, :2]) and torch.equal(normed[:, :, 4:], plain[:, :, 4:])
+        expected = (plain[:, :, 2:4] - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+        assert torch.allclose(normed[:, :, 2:4], expected, atol=1e-5)
+        a = decode_packed(backbone, plain, packed(None), layout)
+        b = decode_packed(backbone, normed, packed({"1": (mean, std)}), layout)
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    with pytest.raises(LayerkitError, match="segment '1' has 3 means and 3 stds; the backbone's latents have"):
+        encode_packed(backbone, packed({"1": (torch.zeros(3), torch.ones(3))}), training=True)
+    from layerkit.pipeline import normalised  # only the frames a sampler encoded; the rest stay zeros
+
+    zeros = torch.zeros_like(plain)
+    some = normalised(zeros, packed({"1": (mean, std)}), layout, frames=torch.tensor([False] * 3 + [True] * 5))
+    assert torch.equal(some[:, :, :3], zeros[:, :, :3])
+    assert torch.allclose(some[:, :, 3], (-mean / std).view(1, -1, 1, 1).expand_as(some[:, :, 3]))
+
+
+def test_weights_trained_with_a_latent_norm_load_only_into_a_task_with_the_same(tmp_path):
+    """A run records its task's latent normalisation in the weights' metadata; loading them into a
+    task without it (or with other statistics) is one sentence, not latents decoded the wrong way."""
+    from types import SimpleNamespace
+
+    from layerkit.io.weights import save_weights
+    from layerkit.pipeline import check_latent_norm, latent_norm_record
+
+    norm = {"alpha": (torch.tensor([0.5, -1.0]), torch.tensor([0.2, 0.3]))}
+    trained = save_weights(tmp_path / "w.safetensors", {"x": torch.zeros(1)},
+                           metadata={"layerkit_latent_norm": latent_norm_record(norm)})
+    plain = save_weights(tmp_path / "plain.safetensors", {"x": torch.zeros(1)})
+    check_latent_norm(trained, SimpleNamespace(latent_norm=norm))
+    check_latent_norm(plain, SimpleNamespace(latent_norm=None))
+    check_latent_norm(plain, SimpleNamespace())  # a task that knows nothing of it
+    other = {"alpha": (torch.tensor([0.5, -1.0]), torch.tensor([0.2, 0.4]))}
+    cases = [(trained, None, "was trained with a latent normalisation of ['alpha'], but this run's task has none"),
+             (trained, other, "but this run's task has one of ['alpha']"),
+             (plain, norm, "was trained with no latent normalisation, but this run's task has one of ['alpha']")]
+    for path, task_norm, message in cases:
+        with pytest.raises(LayerkitError, match=re.escape(message)):
+            check_latent_norm(path, SimpleNamespace(latent_norm=task_norm))
 
 
 # ----------------------------------------------------------------------------------------
@@ -271,8 +333,10 @@ def test_packed_select_keeps_the_rows_asked_of_every_per_sample_part():
     packed = Packed(segments=[Segment("a", 2, video)], given=given, prompts=[["p0"], ["p1"], ["p2"]], height=2, width=2,
                     scales={"motion": torch.tensor([1.0, 0.0, 0.5])},
                     extras={"masks": torch.arange(3)[:, None].expand(3, 4), "table": torch.ones(5)},
-                    conditions={"fps": torch.tensor([8, 12, 24])}, loss_region=torch.rand(3, 2, 2, 2))
+                    conditions={"fps": torch.tensor([8, 12, 24])}, loss_region=torch.rand(3, 2, 2, 2),
+                    latent_norm={"a": (torch.zeros(4), torch.ones(4))})
     part = packed.select([2, 0])
+    assert part.latent_norm is packed.latent_norm
     assert torch.equal(part.loss_region, packed.loss_region[[2, 0]])
     assert torch.equal(part.segments[0].video, video[[2, 0]])
     assert torch.equal(part.given, given[[2, 0]]) and part.prompts == [["p2"], ["p0"]]

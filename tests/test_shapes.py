@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 from layerkit_plugins.layered.evaluate import evaluate_layered
@@ -347,3 +350,36 @@ def test_layered_task_shapes_world_draws_the_held_out_clips_of_another_world():
         LayeredTask(shapes_world={"height": 64})
     with pytest.raises(LayerkitError, match="task.shapes_world must map ShapesConfig fields to values"):
         LayeredTask(shapes_world="big")
+
+
+def test_layered_task_latent_norm_reads_a_mapping_or_a_file_and_refuses_a_wrong_one(tmp_path):
+    """task.latent_norm: layer -> per-channel mean/std (a mapping or a JSON file), carried by every
+    packed batch (the frame-0 copy with the foreground's); a wrong one is one sentence when the task is built."""
+    from layerkit_plugins.layered.task import FIRST, LayeredTask
+
+    from layerkit.data.shapes import ShapesConfig, collate_layered, make_sample
+
+    stats = {"alpha": {"mean": [0.5, -0.5], "std": [0.2, 0.4]}, "foreground": {"mean": [0, 0], "std": [1, 2]}}
+    (tmp_path / "norm.json").write_text(json.dumps(stats))
+    for spec in (stats, str(tmp_path / "norm.json")):
+        task = LayeredTask(latent_norm=spec, train_modes={"fg2bg": 1}, prepend_first_frame=["fg2bg"])
+        batch = collate_layered([make_sample(1, ShapesConfig(num_frames=4, height=16, width=16))])
+        packed = task.pack(batch, training=True)
+        assert [s.name for s in packed.segments][0] == FIRST
+        mean, std = packed.latent_norm["alpha"]
+        assert mean.tolist() == [0.5, -0.5] and std.tolist() == pytest.approx([0.2, 0.4])
+        assert packed.latent_norm[FIRST][1].tolist() == [1.0, 2.0]
+    assert LayeredTask(latent_norm=None).pack(batch, training=True).latent_norm is None
+    wrong = [({"matte": stats["alpha"]}, "names the layer 'matte'; this layout's layers are"),
+             ({"alpha": {"mean": [0.0]}}, "task.latent_norm.alpha must be {mean: [numbers], std: [numbers]}"),
+             ({"alpha": {"mean": [0.0, 1.0], "std": [1.0]}}, "one mean and one std per latent channel; got 2 means and 1"),
+             ({"alpha": {"mean": [0.0], "std": [0.0]}}, "finite means and finite stds > 0"),
+             ({"alpha": {"mean": [0.0], "std": [float("nan")]}}, "finite means and finite stds > 0"),
+             ({"alpha": {"mean": [float("inf")], "std": [1.0]}}, "finite means and finite stds > 0"),
+             (str(tmp_path / "missing.json"), "does not exist"),
+             ([1, 2], "must map layer names to")]
+    (tmp_path / "bad.json").write_text("{not json")
+    wrong.append((str(tmp_path / "bad.json"), "is not JSON"))
+    for spec, message in wrong:
+        with pytest.raises(LayerkitError, match=re.escape(message)):
+            LayeredTask(latent_norm=spec)

@@ -236,7 +236,9 @@ def test_toy_tools_refuse_a_missing_vae_folder_and_no_latent_channels(tmp_path, 
              (train_vae.main, ["--latent-channels", "0", "--out", str(tmp_path / "b")], "must be at least 1"),
              (diagnose.main, ["implied", "--base", str(tmp_path / "missing")], "is not a toy model folder"),
              (diagnose.main, ["x0", "--weights", str(tmp_path / "missing.safetensors")], "does not exist"),
-             (diagnose.main, ["x0", "--timesteps", "39", "1000"], "--timesteps must lie in 0..999")]
+             (diagnose.main, ["x0", "--timesteps", "39", "1000"], "--timesteps must lie in 0..999"),
+             (diagnose.main, ["latent-stats"], "latent-stats needs --out FILE.json"),
+             (diagnose.main, ["latent-stats", "--num", "1", "--out", str(tmp_path / "s.json")], "at least 2 clips")]
     for main, args, message in cases:
         with pytest.raises(SystemExit) as error:
             main(args)
@@ -526,7 +528,16 @@ def test_cpu_offload_on_cuda_matches_fp32_cpu_sampling(registry, tmp_path):
 
 @needs_weights
 def test_diagnostics_show_what_the_model_card_says():
-    from layerkit_plugins.layerflow.toy.diagnose import colours, given, implied, shapes, step_time, swap, x0
+    from layerkit_plugins.layerflow.toy.diagnose import (
+        colours,
+        given,
+        implied,
+        latent_stats,
+        shapes,
+        step_time,
+        swap,
+        x0,
+    )
 
     rows = colours(24)  # held-out packed clips through the committed VAE, one pass
     print(json.dumps(rows))
@@ -566,6 +577,11 @@ def test_diagnostics_show_what_the_model_card_says():
         assert low["snr"] > 8 > 0.01 > high["snr"]
         assert low["latent MSE"] < high["latent MSE"] and low["input alpha_iou"] > high["input alpha_iou"]
         assert low["alpha_iou"] > 0.6 and 0.0 <= low["shape_correct"] <= 1.0
+    stats = latent_stats(None, 8, ["alpha", "blended"])  # the VAE's own latents, per channel
+    print(json.dumps(stats))
+    assert set(stats) == {"alpha", "blended"} and all(len(v["std"]) == 8 for v in stats.values())
+    mean_std = {k: sum(v["std"]) / len(v["std"]) for k, v in stats.items()}  # 1024 train clips: 0.21 and 0.98
+    assert mean_std["alpha"] < 0.4 and mean_std["blended"] > 0.7, "a matte's latents lie far below unit scale"
 
 
 @pytest.mark.parametrize("kind", ["v_prediction", "epsilon", "sample"])

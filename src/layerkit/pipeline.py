@@ -225,7 +225,7 @@ def encode_packed(backbone: Backbone, packed: Packed, *, training: bool = False,
         index = torch.nonzero(needed).flatten()
         latents = zeros.clone()
         latents[:, :, index.to(device)] = backbone.encode_video(video[:, index.to(video.device)]).to(zeros.dtype)
-        return latents, layout
+        return normalised(latents, packed, layout, frames=needed), layout  # frames not encoded stay zeros
     if backbone.vae_pass == "clip":
         latents = backbone.encode_video(video)
         known = packed.given.to(video.device)
@@ -241,13 +241,47 @@ def encode_packed(backbone: Backbone, packed: Packed, *, training: bool = False,
     if latents.shape[2] != f:
         raise LayerkitError(f"the backbone encoded {video.shape[1]} frames into {latents.shape[2]} latent frames; "
                             f"its frame_windows promise {f}.")
-    return latents, layout
+    return normalised(latents, packed, layout), layout
+
+
+def normalised(latents: torch.Tensor, packed: Packed, layout: Layout, *, inverse: bool = False,
+               frames: torch.Tensor | None = None) -> torch.Tensor:
+    """The latents with each segment named in ``packed.latent_norm`` as (z - mean) / std per channel
+    (``inverse``: back to the backbone's latents), in float32 and cast back; the others as they are.
+    ``frames`` ([f] bool): only those latent frames (the others keep their values)."""
+    if not packed.latent_norm:
+        return latents
+    out, start = latents.clone(), 0
+    for seg, length in zip(packed.segments, layout.lengths, strict=True):
+        stats = packed.latent_norm.get(seg.name)
+        if stats is not None and length:
+            mean, std = (torch.as_tensor(v, dtype=torch.float32, device=latents.device) for v in stats)
+            if mean.numel() != latents.shape[1] or std.numel() != latents.shape[1]:
+                raise LayerkitError(f"the latent normalisation of segment '{seg.name}' has {mean.numel()} means and "
+                                    f"{std.numel()} stds; the backbone's latents have {latents.shape[1]} channels.")
+            mean, std = mean.view(1, -1, 1, 1, 1), std.view(1, -1, 1, 1, 1)
+            part = latents[:, :, start : start + length].float()
+            part = part * std + mean if inverse else (part - mean) / std
+            if frames is not None:
+                keep = frames[start : start + length].to(latents.device).view(1, 1, -1, 1, 1)
+                part = torch.where(keep, part, latents[:, :, start : start + length].float())
+            out[:, :, start : start + length] = part.to(latents.dtype)
+        start += length
+    return out
+
+
+def latent_norm_record(norm: dict[str, tuple[Any, Any]] | None) -> dict[str, dict[str, list[float]]]:
+    """A task's latent normalisation as plain lists (what trained weights record), {} for none."""
+    return {name: {"mean": [round(float(v), 6) for v in torch.as_tensor(mean).flatten()],
+                   "std": [round(float(v), 6) for v in torch.as_tensor(std).flatten()]}
+            for name, (mean, std) in sorted((norm or {}).items())}
 
 
 def decode_packed(backbone: Backbone, latents: torch.Tensor, packed: Packed, layout: Layout) -> dict[str, torch.Tensor]:
     """Latents [B, C, f, h, w] -> segment name -> [B, F_s, C', H, W] in [-1, 1] (one decoder pass
     over the clip, or one per segment, as the backbone encodes)."""
     frames = packed.segment_frames()
+    latents = normalised(latents, packed, layout, inverse=True)
     if backbone.vae_pass == "clip":
         video = backbone.decode_latents(latents)
         if video.shape[1] != sum(frames):
@@ -324,6 +358,8 @@ def load_trainable_state(module: nn.Module, path: str | Path, *, parts: Parts | 
     from layerkit.io.weights import load_weights
 
     state = load_weights(path, allow_pickle=allow_pickle)
+    if parts is not None:
+        check_latent_norm(path, parts.task)
     own = module.state_dict()
     attached = list(parts.adapters.values()) if parts else []
     dormant = list(parts.dormant.values()) if parts else []
@@ -348,6 +384,27 @@ def load_trainable_state(module: nn.Module, path: str | Path, *, parts: Parts | 
         )
     module.load_state_dict(placed, strict=False)
     return list(placed)
+
+
+def check_latent_norm(path: str | Path, task: Any) -> None:
+    """Weights trained with a latent normalisation (``Task.latent_norm``, recorded in their metadata as
+    ``layerkit_latent_norm``) load only into a task with the same one: decoded the other way their
+    latents would be wrong without any error."""
+    from layerkit.io.weights import read_metadata
+
+    if Path(path).suffix != ".safetensors":
+        return
+    trained = read_metadata(path).get("layerkit_latent_norm") or {}
+    current = latent_norm_record(getattr(task, "latent_norm", None))
+    same = set(trained) == set(current) and all(
+        len(trained[k][s]) == len(current[k][s])
+        and all(abs(float(a) - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(trained[k][s], current[k][s], strict=True))
+        for k in current for s in ("mean", "std"))
+    if not same:
+        had = f"a latent normalisation of {sorted(trained)}" if trained else "no latent normalisation"
+        now = f"one of {sorted(current)}" if current else "none"
+        raise LayerkitError(f"weights file '{path}' was trained with {had}, but this run's task has {now}; set "
+                            f"task.latent_norm as it was in training (the weights' run record has it).")
 
 
 def weight_files(value: Any) -> list[str]:

@@ -78,6 +78,10 @@ class Packed:
         :meth:`Backbone.encode_conditions`.
     loss_region: optional [B, F, H, W] in [0, 1] per pixel frame: where the training loss may weigh
         more (``train.region_loss_weight``), e.g. a layered task's sprite matte; None: nowhere.
+    latent_norm: optional segment name -> (mean [C], std [C]): the latents of that segment's latent
+        frames are diffused as (z - mean) / std per channel (:func:`layerkit.pipeline.encode_packed`
+        applies it, :func:`~layerkit.pipeline.decode_packed` undoes it); segments not named keep the
+        backbone's latents. For layers whose latents sit far below the noise's unit scale (a matte).
     """
 
     segments: list[Segment]
@@ -89,6 +93,7 @@ class Packed:
     extras: dict[str, Any] = field(default_factory=dict)
     conditions: dict[str, Any] = field(default_factory=dict)
     loss_region: torch.Tensor | None = None
+    latent_norm: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
         total = sum(s.num_frames for s in self.segments)
@@ -131,7 +136,8 @@ class Packed:
                       prompts=[self.prompts[j] for j in rows], height=self.height, width=self.width,
                       scales=take_rows(self.scales, index, b), extras=take_rows(self.extras, index, b),
                       conditions=take_rows(self.conditions, index, b),
-                      loss_region=None if self.loss_region is None else self.loss_region[index.to(self.loss_region.device)])
+                      loss_region=None if self.loss_region is None else self.loss_region[index.to(self.loss_region.device)],
+                      latent_norm=self.latent_norm)
 
     def given_segment(self, name: str) -> torch.Tensor:
         """[B] True where every frame of segment ``name`` is given."""
@@ -542,6 +548,9 @@ class Task:
     file_keys: tuple[str, ...] = ()
     #: whether ``pack(..., training=True)`` marks ``Packed.loss_region`` (what ``train.region_loss_weight`` weighs)
     marks_loss_region: bool = False
+    #: the ``Packed.latent_norm`` its batches carry (segment -> (mean, std)); weights trained with one
+    #: record it and load only into a task with the same (:func:`layerkit.pipeline.load_trainable_state`)
+    latent_norm: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def pack(self, batch: dict[str, Any], *, training: bool) -> Packed:
         raise NotImplementedError

@@ -22,6 +22,7 @@ the frame count, ``train_modes`` draws one mode per batch.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,42 @@ FILE_MODE = {"blended": "decompose", "foreground": "fg2bg", "alpha": "fg2bg", "b
 FIRST = "first_frame"
 
 
+def read_latent_norm(spec: Any, names: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``task.latent_norm``: layer name -> {mean: [C], std: [C]}, or the path of a JSON file holding
+    that mapping (``layerkit toy-layerflow-diagnose latent-stats`` writes one): those layers' latents
+    are diffused per channel as (z - mean) / std (``Packed.latent_norm``). None or {}: none."""
+    if spec is None or (hasattr(spec, "items") and not spec):
+        return {}
+    if isinstance(spec, str | Path):
+        path = Path(spec)
+        if not path.is_file():
+            raise LayerkitError(f"task.latent_norm file {path} does not exist.")
+        try:
+            spec = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise LayerkitError(f"task.latent_norm file {path} is not JSON ({err}).") from None
+    if not hasattr(spec, "items"):
+        raise LayerkitError(f"task.latent_norm must map layer names to {{mean: [...], std: [...]}} or name a JSON "
+                            f"file that does; got {spec!r}.")
+    out = {}
+    for name, stats in spec.items():
+        if name not in names:
+            raise LayerkitError(f"task.latent_norm names the layer '{name}'; this layout's layers are {list(names)}.")
+        try:
+            mean, std = (torch.as_tensor([float(v) for v in stats[k]]) for k in ("mean", "std"))
+        except (KeyError, TypeError, ValueError):
+            raise LayerkitError(f"task.latent_norm.{name} must be {{mean: [numbers], std: [numbers]}}, one per "
+                                f"latent channel; got {stats!r}.") from None
+        if mean.numel() != std.numel() or not mean.numel():
+            raise LayerkitError(f"task.latent_norm.{name} needs one mean and one std per latent channel; got "
+                                f"{mean.numel()} means and {std.numel()} stds.")
+        if not bool(torch.isfinite(mean).all() & torch.isfinite(std).all()) or bool((std <= 0).any()):
+            raise LayerkitError(f"task.latent_norm.{name} needs finite means and finite stds > 0; got means "
+                                f"{mean.tolist()} and stds {std.tolist()}.")
+        out[str(name)] = (mean, std)
+    return out
+
+
 class LayeredTask(Task):
     name = "layered"
     input_keys = INPUT_KEYS
@@ -53,7 +90,7 @@ class LayeredTask(Task):
     def __init__(self, mode: str = "auto", layout: str = "rgba", index_prefix: bool = True,
                  scale_from: dict[str, str] | None = None, default_seed: int = 0, num_samples: int = 1,
                  train_modes: dict[str, float] | None = None, prepend_first_frame: bool | list[str] = (),
-                 shapes_world: dict[str, Any] | None = None) -> None:
+                 shapes_world: dict[str, Any] | None = None, latent_norm: Any = None) -> None:
         if mode not in MODES:
             raise LayerkitError(f"unknown layered mode '{mode}'; modes are {', '.join(MODES)}.")
         if layout not in LAYOUTS:
@@ -80,6 +117,9 @@ class LayeredTask(Task):
         if layout == "video" and ({mode} | set(self.train_modes)) - {"generate", "auto"}:
             raise LayerkitError("task.layout=video is the blended scene alone (text-to-video): its only mode is "
                                 f"generate; got mode {mode} and train_modes {sorted(self.train_modes)}.")
+        self.latent_norm = read_latent_norm(latent_norm, LAYOUTS[layout])
+        if self.latent_norm and LAYOUTS[layout][0] in self.latent_norm:  # the frame-0 copy is that layer's frame
+            self.latent_norm[FIRST] = self.latent_norm[LAYOUTS[layout][0]]
 
     def given_names(self, mode: str) -> list[str]:
         return [n for n in GIVEN[mode] if n in LAYOUTS[self.layout]]
@@ -149,7 +189,8 @@ class LayeredTask(Task):
         scales = {adapter: torch.as_tensor(batch[key], dtype=torch.float32).reshape(b)
                   for adapter, key in self.scale_from.items() if key in batch}
         return Packed(segments, given, prompts, h, w, scales=scales, extras={"mode": mode},
-                      loss_region=self.loss_region(batch, segments) if training else None)
+                      loss_region=self.loss_region(batch, segments) if training else None,
+                      latent_norm=self.latent_norm or None)
 
     @staticmethod
     def loss_region(batch: dict[str, Any], segments: list[Segment]) -> torch.Tensor | None:

@@ -140,7 +140,7 @@ def _fit(cfg: DictConfig, registry: Registry, output_dir: Path, callbacks: Seque
     import lightning as L
 
     from layerkit.checks import apply_threads
-    from layerkit.pipeline import build_parts, load_trainable_state, weight_files
+    from layerkit.pipeline import build_parts, latent_norm_record, load_trainable_state, weight_files
     from layerkit.training.checkpoint import check_fits
     from layerkit.training.data import LayerkitDataModule
     from layerkit.training.module import LayerkitModule
@@ -197,7 +197,8 @@ def _fit(cfg: DictConfig, registry: Registry, output_dir: Path, callbacks: Seque
             output_dir / WEIGHTS_NAME,
             module.ema_state_dict(),  # the EMA weights when train.ema_decay > 0: what sampling uses
             metadata={"layerkit_config": config, "global_step": trainer.global_step,
-                      "ema_decay": module.ema_decay},
+                      "ema_decay": module.ema_decay,
+                      **({"layerkit_latent_norm": norm} if (norm := latent_norm_record(parts.task.latent_norm)) else {})},
         )
         if module.ema is not None:  # exports carry the EMA weights too
             module.ema.copy_to([p for p in module.parameters() if p.requires_grad])

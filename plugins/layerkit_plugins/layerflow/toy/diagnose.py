@@ -11,6 +11,7 @@
     layerkit toy-layerflow-diagnose shapes      # how far apart are the four shapes in latent space?
     layerkit toy-layerflow-diagnose implied [--base DIR]   # which decoded layer costs the composite-implied matte?
     layerkit toy-layerflow-diagnose x0 [--weights W] [--split val]   # at which noise level does the denoiser lose the shape?
+    layerkit toy-layerflow-diagnose latent-stats --num 1024 --out F.json   # per-channel latent mean/std per layer
 
 - ``colours``: packed held-out test clips ([fg, alpha, bg, blended], one VAE pass) through the
   committed VAE; per true sprite colour, the mean decoded foreground RGB where the true alpha > 0.9.
@@ -46,7 +47,8 @@
 - ``shapes``: how precise a layer's latents must be to carry the sprite's shape. Each held-out test
   clip's sprite is redrawn as each of the other three shapes (same path, size, colour and
   background), and moved 1 px right; every packed clip is encoded as training encodes it (one VAE
-  pass). Per layer (foreground, alpha): the latent MSE between the clip and its redrawings (the
+  pass). Per layer (foreground, alpha, and the blended clip decomposition reads): the latent MSE
+  between the clip and its redrawings (the
   mean over the three other shapes, and the nearest one), and the 1 px shift, against the layer's
   latent variance: the figures to hold against ``swap``'s latent MSE of a sampled decomposition.
 - ``implied``: the ceiling of a generation's ``alpha_iou`` (the decoded matte against the matte the
@@ -55,6 +57,11 @@
   per sprite colour), and the same with some layers true instead of decoded: which layer's
   reconstruction loses it; and where the disagreeing pixels lie (within 2 px of the true sprite or
   farther).
+- ``latent-stats``: per layer (``--layers-of``, default foreground and alpha), the per-channel mean
+  and std of its latents over ``--num`` train clips (stage 1's data, seed 0), packed and encoded
+  as training encodes them: the JSON file ``task.latent_norm`` reads (those layers diffused at unit
+  scale). Its ``foreground`` entry also serves fg2bg's and bg2fg's frame-0 copy, which the causal
+  VAE encodes alone (not measured on its own).
 - ``x0``: stage-1 weights (``--weights``, default the committed stage 1; ``--base DIR``: the
   backbone.path they run on),
   held-out clips (``--split``, ``--num``), per task (generate, decompose) and timestep t: the true
@@ -65,6 +72,8 @@
   frames (unguided: the conditional prediction alone). A sampler's last step returns such a
   prediction, guided and combined with the step before by the multistep DPM solver (CogVideoX's 25
   trailing DPM steps: from t = 39), so a shape the prediction loses at every t a sampler cannot return.
+  Extra stage-1 train overrides after the command (e.g. ``task.latent_norm=FILE``) build the module
+  those weights were trained in; with a latent normalisation the latent MSE is in its units.
 """
 
 from __future__ import annotations
@@ -449,7 +458,7 @@ def shapes(num: int, extra: list[str] = ()) -> dict[str, float]:
     others = {k: encode([redraw(s, SHAPES[(SHAPES.index(shape) + k) % len(SHAPES)])
                          for s, shape in zip(samples, sprite_shapes, strict=True)])[0] for k in (1, 2, 3)}
     out: dict[str, float] = {}
-    for name in ("foreground", "alpha"):
+    for name in ("foreground", "alpha", "blended"):  # the blended clip: what decomposition reads the shape from
         frames = bounds[name]
         per_clip = torch.stack([(z[:, :, frames] - true[:, :, frames]).pow(2).mean((1, 2, 3, 4))
                                 for z in others.values()])  # [3, B]
@@ -457,6 +466,41 @@ def shapes(num: int, extra: list[str] = ()) -> dict[str, float]:
         out[f"latent MSE, another shape (mean of three): {name}"] = round(per_clip.mean().item(), 4)
         out[f"latent MSE, the nearest other shape: {name}"] = round(per_clip.min(0).values.mean().item(), 4)
         out[f"latent MSE, moved 1 px: {name}"] = round((moved[:, :, frames] - true[:, :, frames]).pow(2).mean().item(), 4)
+    return out
+
+
+def latent_stats(base: str | None, num: int, layers: list[str]) -> dict[str, dict[str, list[float]]]:
+    """Per layer, the per-channel mean and std of its latents over ``num`` training clips (the
+    train split of stage 1's data, seed 0), packed and encoded as training encodes them (one VAE
+    pass): the ``task.latent_norm`` that diffuses those layers' latents at unit scale."""
+    from layerkit.config import compose
+    from layerkit.data.shapes import ShapesConfig, make_sample, seed_for
+    from layerkit.pipeline import build_parts, encode_packed
+    from layerkit.registry import get_registry
+    from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
+
+    torch.manual_seed(0)  # the VAE's posterior draws (its log-variance head is near zero: std ~3e-7)
+    registry = get_registry()
+    cfg = compose("train", ["+experiment=toy_layerflow_stage1", "task.latent_norm=null",
+                            *([f"backbone.path={base}"] if base else [])], registry)
+    parts = build_parts(cfg, registry, training=False)
+    parts.task.train_modes = {}  # pack every layer as generation does (no frame-0 copy)
+    config = ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE, num_sprites=1)
+    chunks = []
+    for start in range(0, num, 32):
+        items = [make_sample(seed_for("train", 0, i), config) for i in range(start, min(num, start + 32))]
+        packed = parts.task.pack(parts.task.collate(items), training=True)
+        with torch.no_grad():
+            z, layout = encode_packed(parts.backbone, packed, training=True)
+        chunks.append(z.float())
+    z = torch.cat(chunks)
+    out, start = {}, 0
+    for seg, length in zip(packed.segments, layout.lengths, strict=True):
+        if seg.name in layers:
+            part = z[:, :, start : start + length].transpose(0, 1).reshape(z.shape[1], -1)
+            out[seg.name] = {"mean": [round(v, 5) for v in part.mean(1).tolist()],
+                             "std": [round(v, 5) for v in part.std(1).tolist()]}
+        start += length
     return out
 
 
@@ -517,12 +561,13 @@ def predicted_x0(scheduler, noisy: torch.Tensor, output: torch.Tensor, t: int) -
 
 
 def x0(weights: str | None, base: str | None, num: int, split: str, timesteps: list[int],
-       modes: tuple[str, ...] = ("generate", "decompose")) -> dict[str, dict[int, dict[str, float]]]:
+       modes: tuple[str, ...] = ("generate", "decompose"), overrides: list[str] = ()) -> dict[str, dict[int, dict[str, float]]]:
     """Per task and timestep: shape and matte of the one-step clean prediction and of the noisy input."""
     from layerkit.pipeline import decode_packed, encode_packed, frame_mask, make_step, predict, reimposed
     from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
 
-    module = stage1_module(base, weights or str(Path(__file__).resolve().parent / "weights" / "stage1.safetensors"))
+    module = stage1_module(base, weights or str(Path(__file__).resolve().parent / "weights" / "stage1.safetensors"),
+                           overrides)
     task, backbone, scheduler = module.task, module.backbone, module.scheduler
     batch = task.collate(task.sample_inputs({"num_samples": num, "split": split}, height=SIZE, width=SIZE,
                                             num_frames=FRAMES))
@@ -561,13 +606,16 @@ def x0(weights: str | None, base: str | None, num: int, split: str, timesteps: l
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["colours", "given", "step-time", "rebase", "heldout", "positions",
-                                            "probe", "swap", "shapes", "implied", "x0"])
+                                            "probe", "swap", "shapes", "implied", "x0", "latent-stats"])
     parser.add_argument("--num", type=int, default=16, help="held-out clips (colours, given, heldout); probe: 64x train "
                         "and 16x held-out clips; implied: val clips per sprite colour, 6 colours (the card: --num 4)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[200, 500, 800, 950])
     parser.add_argument("--repeats", type=int, default=10, help="timed steps (step-time)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", help="rebase: the new base directory")
+    parser.add_argument("--out", help="rebase: the new base directory; latent-stats: the JSON file to write")
+    parser.add_argument("--layers-of", nargs="+", default=["foreground", "alpha"], dest="stat_layers",
+                        choices=["foreground", "alpha", "background", "blended"],
+                        help="latent-stats: the layers to measure (default: foreground alpha)")
     parser.add_argument("--source", default=None, help="rebase: the base whose VAE to take (default: committed)")
     parser.add_argument("--patch", type=int, default=2)
     parser.add_argument("--width", type=int, default=128)
@@ -579,15 +627,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="rebase: 3D rotary positions (CogVideoX-5B's) instead of the sincos table, or not")
     parser.add_argument("--snr-shift", type=float, default=None,
                         help="rebase: the scheduler's snr_shift_scale (default: the committed 3.0)")
-    parser.add_argument("--base", default=None, help="heldout, probe, implied, x0: backbone.path (default: committed)")
+    parser.add_argument("--base", default=None, help="heldout, probe, implied, x0, latent-stats: backbone.path "
+                        "(default: committed)")
     parser.add_argument("--weights", default=None, help="heldout, x0: stage-1 weights.safetensors (x0: default the "
                         "committed stage 1)")
     parser.add_argument("--split", default="test", choices=("val", "test"), help="x0: held-out split")
-    parser.add_argument("overrides", nargs="*", help="swap, shapes: extra sample overrides (e.g. backbone.path=DIR)")
+    parser.add_argument("overrides", nargs="*", help="swap, shapes: extra sample overrides (e.g. backbone.path=DIR); "
+                        "x0: extra stage-1 train overrides (e.g. task.latent_norm=FILE)")
     args = parser.parse_intermixed_args(argv)  # options before or after the overrides
-    if args.overrides and args.what not in ("swap", "shapes"):
-        parser.error(f"extra overrides are for swap and shapes, not {args.what}")
-    if (args.base is not None and args.what in ("heldout", "probe", "implied", "x0")
+    if args.overrides and args.what not in ("swap", "shapes", "x0"):
+        parser.error(f"extra overrides are for swap, shapes and x0, not {args.what}")
+    if (args.base is not None and args.what in ("heldout", "probe", "implied", "x0", "latent-stats")
             and not (Path(args.base) / "vae" / "config.json").is_file()):
         parser.error(f"--base '{args.base}' is not a toy model folder (no vae/config.json there; e.g. "
                      "plugins/layerkit_plugins/layerflow/toy/weights or a toy-layerflow-vae --out folder).")
@@ -639,9 +689,24 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"x0: --timesteps must lie in 0..999 (the scheduler's training timesteps); got {args.timesteps}.")
         print(f"one-step clean predictions of stage 1, {args.num} {args.split} clips: shape_correct and alpha IoU "
               "of the prediction and of the noisy input, decoded")
-        for mode, rows in x0(args.weights, args.base, args.num, args.split, args.timesteps).items():
+        for mode, rows in x0(args.weights, args.base, args.num, args.split, args.timesteps,
+                             overrides=args.overrides).items():
             for t, row in rows.items():
                 print(mode, t, json.dumps(row))
+    elif args.what == "latent-stats":
+        if not args.out:
+            parser.error("latent-stats needs --out FILE.json")
+        if Path(args.out).exists():
+            parser.error(f"latent-stats: '{args.out}' exists; choose a new file.")
+        if not Path(args.out).resolve().parent.is_dir():
+            parser.error(f"latent-stats: the folder of '{args.out}' does not exist.")
+        if args.num < 2:
+            parser.error("latent-stats: --num must be at least 2 clips.")
+        stats = latent_stats(args.base, args.num, args.stat_layers)
+        Path(args.out).write_text(json.dumps(stats, indent=1) + "\n")
+        for name, row in stats.items():
+            print(name, json.dumps(row))
+        print(f"wrote {args.out}")
     elif args.what == "heldout":
         if not args.weights:
             parser.error("heldout needs --weights FILE")

@@ -327,4 +327,34 @@ if [[ "${TRIED:-0}" == 1 ]]; then
   for size in '' '[0.45,0.6]' '[0.5,0.7]'; do  # '': the shapes world's own 0.3-0.45
     layerkit toy-layerflow-eval --split val --num-samples 32 ${size:+"+task.shapes_world.sprite_size=$size"}
   done
+  # each layer's latents at unit scale (task.latent_norm; the card's "Tried and not kept: each layer's
+  # latents at unit scale"): the per-channel statistics, then stage 1 alone with them (as committed;
+  # with v-prediction's loss and every layer 1; with SNR shift 1), each evaluated and diagnosed
+  mkdir -p $R/tried  # latent-stats refuses an existing file: a rerun keeps the first one
+  [[ -f $R/tried/latent_stats_all.json ]] || layerkit toy-layerflow-diagnose latent-stats --num 1024 \
+      --layers-of foreground alpha background blended --out $R/tried/latent_stats_all.json
+  [[ -f $R/tried/latent_norm.json ]] || layerkit toy-layerflow-diagnose latent-stats --num 1024 \
+      --out $R/tried/latent_norm.json
+  NORM=$PWD/$R/tried/latent_norm.json
+  mkdir -p $R/tried/base_shift1  # the committed base with the scheduler's SNR shift 1 instead of 3
+  cp -r plugins/layerkit_plugins/layerflow/toy/weights/{transformer,vae,text_encoder,tokenizer,scheduler} $R/tried/base_shift1/
+  sed -i 's/"snr_shift_scale": 3.0/"snr_shift_scale": 1.0/' $R/tried/base_shift1/scheduler/scheduler_config.json
+  declare -A NORM_RUNS=([norm]="" [norm_v]="train.loss_weighting=none ${UNIT[*]}"
+                        [norm_shift1]="backbone.path=$PWD/$R/tried/base_shift1")
+  for run in norm norm_v norm_shift1; do
+    # shellcheck disable=SC2086  # the overrides split into words
+    OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 task.latent_norm=$NORM ${NORM_RUNS[$run]} \
+        output_dir=$R/tried/$run
+    base=$(echo "${NORM_RUNS[$run]}" | grep -o 'backbone.path=[^ ]*' || true)
+    # shellcheck disable=SC2086
+    layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stage 1 alone, decompose' \
+        --rows 'stage 1 alone, generate' --grid "weights=$PWD/$R/tried/$run/weights.safetensors task.latent_norm=$NORM $base"
+    # shellcheck disable=SC2086
+    layerkit toy-layerflow-diagnose x0 --num 32 --split val --timesteps 39 200 400 800 \
+        --weights $R/tried/$run/weights.safetensors task.latent_norm=$NORM $base
+  done
+  layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stage 1 alone, decompose' \
+      --rows 'stage 1 alone, generate' --grid "weights=$PWD/$R/tried/norm/weights.safetensors task.latent_norm=$NORM \
+sampler.guidance_scale=1.0" --grid "weights=$PWD/$R/tried/norm/weights.safetensors task.latent_norm=$NORM sampler.guidance_scale=3.0"
+  layerkit toy-layerflow-diagnose shapes  # the blended row of "Why blobs"
 fi
