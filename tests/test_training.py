@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -285,6 +286,30 @@ def test_segment_loss_weights_weigh_each_layers_frames_and_a_wrong_name_is_one_s
         loss({"fg": 2.0})
     with pytest.raises(LayerkitError, match="train.segment_loss_weights.alpha must be a number >= 0; got -1"):
         loss({"alpha": -1})
+
+
+def test_segment_loss_weights_are_checked_against_every_segment_the_task_may_pack():
+    """A weight on the frame-0 copy (packed by fg2bg and bg2fg only) weighs those batches and leaves a
+    generate batch at 1, instead of failing at whichever step first draws generate; a typo is refused
+    when the module is built (the task's segment_names), not at a training step."""
+    from layerkit_plugins.layered.task import FIRST, LayeredTask
+
+    from layerkit.data.shapes import ShapesConfig, collate_layered, make_sample
+    from layerkit.errors import LayerkitError
+    from layerkit.training.weighting import check_segment_names, segment_frame_weights
+
+    task = LayeredTask(prepend_first_frame=["fg2bg"], train_modes={"generate": 1})
+    assert task.segment_names == ("foreground", "alpha", "background", "blended", FIRST)
+    assert LayeredTask().segment_names == ("foreground", "alpha", "background", "blended")
+    check_segment_names({FIRST: 2.0}, task.segment_names)
+    packed = task.pack(collate_layered([make_sample(1, ShapesConfig(num_frames=4, height=16, width=16))]),
+                       training=True)  # generate: no frame-0 copy
+    layout = SimpleNamespace(lengths=[1, 1, 1, 1])
+    assert segment_frame_weights({FIRST: 2.0}, packed, layout, task.segment_names).tolist() == [1.0] * 4
+    with pytest.raises(LayerkitError, match="names 'first_frame', which this task does not pack"):
+        segment_frame_weights({FIRST: 2.0}, packed, layout)  # a task that does not say: this batch's segments
+    with pytest.raises(LayerkitError, match="names 'fg', which this task does not pack; its segments are 'foreground'"):
+        check_segment_names({"fg": 2.0}, task.segment_names)
 
 
 def test_segment_loss_weights_null_clears_an_experiments_weights(registry):

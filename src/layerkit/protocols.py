@@ -548,6 +548,9 @@ class Task:
     file_keys: tuple[str, ...] = ()
     #: whether ``pack(..., training=True)`` marks ``Packed.loss_region`` (what ``train.region_loss_weight`` weighs)
     marks_loss_region: bool = False
+    #: every segment name its batches may pack (e.g. LayerFlow's layers and the frame-0 copy); () unknown.
+    #: ``train.segment_loss_weights`` is checked against them when the module is built
+    segment_names: tuple[str, ...] = ()
     #: the ``Packed.latent_norm`` its batches carry (segment -> (mean, std)); weights trained with one
     #: record it and load only into a task with the same (:func:`layerkit.pipeline.load_trainable_state`)
     latent_norm: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None

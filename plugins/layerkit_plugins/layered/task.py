@@ -121,6 +121,11 @@ class LayeredTask(Task):
         if self.latent_norm and LAYOUTS[layout][0] in self.latent_norm:  # the frame-0 copy is that layer's frame
             self.latent_norm[FIRST] = self.latent_norm[LAYOUTS[layout][0]]
 
+    @property
+    def segment_names(self) -> tuple[str, ...]:
+        """The layers of the layout, and the frame-0 copy when some mode prepends it."""
+        return (*LAYOUTS[self.layout], *((FIRST,) if self.prepend_first_frame else ()))
+
     def given_names(self, mode: str) -> list[str]:
         return [n for n in GIVEN[mode] if n in LAYOUTS[self.layout]]
 

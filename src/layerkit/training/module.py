@@ -33,6 +33,7 @@ from layerkit.pipeline import (
 from layerkit.training.cache import LatentCache, cache_prompt_embeddings
 from layerkit.training.weighting import (
     LOSS_WEIGHTINGS,
+    check_segment_names,
     prediction_target,
     region_weights,
     segment_frame_weights,
@@ -109,6 +110,8 @@ class LayerkitModule(L.LightningModule):
                                 "terminal-SNR schedule for an epsilon model (its x0 error counts 0 there); use "
                                 "v prediction or loss_weighting=none.")
         self.segment_weights = segment_loss_weights(train.get("segment_loss_weights"))
+        if self.segment_weights and self.task.segment_names:  # a typo: one sentence now, not at some step
+            check_segment_names(self.segment_weights, self.task.segment_names)
         self.region_weight = float(train.get("region_loss_weight", 0.0) or 0.0)
         if self.region_weight < 0:
             raise LayerkitError(f"train.region_loss_weight must be at least 0; got {self.region_weight}.")
@@ -162,7 +165,8 @@ class LayerkitModule(L.LightningModule):
             factor = timestep_weights(self.scheduler, timesteps, self.loss_weighting, self.snr_gamma)
             weight = weight.float() * factor.view(-1, *([1] * (weight.dim() - 1)))
         if self.segment_weights:  # per latent frame, from the segment it belongs to
-            per_frame = segment_frame_weights(self.segment_weights, packed, layout).to(weight.device)
+            per_frame = segment_frame_weights(self.segment_weights, packed, layout,
+                                              self.task.segment_names).to(weight.device)
             weight = weight.float() * per_frame.view(1, 1, -1, *([1] * (weight.dim() - 3)))
         if self.region_weight > 0:  # per latent element, from the task's loss region (e.g. a sprite's matte)
             if packed.loss_region is None:

@@ -88,13 +88,25 @@ def segment_loss_weights(value: Any) -> dict[str, float]:
     return out
 
 
-def segment_frame_weights(weights: dict[str, float], packed: Any, layout: Any) -> torch.Tensor:
-    """The loss weight [f] of each latent frame of a packed batch: its segment's in ``weights``
-    (1 when not named). A name that no segment of the batch has is an error (a typo would
+def check_segment_names(weights: dict[str, float], known: tuple[str, ...] | list[str]) -> None:
+    """A name in ``train.segment_loss_weights`` that the task never packs is an error (a typo would
     otherwise weigh nothing)."""
+    unknown = sorted(set(weights) - set(known))
+    if unknown:
+        raise LayerkitError(f"train.segment_loss_weights names {', '.join(map(repr, unknown))}, which this task does "
+                            f"not pack; its segments are {', '.join(map(repr, known))}.")
+
+
+def segment_frame_weights(weights: dict[str, float], packed: Any, layout: Any,
+                          known: tuple[str, ...] = ()) -> torch.Tensor:
+    """The loss weight [f] of each latent frame of a packed batch: its segment's in ``weights``
+    (1 when not named). Names are checked against ``known`` (the task's ``segment_names``) or, when
+    the task does not say, against this batch's segments."""
     import torch
 
     names = [segment.name for segment in packed.segments]
+    if known:
+        return torch.cat([torch.full((n,), weights.get(name, 1.0)) for name, n in zip(names, layout.lengths, strict=True)])
     unknown = sorted(set(weights) - set(names))
     if unknown:
         raise LayerkitError(f"train.segment_loss_weights names {', '.join(map(repr, unknown))}, which this task does "
