@@ -283,6 +283,15 @@ def test_base_pretraining_packs_the_blended_clip_alone_and_exports_the_transform
     with pytest.raises(LayerkitError, match="does not hold a denoiser of"):
         export.export_pretrained(tmp_path / "other", folder)
     assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    config = folder / "transformer" / "config.json"
+    original = config.read_text()
+    other = {**json.loads(original), "num_attention_heads": 8, "attention_head_dim": 16}  # same keys and shapes
+    config.write_text(json.dumps(other))
+    with pytest.raises(LayerkitError, match="differs from .* in attention_head_dim, num_attention_heads; it was not"):
+        export.export_pretrained(run, folder)
+    assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    assert not (folder / "base_t2v.json").exists()
+    config.write_text(original)
     export.export_pretrained(run, folder)
     trained = load_weights(run / "weights.safetensors")
     model = CogVideoXTransformer3DModel.from_pretrained(folder / "transformer")

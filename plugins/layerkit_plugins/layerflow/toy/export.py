@@ -69,11 +69,33 @@ def export_pretrained(run: Path, dst: Path) -> None:
         raise LayerkitError(f"{run}/weights.safetensors does not hold a denoiser of {target}'s layout "
                             f"({len(set(current) - set(denoiser))} keys missing, {len(set(denoiser) - set(current))} "
                             "unexpected, or other shapes); it was not exported.")
+    trained_on = _trained_config(run)
+    if trained_on is not None:  # same keys and shapes can still mean another geometry (4 x 32 heads or 8 x 16)
+        mine = _config(dst / "transformer" / "config.json")
+        differ = sorted(k for k in set(trained_on) | set(mine) if trained_on.get(k) != mine.get(k))
+        if differ:
+            raise LayerkitError(f"{run} was trained on a transformer whose config.json differs from "
+                                f"{dst / 'transformer' / 'config.json'} in {', '.join(differ)}; it was not exported.")
     summary = json.dumps(run_summary(run, REPO), indent=1, default=str)  # before anything is written
     save_weights(target, {k: v.to(torch.float16).contiguous() for k, v in denoiser.items()})
     partial = dst / ".base_t2v.json.partial"
     partial.write_text(summary)
     partial.replace(dst / "base_t2v.json")
+
+
+def _config(path: Path) -> dict:
+    """A diffusers config.json without its bookkeeping keys (``_diffusers_version``, ...)."""
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+
+
+def _trained_config(run: Path) -> dict | None:
+    """The config.json of the transformer the run trained (its recorded ``backbone.path``), or None
+    when the run does not record one that still exists."""
+    from layerkit.io.weights import read_metadata
+
+    path = ((read_metadata(run / "weights.safetensors").get("layerkit_config") or {}).get("backbone") or {}).get("path")
+    config = Path(str(path)) / "transformer" / "config.json" if path else None
+    return _config(config) if config is not None and config.is_file() else None
 
 
 def export_stage(name: str, run: Path, dst: Path) -> None:
