@@ -105,12 +105,7 @@ def segment_frame_weights(weights: dict[str, float], packed: Any, layout: Any,
     import torch
 
     names = [segment.name for segment in packed.segments]
-    if known:
-        return torch.cat([torch.full((n,), weights.get(name, 1.0)) for name, n in zip(names, layout.lengths, strict=True)])
-    unknown = sorted(set(weights) - set(names))
-    if unknown:
-        raise LayerkitError(f"train.segment_loss_weights names {', '.join(map(repr, unknown))}, which this task does "
-                            f"not pack; its segments are {', '.join(map(repr, names))}.")
+    check_segment_names(weights, known or names)
     return torch.cat([torch.full((n,), weights.get(name, 1.0)) for name, n in zip(names, layout.lengths, strict=True)])
 
 

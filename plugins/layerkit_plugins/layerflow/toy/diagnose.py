@@ -703,7 +703,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.num < 2:
             parser.error("latent-stats: --num must be at least 2 clips.")
         stats = latent_stats(args.base, args.num, args.stat_layers)
-        Path(args.out).write_text(json.dumps(stats, indent=1) + "\n")
+        partial = Path(args.out).with_name(Path(args.out).name + ".partial")  # no half-written file
+        partial.write_text(json.dumps(stats, indent=1) + "\n")
+        partial.replace(args.out)
         for name, row in stats.items():
             print(name, json.dumps(row))
         print(f"wrote {args.out}")
