@@ -199,6 +199,23 @@ def test_sampler_sweep_samples_each_setting_on_each_row_of_the_split_asked(monke
     assert calls[3][3] == ["+inputs.split=val", "x=1", "sampler.guidance_scale=2.0", "sampler.steps=50"]
 
 
+def test_eval_vae_only_samples_no_model(monkeypatch, capsys):
+    """toy-layerflow-eval --vae-only: the VAE ceiling and the true layers of the split asked, through
+    the backbone the overrides name, and no denoiser sampled; with --grid it is refused."""
+    from layerkit_plugins.layerflow.toy import evaluate
+
+    sampled, ceilings = [], []
+    monkeypatch.setattr(evaluate, "sample_model", lambda *a: sampled.append(a) or {"alpha_iou": 0.5})
+    monkeypatch.setattr(evaluate, "vae_ceiling", lambda n, seed, round_trip=True, split="test", extra=(): ceilings.append(
+        (n, round_trip, split, list(extra))) or {"alpha_iou": 0.9})
+    evaluate.main(["--vae-only", "--split", "val", "--num-samples", "4", "backbone.path=DIR"])
+    assert sampled == [] and ceilings == [(4, True, "val", ["backbone.path=DIR"]), (4, False, "val", ["backbone.path=DIR"])]
+    assert "VAE ceiling (true layers, VAE round trip)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as error:
+        evaluate.main(["--vae-only", "--grid", ""])
+    assert error.value.code == 2 and "--vae-only samples no model" in capsys.readouterr().err
+
+
 def test_toy_tools_refuse_to_write_over_a_users_files(tmp_path, capsys):
     """toy-layerflow-vae --out and toy-layerflow-eval --json name new places; an earlier run's
     folder or file is refused in one sentence before anything trains or samples, and left as it was."""
@@ -234,11 +251,17 @@ def test_toy_tools_refuse_a_missing_vae_folder_and_no_latent_channels(tmp_path, 
 
     cases = [(train_vae.main, ["--init", str(tmp_path / "missing"), "--out", str(tmp_path / "a")], "is not a VAE folder"),
              (train_vae.main, ["--latent-channels", "0", "--out", str(tmp_path / "b")], "must be at least 1"),
+             (train_vae.main, ["--init", str(tmp_path), "--spatial-compression", "2", "--out", str(tmp_path / "c")],
+              "an --init VAE keeps its own"),
+             (train_vae.main, ["--spatial-compression", "8", "--out", str(tmp_path / "d")], "invalid choice: 8"),
              (diagnose.main, ["implied", "--base", str(tmp_path / "missing")], "is not a toy model folder"),
              (diagnose.main, ["x0", "--weights", str(tmp_path / "missing.safetensors")], "does not exist"),
              (diagnose.main, ["x0", "--timesteps", "39", "1000"], "--timesteps must lie in 0..999"),
              (diagnose.main, ["latent-stats"], "latent-stats needs --out FILE.json"),
-             (diagnose.main, ["latent-stats", "--num", "1", "--out", str(tmp_path / "s.json")], "at least 2 clips")]
+             (diagnose.main, ["latent-stats", "--num", "1", "--out", str(tmp_path / "s.json")], "at least 2 clips"),
+             (diagnose.main, ["prompts", "--weights", str(tmp_path / "missing.safetensors")], "does not exist"),
+             (diagnose.main, ["prompts", "--timesteps", "-1"], "--timesteps must lie in 0..999"),
+             (diagnose.main, ["prompts", "--word", "size"], "invalid choice: 'size'")]
     for main, args, message in cases:
         with pytest.raises(SystemExit) as error:
             main(args)
@@ -542,6 +565,7 @@ def test_diagnostics_show_what_the_model_card_says():
         given,
         implied,
         latent_stats,
+        prompt_words,
         shapes,
         step_time,
         swap,
@@ -591,6 +615,24 @@ def test_diagnostics_show_what_the_model_card_says():
     assert set(stats) == {"alpha", "blended"} and all(len(v["std"]) == 8 for v in stats.values())
     mean_std = {k: sum(v["std"]) / len(v["std"]) for k, v in stats.items()}  # 1024 train clips: 0.21 and 0.98
     assert mean_std["alpha"] < 0.4 and mean_std["blended"] > 0.7, "a matte's latents lie far below unit scale"
+    # generation reads its prompt's colour word, not its shape word (the model card's "Does generation read
+    # its prompt?"): replacing the colour moves the one-step prediction far more than replacing the shape
+    shape_rows = prompt_words(None, None, 4, "val", [600], word="shape", amplify=(0.0,))
+    colour_rows = prompt_words(None, None, 4, "val", [600], word="colour", amplify=(0.0,))
+    print(json.dumps(shape_rows), json.dumps(colour_rows))
+    moved = "prediction change, word replaced (latent MSE)"
+    assert colour_rows[600][moved] > 5 * shape_rows[600][moved] > 0.0
+    assert colour_rows[600]["colour follows the prompt"] > 0.5  # 0.83 over 32 val clips; shape 0.26 (chance 0.25)
+    assert shape_rows[600]["prediction error (latent MSE)"] == colour_rows[600]["prediction error (latent MSE)"]
+
+
+def test_replace_word_replaces_whole_words_only():
+    """prompts: the sprite's word is replaced where it stands as a word, not inside another word."""
+    from layerkit_plugins.layerflow.toy.diagnose import replace_word
+
+    assert replace_word("a red square moving left over reddish stripes", "red", "green") == \
+        "a green square moving left over reddish stripes"
+    assert replace_word("a cross, still", "cross", "circle") == "a circle, still"
 
 
 @pytest.mark.parametrize("kind", ["v_prediction", "epsilon", "sample"])
@@ -644,3 +686,59 @@ def test_redraw_keeps_the_clip_and_changes_only_the_sprite(monkeypatch):
     finally:
         torch.set_num_threads(threads)  # main sets the process's torch threads
     assert seen == {"num": 4, "extra": ["backbone.path=X"]}
+
+
+def test_a_vae_of_2x_spatial_compression_packs_and_sizes_its_transformer():
+    """toy-layerflow-vae --spatial-compression 2: diffusers' CogVideoX VAE halves time in the same
+    blocks as space, so the packed 32 frames of 32x32 become 16 latent frames of 16x16 (17 with the
+    frame-0 copy), decoded back to the same frames; the transformer written beside it is sized for
+    that latent grid and time compression."""
+    from layerkit_plugins.layerflow.toy.model import (
+        build_components,
+        build_vae,
+        compression_changes,
+        vae_compression,
+    )
+
+    vae = build_vae(0, **compression_changes(2)).eval()
+    assert vae_compression(vae) == (2, 2) and vae_compression(build_vae(0)) == (4, 4)
+    with torch.no_grad():
+        for frames, latent_frames in ((32, 16), (33, 17)):
+            z = vae.encode(torch.randn(1, 3, frames, 32, 32)).latent_dist.mode()
+            assert tuple(z.shape) == (1, 8, latent_frames, 16, 16)
+            assert tuple(vae.decode(z).sample.shape) == (1, 3, frames, 32, 32)
+    config = build_components(0, vae=vae)["transformer"].config
+    assert (config.sample_width, config.sample_height, config.temporal_compression_ratio) == (16, 16, 2)
+    with pytest.raises(ValueError, match="must be 2 or 4"):
+        compression_changes(8)
+
+
+def test_toy_text_pretraining_pairs_each_layer_with_its_prompt_block_and_writes_a_base(tmp_path, capsys):
+    """toy-layerflow-text: the foreground over grey, the background and the blended clip, each with
+    its indexed prompt block; a few contrastive steps move the T5 (returned frozen), and the base
+    written holds the other folders as they were; an existing --out or a folder without the model's
+    folders is refused in one sentence."""
+    from layerkit_plugins.layerflow.toy import text
+    from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
+
+    from layerkit.data.shapes import ShapesConfig, make_sample, seed_for
+
+    sample = make_sample(seed_for("train", 0, 3), ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE))
+    pairs = text.layer_pairs(sample)
+    assert [p[0] for p in pairs] == [f"0, {sample['foreground_prompt']}", f"1, {sample['background_prompt']}",
+                                     f"2, {sample['prompt']}"]
+    assert all(tuple(clip.shape) == (3 * FRAMES, SIZE, SIZE) and clip.abs().max() <= 1 for _, clip in pairs)
+    blended = sample["blended"].float()  # [F, 3, H, W] in [0, 1]
+    torch.testing.assert_close(pairs[2][1], (blended * 2 - 1).flatten(0, 1), atol=1e-5, rtol=0)
+    from transformers import T5EncoderModel
+    before = T5EncoderModel.from_pretrained(str(text.WEIGHTS / "text_encoder")).state_dict()
+    t5, record = text.pretrain(text.WEIGHTS, steps=2, batch=4, lr=1e-3, seed=0, data_size=64)
+    assert not any(p.requires_grad for p in t5.parameters()) and not t5.training
+    assert any(not torch.equal(before[k], v) for k, v in t5.state_dict().items())
+    assert len(record["loss_every_50_steps"]) == 1 and 0 <= record["retrieval_after"]["shape of the nearest prompt is the clip's"] <= 1
+    for args, message in ((["--out", str(tmp_path)], "exists; choose a new --out"),
+                          (["--base", str(tmp_path), "--out", str(tmp_path / "new")], "is not a toy model folder")):
+        with pytest.raises(SystemExit) as error:
+            text.main(args)
+        assert error.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -16,6 +16,8 @@ def register_commands(register):
              description="train the toy LayerFlow's VAE on the shapes world (the diffusion stages: layerkit train)")
     register("toy-layerflow-eval", "layerkit_plugins.layerflow.toy.evaluate:main",
              description="score the toy LayerFlow (stage ablation, four tasks) on held-out shapes prompts")
+    register("toy-layerflow-text", "layerkit_plugins.layerflow.toy.text:main",
+             description="pretrain the toy LayerFlow's T5 contrastively on shapes-world layers and their prompts")
     register("toy-layerflow-diagnose", "layerkit_plugins.layerflow.toy.diagnose:main",
              description="the toy LayerFlow's diagnostics: VAE colours, use of the given clip, encode share of a step")
 

@@ -12,6 +12,7 @@
     layerkit toy-layerflow-diagnose implied [--base DIR]   # which decoded layer costs the composite-implied matte?
     layerkit toy-layerflow-diagnose x0 [--weights W] [--split val]   # at which noise level does the denoiser lose the shape?
     layerkit toy-layerflow-diagnose latent-stats --num 1024 --out F.json   # per-channel latent mean/std per layer
+    layerkit toy-layerflow-diagnose prompts [--word shape|colour] [--weights W]   # does generation read the shape word?
 
 - ``colours``: packed held-out test clips ([fg, alpha, bg, blended], one VAE pass) through the
   committed VAE; per true sprite colour, the mean decoded foreground RGB where the true alpha > 0.9.
@@ -74,15 +75,28 @@
   trailing DPM steps: from t = 39), so a shape the prediction loses at every t a sampler cannot return.
   Extra stage-1 train overrides after the command (e.g. ``task.latent_norm=FILE``) build the module
   those weights were trained in; with a latent normalisation the latent MSE is in its units.
+- ``prompts``: does generation read its prompt's shape (``--word shape``) or colour (``--word
+  colour``) word? Stage-1 weights as in ``x0``, generation inputs of held-out clips noised to each
+  timestep as ``x0`` noises them; the one-step clean prediction with the clip's own prompts and
+  with that word replaced, in the foreground and the blended prompt, by each of three others
+  (the next shapes, or colours, in the vocabulary). Per t: how much the prediction moves when the
+  word is replaced (latent MSE on the generated frames, beside the prediction's own error), the
+  share of the decoded predictions whose shape (or colour) is the one their prompt names (own and
+  replaced prompts together; chance 0.25 for shapes), and that share for the own prompt's
+  prediction pushed away from the others' mean, x + s (x - mean others), for each ``--amplify``
+  s: a word the denoiser reads weakly shows there; one it does not read stays at chance. First,
+  under "text", how far the frozen T5's prompt embeddings move at the replaced word and elsewhere.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -603,10 +617,83 @@ def x0(weights: str | None, base: str | None, num: int, split: str, timesteps: l
     return out
 
 
+def replace_word(prompt: str, old: str, new: str) -> str:
+    """``prompt`` with the word ``old`` replaced by ``new`` where it stands as a word (not "red" in "reddish")."""
+    return re.sub(rf"\b{re.escape(old)}\b", new, prompt)
+
+
+def prompt_words(weights: str | None, base: str | None, num: int, split: str, timesteps: list[int],
+                 word: str = "shape", amplify: tuple[float, ...] = (0.0, 20.0),
+                 overrides: list[str] = ()) -> dict[Any, dict[str, float]]:
+    """When the prompt's shape (or colour) word is replaced: under "text", how far the frozen T5's
+    embeddings move; per timestep, how far generation's one-step prediction moves and whether its
+    decoded sprite follows the prompt."""
+    from layerkit.data.evaluate import classify_colour, classify_shape
+    from layerkit.data.shapes import COLOURS, SHAPES
+    from layerkit.pipeline import decode_packed, encode_packed, frame_mask, make_step, predict, reimposed
+    from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
+
+    if word not in ("shape", "colour"):
+        raise ValueError(f"word must be 'shape' or 'colour', not {word!r}.")
+    vocab = list(SHAPES) if word == "shape" else list(COLOURS)
+    module = stage1_module(base, weights or str(Path(__file__).resolve().parent / "weights" / "stage1.safetensors"),
+                           overrides)
+    task, backbone, scheduler = module.task, module.backbone, module.scheduler
+    batch = task.collate(task.sample_inputs({"num_samples": num, "split": split}, height=SIZE, width=SIZE,
+                                            num_frames=FRAMES))
+    own = [meta["sprites"][0][word] for meta in batch["meta"]]
+    variants = [own] + [[vocab[(vocab.index(w) + k) % len(vocab)] for w in own] for k in (1, 2, 3)]
+    task.train_modes = {"generate": 1.0}
+    packs = []
+    for words in variants:
+        changed = dict(batch)
+        for key in ("foreground_prompt", "prompt"):
+            changed[key] = [replace_word(p, o, w) for p, o, w in zip(batch[key], own, words)]
+        packs.append(task.pack(changed, training=True))
+
+    def named(latents: torch.Tensor, packed, layout) -> list[str]:
+        outputs = task.unpack({k: v.float() for k, v in decode_packed(backbone, latents, packed, layout).items()}, batch)
+        if word == "shape":
+            return [classify_shape(o["alpha"]) for o in outputs]
+        return [classify_colour(o["foreground"][:, :3], o["alpha"]) for o in outputs]
+
+    out: dict[Any, dict[str, float]] = {}
+    with torch.no_grad():
+        z, layout = encode_packed(backbone, packs[0], training=True, given_latents=module.given_latents)
+        conds = [backbone.encode_conditions(p, latents=z, drop=None) for p in packs]
+        # what the frozen T5 makes of the replaced word: per-token MSE of the prompt embeddings, the two
+        # largest per clip (the word in the foreground and the blended prompt) against the largest elsewhere
+        per_token = torch.stack([((c["prompt_embeds"] - conds[0]["prompt_embeds"]).float() ** 2).mean(-1)
+                                 for c in conds[1:]]).sort(-1, descending=True).values  # [3, B, tokens]
+        out["text"] = {"text embedding moves at the word (per-token MSE)": round(per_token[..., :2].mean().item(), 4),
+                       "text embedding moves elsewhere (largest per-token MSE)": round(per_token[..., 2].max().item(), 4)}
+        keep = frame_mask(reimposed(backbone, layout), z)
+        generated = ~layout.given[0]
+        for t in timesteps:
+            noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(t))
+            ts = torch.full((num,), t)
+            noisy = torch.where(keep, z, scheduler.add_noise(z, noise, ts))
+            preds = [torch.where(keep, z, predicted_x0(scheduler, noisy, predict(module.parts, p, make_step(p, noisy, ts, c)), t))
+                     for p, c in zip(packs, conds)]
+            follows = [n == w for pred, words in zip(preds, variants) for n, w in zip(named(pred, packs[0], layout), words)]
+            others = torch.stack(preds[1:]).mean(0)
+            row = {"snr": round(float(scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])), 3),
+                   "prediction change, word replaced (latent MSE)": round(statistics.mean(
+                       ((preds[0] - p)[:, :, generated] ** 2).mean().item() for p in preds[1:]), 5),
+                   "prediction error (latent MSE)": round(((preds[0] - z)[:, :, generated] ** 2).mean().item(), 5),
+                   f"{word} follows the prompt": round(sum(follows) / len(follows), 4)}
+            for s in amplify:
+                pushed = torch.where(keep, z, preds[0] + s * (preds[0] - others))
+                row[f"{word} follows the prompt, pushed x{s:g}"] = round(
+                    sum(n == w for n, w in zip(named(pushed, packs[0], layout), own)) / num, 4)
+            out[t] = row
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["colours", "given", "step-time", "rebase", "heldout", "positions",
-                                            "probe", "swap", "shapes", "implied", "x0", "latent-stats"])
+                                            "probe", "swap", "shapes", "implied", "x0", "latent-stats", "prompts"])
     parser.add_argument("--num", type=int, default=16, help="held-out clips (colours, given, heldout); probe: 64x train "
                         "and 16x held-out clips; implied: val clips per sprite colour, 6 colours (the card: --num 4)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[200, 500, 800, 950])
@@ -627,17 +714,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="rebase: 3D rotary positions (CogVideoX-5B's) instead of the sincos table, or not")
     parser.add_argument("--snr-shift", type=float, default=None,
                         help="rebase: the scheduler's snr_shift_scale (default: the committed 3.0)")
-    parser.add_argument("--base", default=None, help="heldout, probe, implied, x0, latent-stats: backbone.path "
+    parser.add_argument("--base", default=None, help="heldout, probe, implied, x0, latent-stats, prompts: backbone.path "
                         "(default: committed)")
-    parser.add_argument("--weights", default=None, help="heldout, x0: stage-1 weights.safetensors (x0: default the "
-                        "committed stage 1)")
-    parser.add_argument("--split", default="test", choices=("val", "test"), help="x0: held-out split")
+    parser.add_argument("--weights", default=None, help="heldout, x0, prompts: stage-1 weights.safetensors (x0, prompts: "
+                        "default the committed stage 1)")
+    parser.add_argument("--split", default="test", choices=("val", "test"), help="x0, prompts: held-out split")
+    parser.add_argument("--word", default="shape", choices=("shape", "colour"), help="prompts: the word to replace")
+    parser.add_argument("--amplify", type=float, nargs="+", default=[0.0, 20.0],
+                        help="prompts: s in x + s (x - mean of the replaced prompts' predictions)")
     parser.add_argument("overrides", nargs="*", help="swap, shapes: extra sample overrides (e.g. backbone.path=DIR); "
-                        "x0: extra stage-1 train overrides (e.g. task.latent_norm=FILE)")
+                        "x0, prompts: extra stage-1 train overrides (e.g. task.latent_norm=FILE)")
     args = parser.parse_intermixed_args(argv)  # options before or after the overrides
-    if args.overrides and args.what not in ("swap", "shapes", "x0"):
-        parser.error(f"extra overrides are for swap, shapes and x0, not {args.what}")
-    if (args.base is not None and args.what in ("heldout", "probe", "implied", "x0", "latent-stats")
+    if args.overrides and args.what not in ("swap", "shapes", "x0", "prompts"):
+        parser.error(f"extra overrides are for swap, shapes, x0 and prompts, not {args.what}")
+    if (args.base is not None and args.what in ("heldout", "probe", "implied", "x0", "latent-stats", "prompts")
             and not (Path(args.base) / "vae" / "config.json").is_file()):
         parser.error(f"--base '{args.base}' is not a toy model folder (no vae/config.json there; e.g. "
                      "plugins/layerkit_plugins/layerflow/toy/weights or a toy-layerflow-vae --out folder).")
@@ -693,6 +783,16 @@ def main(argv: list[str] | None = None) -> None:
                              overrides=args.overrides).items():
             for t, row in rows.items():
                 print(mode, t, json.dumps(row))
+    elif args.what == "prompts":
+        if args.weights is not None and not Path(args.weights).is_file():
+            parser.error(f"--weights '{args.weights}' does not exist.")
+        if any(not 0 <= t < 1000 for t in args.timesteps):
+            parser.error(f"prompts: --timesteps must lie in 0..999 (the scheduler's training timesteps); got {args.timesteps}.")
+        print(f"generation's one-step clean predictions, {args.num} {args.split} clips, the prompt's {args.word} word "
+              "replaced by each of three others")
+        for t, row in prompt_words(args.weights, args.base, args.num, args.split, args.timesteps, args.word,
+                                   tuple(args.amplify), args.overrides).items():
+            print(t, json.dumps(row))
     elif args.what == "latent-stats":
         if not args.out:
             parser.error("latent-stats needs --out FILE.json")

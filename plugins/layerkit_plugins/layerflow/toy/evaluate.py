@@ -162,8 +162,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", action="append", default=None, choices=list(MODELS),
                         help="a model row a --grid sweep samples (repeat; default: stages 1+2+3 generate and "
                              "decompose)")
+    parser.add_argument("--vae-only", action="store_true",
+                        help="only the VAE ceiling and the true layers (no denoiser): a VAE's bound on the targets, "
+                             "e.g. with backbone.path=DIR of a toy-layerflow-vae run's base")
     parser.add_argument("overrides", nargs="*", help="extra sample overrides for both models (e.g. sampler.steps=50)")
     args = parser.parse_args(argv)
+    if args.vae_only and args.grid is not None:
+        parser.error("--vae-only samples no model; leave out --grid (and --rows)")
     if args.rows and args.grid is None:
         parser.error("--rows chooses the rows of a --grid sweep; give --grid SETTING too")
     if args.json and Path(args.json).exists():
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         results = {}
         extra = [f"+inputs.split={args.split}", *args.overrides]
-        for name, overrides in MODELS.items():
+        for name, overrides in ({} if args.vae_only else MODELS).items():
             results[name] = sample_model(overrides, args.num_samples, args.seed, extra)
             print(name, _rounded(results[name]), flush=True)
         results["VAE ceiling (true layers, VAE round trip)"] = vae_ceiling(args.num_samples, args.seed, split=args.split,

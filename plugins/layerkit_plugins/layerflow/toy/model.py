@@ -51,6 +51,24 @@ T5_CONFIG = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relat
                  decoder_start_token_id=0)
 
 
+def compression_changes(spatial: int) -> dict[str, Any]:
+    """``VAE_CONFIG`` changes for a VAE of ``spatial`` x spatial compression (2 or 4, the committed).
+
+    diffusers' ``AutoencoderKLCogVideoX`` compresses time in the same down blocks as space (each
+    block but the last halves both, at most ``log2(temporal_compression_ratio)`` of them in time),
+    so 2x spatial is also 2x temporal: 32 packed frames of 32x32 -> 16 latent frames of 16x16."""
+    if spatial not in (2, 4):
+        raise ValueError(f"spatial compression must be 2 or 4 (the committed VAE's); got {spatial}.")
+    blocks = {2: 2, 4: 3}[spatial]
+    return {"down_block_types": ("CogVideoXDownBlock3D",) * blocks, "up_block_types": ("CogVideoXUpBlock3D",) * blocks,
+            "block_out_channels": VAE_CONFIG["block_out_channels"][:blocks], "temporal_compression_ratio": spatial}
+
+
+def vae_compression(vae: Any) -> tuple[int, int]:
+    """(spatial, temporal) compression of a CogVideoX VAE, from its config."""
+    return 2 ** (len(vae.config.block_out_channels) - 1), int(vae.config.temporal_compression_ratio)
+
+
 def build_vae(seed: int = 0, **changes: Any):
     from diffusers import AutoencoderKLCogVideoX
 
@@ -71,7 +89,9 @@ def build_components(seed: int = 0, vae: Any = None, **transformer_changes: Any)
     tokenizer = tiny_tokenizer()
     vae = vae if vae is not None else build_vae(seed)
     channels = int(vae.config.latent_channels)  # the transformer reads and predicts the VAE's latents
-    transformer_changes = {"in_channels": channels, "out_channels": channels, **transformer_changes}
+    spatial, temporal = vae_compression(vae)     # and is sized for its latent grid
+    transformer_changes = {"in_channels": channels, "out_channels": channels, "sample_width": SIZE // spatial,
+                           "sample_height": SIZE // spatial, "temporal_compression_ratio": temporal, **transformer_changes}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         transformer = CogVideoXTransformer3DModel(**{**TRANSFORMER_CONFIG, **transformer_changes})

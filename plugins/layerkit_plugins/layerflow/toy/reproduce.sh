@@ -357,4 +357,46 @@ if [[ "${TRIED:-0}" == 1 ]]; then
       --rows 'stage 1 alone, generate' --grid "weights=$PWD/$R/tried/norm/weights.safetensors task.latent_norm=$NORM \
 sampler.guidance_scale=1.0" --grid "weights=$PWD/$R/tried/norm/weights.safetensors task.latent_norm=$NORM sampler.guidance_scale=3.0"
   layerkit toy-layerflow-diagnose shapes  # the blended row of "Why blobs"
+  # does generation read its prompt? (the card's "Does generation read its prompt?"): the committed
+  # stage 1 with the shape word, then the colour word, replaced; then stage 1 on larger sprites (3000
+  # steps on 4000 clips), and the same continued 3000 steps on the shapes world's own sizes
+  layerkit toy-layerflow-diagnose prompts --num 32 --split val --timesteps 39 200 400 600 800 --threads 2
+  layerkit toy-layerflow-diagnose prompts --word colour --num 32 --split val --timesteps 39 200 400 600 800 --threads 2
+  OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 trainer.max_steps=3000 data.size=4000 \
+      '+data.sprite_size=[0.55,0.8]' output_dir=$R/tried/big3000
+  layerkit toy-layerflow-diagnose prompts --num 32 --split val --timesteps 39 200 400 600 800 --threads 2 \
+      --weights $R/tried/big3000/weights.safetensors '+task.shapes_world.sprite_size=[0.55,0.8]'
+  OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 trainer.max_steps=3000 data.size=4000 \
+      "init_from=[$R/tried/big3000/weights.safetensors]" output_dir=$R/tried/big3000_then_normal3000
+  layerkit toy-layerflow-diagnose prompts --num 32 --split val --timesteps 39 200 400 600 800 --threads 2 \
+      --weights $R/tried/big3000_then_normal3000/weights.safetensors
+  layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stage 1 alone, generate' \
+      --rows 'stage 1 alone, decompose' --grid "weights=$R/tried/big3000_then_normal3000/weights.safetensors"
+  # measured for the next model (the card's "Measured for the next model"): a VAE of 2x spatial
+  # compression (weights/tried_vae2/vae_training.json), the true layers through it and through the
+  # committed VAE, and how far apart the shapes lie in its latents
+  OMP_NUM_THREADS=2 layerkit toy-layerflow-vae --spatial-compression 2 --steps 3200 --layer-weights 1 3 1 1 \
+      --val-every 800 --max-minutes 26 --threads 2 --out $R/tried/vae2
+  for base in '' "backbone.path=$R/tried/vae2"; do
+    # shellcheck disable=SC2086  # '' adds no override
+    layerkit toy-layerflow-eval --vae-only --split val --num-samples 32 $base
+    # shellcheck disable=SC2086
+    layerkit toy-layerflow-eval --vae-only --num-samples 16 $base
+  done
+  layerkit toy-layerflow-diagnose shapes backbone.path=$R/tried/vae2
+  # the toy T5 pretrained contrastively (vision patches of 8 px, then 4 px: weights/tried_t5c/), stage 1
+  # on it and, for comparison, on the committed T5 (3000 steps on 4000 clips each), each read by `prompts`
+  layerkit toy-layerflow-text --steps 1500 --batch 32 --vision-patch 8 --threads 2 --out $R/tried/t5c_patch8
+  layerkit toy-layerflow-text --steps 2000 --batch 32 --threads 2 --out $R/tried/t5c
+  for t5 in t5c committed; do
+    base=$([[ $t5 == committed ]] && echo "" || echo "backbone.path=$R/tried/$t5")
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 $base trainer.max_steps=3000 data.size=4000 \
+        output_dir=$R/tried/${t5}_s1_3000
+    # shellcheck disable=SC2086
+    layerkit toy-layerflow-diagnose prompts --num 32 --split val --timesteps 39 200 400 600 800 --threads 2 \
+        --weights $R/tried/${t5}_s1_3000/weights.safetensors $base
+    layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stage 1 alone, generate' \
+        --rows 'stage 1 alone, decompose' --grid "$base weights=$R/tried/${t5}_s1_3000/weights.safetensors"
+  done
 fi

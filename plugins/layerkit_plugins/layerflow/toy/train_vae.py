@@ -39,7 +39,14 @@ from pathlib import Path
 import torch
 
 from layerkit.data.shapes import COLOURS, ShapesConfig, make_sample, seed_for
-from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE, build_components, build_vae
+from layerkit_plugins.layerflow.toy.model import (
+    FRAMES,
+    SIZE,
+    build_components,
+    build_vae,
+    compression_changes,
+    vae_compression,
+)
 
 LAYERS = ("foreground", "alpha", "background", "blended")
 CHECKED = tuple(COLOURS)  # every sprite colour: a collapsing VAE ties R with G (red/green, cyan/magenta) or G with B
@@ -293,7 +300,8 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
           layer_weights: tuple[float, ...] = (1, 1, 1, 1), alpha_warmup: int = 300, val_every: int = 250,
           min_alpha_iou: float = 0.9, chroma_weight: float = 0.0, write: bool = True,
           init: Path | None = None, parts: str = "all", latent_noise: float = 0.0,
-          composite_weight: float = 0.0, latent_channels: int | None = None, implied_weight: float = 0.0) -> dict:
+          composite_weight: float = 0.0, latent_channels: int | None = None, implied_weight: float = 0.0,
+          spatial_compression: int | None = None) -> dict:
     """Train (or, ``parts="decoder"``, fine-tune the decoder of ``init``) and check the toy VAE.
     ``latent_noise``: the decoder sees its latents plus Gaussian noise of a std drawn per clip from
     U(0, latent_noise), in the denoiser's (scaled) latent units: a decoder that turns imprecise
@@ -301,11 +309,14 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
     :func:`composite_residual` (packed clips): decoded layers that composite into the decoded
     blended clip, as the true ones do. ``latent_channels``: a fresh VAE's (default: ``VAE_CONFIG``'s),
     or, with ``init``, the channels ``init`` grows to (:func:`grow_latent_channels`); the transformer
-    written beside it takes and predicts that many channels."""
+    written beside it takes and predicts that many channels. ``spatial_compression``: a fresh VAE's
+    (2 or 4, default ``VAE_CONFIG``'s 4; :func:`model.compression_changes`: 2 is also 2x in time)."""
     if implied_weight and packing != "clip":
         raise SystemExit("--implied-weight needs the packed clip (--packing clip): single clips have no four layers")
     if composite_weight and packing != "clip":
         raise SystemExit("--composite-weight needs the packed clip (--packing clip): single clips have no four layers")
+    if spatial_compression is not None and init is not None:
+        raise SystemExit("--spatial-compression sets a fresh VAE's; an --init VAE keeps its own")
     if latent_channels is not None and parts == "decoder":
         raise SystemExit("--latent-channels changes the latent space; --parts decoder keeps it (train all parts)")
     if latent_noise and parts != "decoder":
@@ -323,6 +334,8 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
             vae = grow_latent_channels(vae, latent_channels, seed).train()
     else:
         changes = {"latent_channels": latent_channels} if latent_channels is not None else {}
+        if spatial_compression is not None:
+            changes.update(compression_changes(spatial_compression))
         vae = build_vae(seed, norm_num_groups=norm_groups, **changes).train()
     if parts == "decoder":  # the latent space stays as it is: denoisers trained on it stay valid
         if init is None:
@@ -412,7 +425,8 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
             "copy_paste_prob": copy_paste_prob, "kl_weight": kl_weight, "static_prob": static_prob,
             "norm_groups": norm_groups, "mse_weight": mse_weight, "layer_weights": list(layer_weights),
             "alpha_warmup": alpha_warmup, "chroma_weight": chroma_weight, "composite_weight": composite_weight,
-            "implied_weight": implied_weight, "latent_channels": int(vae.config.latent_channels), "init": str(init) if init else None,
+            "implied_weight": implied_weight, "latent_channels": int(vae.config.latent_channels),
+            "spatial_compression": vae_compression(vae)[0], "init": str(init) if init else None,
             "parts": parts, "latent_noise": latent_noise, "validation_noisy_latents": noisy, "val_l1": round(val_l1, 4), "scaling_factor": round(scaling, 6),
             "validation": final, "validation_first_frame": final_first, "failures": failures,
             "validation_log": checks, "log": log}
@@ -475,11 +489,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latent-channels", type=int, default=None,
                         help="latent channels of a fresh VAE (default 8; CogVideoX's own VAE has 16), "
                              "or, with --init, the channels the --init VAE grows to")
+    parser.add_argument("--spatial-compression", type=int, choices=[2, 4], default=None,
+                        help="a fresh VAE's spatial compression (default 4); diffusers' CogVideoX VAE compresses "
+                             "time in the same blocks, so 2 is also 2x in time (16 latent frames of 16x16)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 on a machine shared with other jobs: two threads there thrash)")
     args = parser.parse_args(argv)
     if args.latent_channels is not None and args.latent_channels < 1:
         parser.error(f"--latent-channels must be at least 1; got {args.latent_channels}.")
+    if args.spatial_compression is not None and args.init is not None:
+        parser.error("--spatial-compression sets a fresh VAE's; an --init VAE keeps its own (leave one out).")
     if args.init is not None and not (args.init / "config.json").is_file():
         parser.error(f"--init '{args.init}' is not a VAE folder (no config.json there; e.g. toy/weights/vae or a "
                      "run's rejected_vae/).")
@@ -495,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
                  min_alpha_iou=args.min_alpha_iou, chroma_weight=args.chroma_weight, write=not args.no_write,
                  init=args.init, parts=args.parts, latent_noise=args.latent_noise,
                  composite_weight=args.composite_weight, latent_channels=args.latent_channels,
-                 implied_weight=args.implied_weight)
+                 implied_weight=args.implied_weight, spatial_compression=args.spatial_compression)
     print(json.dumps({k: v for k, v in info.items() if k not in ("log", "validation_log")}))
 
 
