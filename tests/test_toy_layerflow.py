@@ -742,3 +742,44 @@ def test_toy_text_pretraining_pairs_each_layer_with_its_prompt_block_and_writes_
             text.main(args)
         assert error.value.code == 2 and message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_toy_text_leaves_nothing_behind_when_writing_fails(tmp_path, monkeypatch):
+    """toy-layerflow-text writes its base through a .partial folder: a failure while writing leaves
+    neither --out nor the partial folder."""
+    from layerkit_plugins.layerflow.toy import text
+
+    class Broken:
+        def save_pretrained(self, *args, **kwargs):
+            raise OSError("disk full")
+
+    monkeypatch.setattr(text, "pretrain", lambda *a, **k: (Broken(), {"loss_every_50_steps": []}))
+    with pytest.raises(OSError, match="disk full"):
+        text.main(["--out", str(tmp_path / "base"), "--steps", "1"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_denoiser_geometries_for_a_2x_vae_as_diffusers_takes_them():
+    """What the card's "Measured for the next model" says of the 2x VAE's denoiser: patch 4 with
+    temporal patches of 2 keeps 128 tokens for 16 latent frames of 16x16 with 3D rotary positions,
+    not with the sincos table (sized for every latent frame), and an odd latent frame count (fg2bg's
+    and bg2fg's 17) needs padding."""
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from layerkit_plugins.layerflow.toy.model import TRANSFORMER_CONFIG
+
+    def run(rope: bool, frames: int):
+        config = dict(TRANSFORMER_CONFIG, sample_width=16, sample_height=16, temporal_compression_ratio=2,
+                      patch_size=4, patch_size_t=2, use_rotary_positional_embeddings=rope)
+        model = CogVideoXTransformer3DModel(**config).eval()
+        rotary = get_3d_rotary_pos_embed(32, None, (4, 4), (frames + 1) // 2, grid_type="slice", max_size=(4, 4),
+                                         device="cpu") if rope else None
+        with torch.no_grad():
+            return model(hidden_states=torch.randn(1, frames, 8, 16, 16), encoder_hidden_states=torch.randn(1, 16, 64),
+                         timestep=torch.tensor([10]), image_rotary_emb=rotary, return_dict=False)[0]
+
+    assert tuple(run(True, 16).shape) == (1, 16, 8, 16, 16)
+    with pytest.raises(RuntimeError):
+        run(False, 16)
+    with pytest.raises(RuntimeError):
+        run(True, 17)

@@ -731,6 +731,12 @@ def main(argv: list[str] | None = None) -> None:
             and not (Path(args.base) / "vae" / "config.json").is_file()):
         parser.error(f"--base '{args.base}' is not a toy model folder (no vae/config.json there; e.g. "
                      "plugins/layerkit_plugins/layerflow/toy/weights or a toy-layerflow-vae --out folder).")
+    if args.what in ("x0", "prompts"):  # stage-1 weights noised at training timesteps
+        if args.weights is not None and not Path(args.weights).is_file():
+            parser.error(f"--weights '{args.weights}' does not exist.")
+        if any(not 0 <= t < 1000 for t in args.timesteps):
+            parser.error(f"{args.what}: --timesteps must lie in 0..999 (the scheduler's training timesteps); "
+                         f"got {args.timesteps}.")
     torch.set_num_threads(args.threads)
     if args.what == "colours":
         print("true colour -> mean decoded RGB inside the sprite, clips")
@@ -773,10 +779,6 @@ def main(argv: list[str] | None = None) -> None:
         for name, value in implied(args.base, args.num).items():
             print(f"{name}: {value}")
     elif args.what == "x0":
-        if args.weights is not None and not Path(args.weights).is_file():
-            parser.error(f"--weights '{args.weights}' does not exist.")
-        if any(not 0 <= t < 1000 for t in args.timesteps):
-            parser.error(f"x0: --timesteps must lie in 0..999 (the scheduler's training timesteps); got {args.timesteps}.")
         print(f"one-step clean predictions of stage 1, {args.num} {args.split} clips: shape_correct and alpha IoU "
               "of the prediction and of the noisy input, decoded")
         for mode, rows in x0(args.weights, args.base, args.num, args.split, args.timesteps,
@@ -784,10 +786,6 @@ def main(argv: list[str] | None = None) -> None:
             for t, row in rows.items():
                 print(mode, t, json.dumps(row))
     elif args.what == "prompts":
-        if args.weights is not None and not Path(args.weights).is_file():
-            parser.error(f"--weights '{args.weights}' does not exist.")
-        if any(not 0 <= t < 1000 for t in args.timesteps):
-            parser.error(f"prompts: --timesteps must lie in 0..999 (the scheduler's training timesteps); got {args.timesteps}.")
         print(f"generation's one-step clean predictions, {args.num} {args.split} clips, the prompt's {args.word} word "
               "replaced by each of three others")
         for t, row in prompt_words(args.weights, args.base, args.num, args.split, args.timesteps, args.word,

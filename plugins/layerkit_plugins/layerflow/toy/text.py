@@ -192,12 +192,16 @@ def main(argv: list[str] | None = None) -> None:
                           vision_patch=args.vision_patch)
     partial = args.out.with_name(args.out.name + ".partial")  # nothing half-written under --out
     shutil.rmtree(partial, ignore_errors=True)
-    for name in FOLDERS:
-        if name != "text_encoder":
-            shutil.copytree(args.base / name, partial / name)
-    t5.save_pretrained(str(partial / "text_encoder"), safe_serialization=True)
-    (partial / "text_training.json").write_text(json.dumps(record, indent=1) + "\n")
-    partial.rename(args.out)
+    try:
+        for name in FOLDERS:
+            if name != "text_encoder":
+                shutil.copytree(args.base / name, partial / name)
+        t5.save_pretrained(str(partial / "text_encoder"), safe_serialization=True)
+        (partial / "text_training.json").write_text(json.dumps(record, indent=1) + "\n")
+        partial.rename(args.out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     print(json.dumps({k: v for k, v in record.items() if k != "loss_every_50_steps"}))
     print(f"wrote {args.out}")
 
