@@ -120,6 +120,17 @@ def test_unknown_names_list_what_exists(registry):
     _fails(compose, "train", ["+adapters.x={name: nope}"], registry, match="available adapters")
 
 
+def test_a_removed_key_that_another_refers_to_is_one_sentence(registry):
+    from layerkit.config import compose
+
+    # the toy LayerFlow's stage 3 reads its stage-1 file through ${layerflow.stage1_weights}
+    msg = _fails(compose, "sample", ["+experiment=toy_layerflow_stage3", "~layerflow.stage1_weights"], registry,
+                 match="does not resolve")
+    assert "layerflow.stage1_weights" in msg and "'~'" in msg
+    msg = _fails(compose, "sample", ["backbone.path=${pkg:no_such_package/x}"], registry, match="not installed")
+    assert msg.startswith("config value ${pkg:no_such_package/x} names package")  # the resolver's own sentence
+
+
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     result = run_cli("sample", "+experiment=toy_layered", f"weights={tmp_path / 'missing.safetensors'}",
                      f"output_dir={tmp_path / 'o'}")

@@ -216,6 +216,18 @@ def test_eval_vae_only_samples_no_model(monkeypatch, capsys):
     assert error.value.code == 2 and "--vae-only samples no model" in capsys.readouterr().err
 
 
+
+def test_vae_ceiling_loads_no_stage_weights_so_any_geometry_runs(tmp_path):
+    """--vae-only through a folder of another geometry (a 2x VAE, a patch-4 transformer that the
+    committed stage files do not fit): the true layers go through that VAE, no stage file is read."""
+    from layerkit_plugins.cogvideox.backbone import save_components
+    from layerkit_plugins.layerflow.toy import evaluate
+    from layerkit_plugins.layerflow.toy.model import build_components, build_vae, compression_changes
+
+    save_components(build_components(0, vae=build_vae(0, **compression_changes(2))), tmp_path / "base")
+    row = evaluate.vae_ceiling(1, 0, split="val", extra=[f"backbone.path={tmp_path / 'base'}"])
+    assert 0.0 <= row["alpha_iou"] <= 1.0 and row["compositing_error"] > 0.0  # an untrained VAE: not the truth
+
 def test_toy_tools_refuse_to_write_over_a_users_files(tmp_path, capsys):
     """toy-layerflow-vae --out and toy-layerflow-eval --json name new places; an earlier run's
     folder or file is refused in one sentence before anything trains or samples, and left as it was."""
@@ -709,6 +721,7 @@ def test_a_vae_of_2x_spatial_compression_packs_and_sizes_its_transformer():
             assert tuple(vae.decode(z).sample.shape) == (1, 3, frames, 32, 32)
     config = build_components(0, vae=vae)["transformer"].config
     assert (config.sample_width, config.sample_height, config.temporal_compression_ratio) == (16, 16, 2)
+    assert config.patch_size == 4 and build_components(0)["transformer"].config.patch_size == 2  # 8x8-pixel tokens
     with pytest.raises(ValueError, match="must be 2 or 4"):
         compression_changes(8)
 

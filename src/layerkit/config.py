@@ -64,7 +64,26 @@ def compose(primary: str, overrides: Sequence[str], registry: Registry) -> DictC
             overrides.insert(0, f"+experiment={head.default_experiment}")
     cfg = _compose(primary, overrides, registry)
     validate(cfg, registry)
+    _check_resolves(cfg)
     return cfg
+
+
+def _check_resolves(cfg: DictConfig) -> None:
+    """Every interpolation must resolve now, not deep inside a run: ``~layerflow.stage1_weights``
+    leaves ``${layerflow.stage1_weights}`` elsewhere pointing at nothing (one sentence, no traceback)."""
+    from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)  # a resolved copy; cfg itself stays as composed
+    except OmegaConfBaseException as exc:
+        message = str(exc).splitlines()[0].strip().rstrip(".")
+        own = f"{LayerkitError.__name__} raised while resolving interpolation: "
+        if message.startswith(own):  # a resolver's own sentence (``${pkg:...}`` naming a missing package)
+            raise LayerkitError(message[len(own):] + ".") from None
+        key = getattr(exc, "full_key", None)
+        where = f" at '{key}'" if key else ""
+        hint = " (was a key it refers to removed with '~' or misspelt?)" if isinstance(exc, InterpolationKeyError) else ""
+        raise LayerkitError(f"the configuration does not resolve{where}: {message}{hint}.") from None
 
 
 def _compose(primary: str, overrides: Sequence[str], registry: Registry) -> DictConfig:

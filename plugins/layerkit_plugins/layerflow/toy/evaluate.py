@@ -102,7 +102,8 @@ def vae_ceiling(num_samples: int, seed: int, round_trip: bool = True, split: str
 
     registry = get_registry()
     cfg = compose("sample", ["+experiment=toy_layerflow_stage3", f"+inputs.num_samples={num_samples}",
-                             f"+inputs.seed={seed}", f"+inputs.split={split}", *extra, "task.mode=generate"],
+                             f"+inputs.seed={seed}", f"+inputs.split={split}", *extra, "task.mode=generate",
+                             "weights=null", "init_from=[]"],  # no denoiser runs: none is loaded (any geometry)
                   registry)
     sampler = build_sampler(cfg, registry)
     parts = sampler.parts

@@ -34,6 +34,7 @@ FRAMES = 8            # per layer: the packed 32-frame clip goes through the VAE
                       # frame-0 copy fg2bg and bg2fg put in front: 33 frames)
 SIZE = 32             # height = width
 TEXT_TOKENS = 16      # per prompt block ("0, ...", "1, ...", "2, ...")
+TOKEN_PIXELS = 8      # each video token covers 8x8 pixels: patch 2 on a 4x VAE's latents, patch 4 on a 2x one's
 
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 3,
@@ -79,7 +80,8 @@ def build_vae(seed: int = 0, **changes: Any):
 
 def build_components(seed: int = 0, vae: Any = None, **transformer_changes: Any) -> dict[str, Any]:
     """Seeded toy components (the VAE given, e.g. trained by ``toy.train_vae``, or a fresh one; the
-    transformer reads and predicts that VAE's latent channels; ``transformer_changes`` override
+    transformer reads and predicts that VAE's latent channels, is sized for its latent grid and
+    patches it into tokens of ``TOKEN_PIXELS`` pixels; ``transformer_changes`` override all that and
     ``TRANSFORMER_CONFIG``, for measurements)."""
     from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
     from transformers import T5Config, T5EncoderModel
@@ -91,7 +93,8 @@ def build_components(seed: int = 0, vae: Any = None, **transformer_changes: Any)
     channels = int(vae.config.latent_channels)  # the transformer reads and predicts the VAE's latents
     spatial, temporal = vae_compression(vae)     # and is sized for its latent grid
     transformer_changes = {"in_channels": channels, "out_channels": channels, "sample_width": SIZE // spatial,
-                           "sample_height": SIZE // spatial, "temporal_compression_ratio": temporal, **transformer_changes}
+                           "sample_height": SIZE // spatial, "temporal_compression_ratio": temporal,
+                           "patch_size": TOKEN_PIXELS // spatial, **transformer_changes}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         transformer = CogVideoXTransformer3DModel(**{**TRANSFORMER_CONFIG, **transformer_changes})

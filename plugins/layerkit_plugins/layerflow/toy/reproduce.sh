@@ -399,4 +399,46 @@ sampler.guidance_scale=1.0" --grid "weights=$PWD/$R/tried/norm/weights.safetenso
     layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stage 1 alone, generate' \
         --rows 'stage 1 alone, decompose' --grid "$base weights=$R/tried/${t5}_s1_3000/weights.safetensors"
   done
+  # the 2x VAE with patch 4 (tokens of 8x8 pixels; the card's "Tried and not kept: the 2x VAE with
+  # tokens of 8x8 pixels"; weights/tried_vae2/{base_t2v,stage1,stage2}.json): the VAE run above exported
+  # with the patch-4 transformer toy-layerflow-vae writes beside it, a base and stages 1 and 2 cut to this
+  # geometry's steps (stage 3 not run), stage 1 alone on test, a sample, `prompts`, and larger sprites
+  V=$R/tried/vae2_patch4/weights
+  mkdir -p $V && "${export_[@]}" base $R/tried/vae2 --to $V
+  OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_base backbone.path=$V trainer.max_steps=11000 \
+      train.compile=true output_dir=$R/tried/vae2_patch4/base_t2v
+  "${export_[@]}" pretrained $R/tried/vae2_patch4/base_t2v --to $V
+  OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 backbone.path=$V trainer.max_steps=4800 \
+      data.size=4000 output_dir=$R/tried/vae2_patch4/stage1
+  "${export_[@]}" stage1 $R/tried/vae2_patch4/stage1 --to $V
+  OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage2 backbone.path=$V \
+      layerflow.stage1_weights=$V/stage1.safetensors output_dir=$R/tried/vae2_patch4/stage2
+  "${export_[@]}" stage2 $R/tried/vae2_patch4/stage2 --to $V
+  layerkit toy-layerflow-eval --num-samples 16 --seed 0 --rows 'stage 1 alone, generate' \
+      --rows 'stage 1 alone, decompose' --grid "backbone.path=$V weights=$V/stage1.safetensors"
+  layerkit sample +experiment=toy_layerflow_stage1 backbone.path=$V weights=$V/stage1.safetensors \
+      output_dir=$R/tried/vae2_patch4/sample sampler.progress=false
+  layerkit toy-layerflow-diagnose prompts --num 32 --split val --timesteps 39 200 400 600 800 --threads 2 \
+      --weights $V/stage1.safetensors backbone.path=$V
+  # larger sprites on it (as "Larger sprites first" on the committed VAE: 0.55-0.8 of the frame, 3000 steps
+  # on 4000 clips from the same base), read by `prompts` at those sizes, and the VAE's ceiling there
+  BIG='[0.55,0.8]'
+  OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 backbone.path=$V trainer.max_steps=3000 \
+      data.size=4000 "+data.sprite_size=$BIG" output_dir=$R/tried/vae2_patch4/big3000
+  layerkit toy-layerflow-diagnose prompts --num 32 --split val --timesteps 39 200 400 600 800 --threads 2 \
+      --weights $R/tried/vae2_patch4/big3000/weights.safetensors backbone.path=$V "+task.shapes_world.sprite_size=$BIG"
+  layerkit toy-layerflow-eval --vae-only --split val --num-samples 32 backbone.path=$V "+task.shapes_world.sprite_size=$BIG"
+  layerkit toy-layerflow-eval --vae-only --split val --num-samples 32 "+task.shapes_world.sprite_size=$BIG"
+  # continued 3000 steps (tried_vae2/stage1_big3000_more3000.json); each run sampled on val at those sizes
+  OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 backbone.path=$V \
+      "init_from=[$R/tried/vae2_patch4/big3000/weights.safetensors]" optim.lr=5e-4 trainer.max_steps=3000 \
+      data.size=4000 "+data.sprite_size=$BIG" output_dir=$R/tried/vae2_patch4/big3000_more3000
+  layerkit toy-layerflow-diagnose prompts --num 32 --split val --timesteps 39 200 400 600 800 --threads 2 \
+      --weights $R/tried/vae2_patch4/big3000_more3000/weights.safetensors backbone.path=$V \
+      "+task.shapes_world.sprite_size=$BIG"
+  for run in big3000 big3000_more3000; do
+    layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stage 1 alone, generate' \
+        --rows 'stage 1 alone, decompose' \
+        --grid "backbone.path=$V weights=$R/tried/vae2_patch4/$run/weights.safetensors +task.shapes_world.sprite_size=$BIG"
+  done
 fi
