@@ -431,18 +431,14 @@ sampler.guidance_scale=1.0" --grid "weights=$PWD/$R/tried/norm/weights.safetenso
   layerkit toy-layerflow-eval --vae-only --split val --num-samples 32 "+task.shapes_world.sprite_size=$BIG"
   # continued 3000 steps twice (tried_vae2/stage1_big3000_more{3000,6000}.json); each run sampled on val
   # at those sizes
-  OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 backbone.path=$V \
-      "init_from=[$R/tried/vae2_patch4/big3000/weights.safetensors]" optim.lr=5e-4 trainer.max_steps=3000 \
-      data.size=4000 "+data.sprite_size=$BIG" output_dir=$R/tried/vae2_patch4/big3000_more3000
-  layerkit toy-layerflow-diagnose prompts --num 32 --split val --timesteps 39 200 400 600 800 --threads 2 \
-      --weights $R/tried/vae2_patch4/big3000_more3000/weights.safetensors backbone.path=$V \
-      "+task.shapes_world.sprite_size=$BIG"
-  OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 backbone.path=$V \
-      "init_from=[$R/tried/vae2_patch4/big3000_more3000/weights.safetensors]" optim.lr=5e-4 trainer.max_steps=3000 \
-      data.size=4000 "+data.sprite_size=$BIG" output_dir=$R/tried/vae2_patch4/big3000_more6000
-  layerkit toy-layerflow-diagnose prompts --num 32 --split val --timesteps 39 200 400 600 800 --threads 2 \
-      --weights $R/tried/vae2_patch4/big3000_more6000/weights.safetensors backbone.path=$V \
-      "+task.shapes_world.sprite_size=$BIG"
+  for pair in big3000:big3000_more3000 big3000_more3000:big3000_more6000; do
+    from=${pair%%:*} run=${pair##*:}
+    OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 backbone.path=$V \
+        "init_from=[$R/tried/vae2_patch4/$from/weights.safetensors]" optim.lr=5e-4 trainer.max_steps=3000 \
+        data.size=4000 "+data.sprite_size=$BIG" output_dir=$R/tried/vae2_patch4/$run
+    layerkit toy-layerflow-diagnose prompts --num 32 --split val --timesteps 39 200 400 600 800 --threads 2 \
+        --weights $R/tried/vae2_patch4/$run/weights.safetensors backbone.path=$V "+task.shapes_world.sprite_size=$BIG"
+  done
   for run in big3000 big3000_more3000 big3000_more6000; do
     layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stage 1 alone, generate' \
         --rows 'stage 1 alone, decompose' \
