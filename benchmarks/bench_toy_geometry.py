@@ -1,7 +1,7 @@
 """The toy LayerFlow's denoiser geometry against its training cost: what a 45-minute stage affords
 for each patch size, width and depth (the committed toy: patch 2, width 128 in 4 heads, 6 blocks;
 the width-64 model before it and a patch-1 model were trained and scored lower,
-``toy/weights/MODEL_CARD.md``).
+``toy/weights/model_before/MODEL_CARD.md``).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_toy_geometry.py [--repeats 3] [--compile] [--only-committed]
 

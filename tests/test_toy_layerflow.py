@@ -20,11 +20,12 @@ needs_weights = pytest.mark.skipif(not (WEIGHTS / "stage3.safetensors").is_file(
 
 
 def shapes_clip(index: int = 0, seed: int = 3) -> dict:
-    from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
+    """A held-out clip of the toy's world (sprites of ``model.SPRITE_SIZE``)."""
+    from layerkit_plugins.layerflow.toy.model import toy_world
 
-    from layerkit.data.shapes import ShapesConfig, make_sample, seed_for
+    from layerkit.data.shapes import make_sample, seed_for
 
-    return make_sample(seed_for("test", seed, index), ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE))
+    return make_sample(seed_for("test", seed, index), toy_world())
 
 
 def test_committed_toy_model_fits_the_size_budget():
@@ -55,8 +56,14 @@ def test_sample_without_arguments_composes_the_toy_layerflow_as_the_authors_pack
     assert {"layer_embedding", "content_lora"} <= set(cfg.adapters)
     # issue 15: one VAE pass over the packed clip, zero unconditional embeddings (no toy pin left)
     assert cfg.backbone.vae_pass == "clip" and cfg.backbone.uncond == "zeros"
+    # the toy's world (larger sprites than the shapes world's own): what the stages train on, what
+    # sampling scores and decomposes, and what the toy's tools draw (model.toy_world) are one world
+    from layerkit_plugins.layerflow.toy.model import SPRITE_SIZE, toy_world
+
+    assert tuple(cfg.task.shapes_world.sprite_size) == SPRITE_SIZE == toy_world().sprite_size
     for stage in (1, 2, 3):
         train = compose("train", [f"+experiment=toy_layerflow_stage{stage}"], registry)
+        assert tuple(train.data.sprite_size) == SPRITE_SIZE
         assert train.backbone.vae_pass == "clip" and train.train.prompt_dropout_per_block
         assert tuple(train.optim.betas) == (0.9, 0.95) and train.optim.weight_decay == 1e-4
         assert train.train.cache_latents and train.train.cache_text and train.train.ema_decay > 0
@@ -77,23 +84,22 @@ def test_packed_clip_geometry_splits_into_layers_in_one_vae_pass(registry):
 
 @needs_weights
 def test_committed_vae_keeps_every_sprite_colour_and_the_matte(registry):
-    """train_vae's own check on the committed VAE: every colour classified right, alpha IoU >= 0.9."""
+    """train_vae's own check on the committed VAE, on clips of the toy's world: every colour
+    classified right, alpha IoU >= 0.9, layers that composite."""
     from diffusers import AutoencoderKLCogVideoX
-    from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
+    from layerkit_plugins.layerflow.toy.model import toy_world
     from layerkit_plugins.layerflow.toy.train_vae import check, validate, validation_samples
 
-    from layerkit.data.shapes import ShapesConfig
-
     vae = AutoencoderKLCogVideoX.from_pretrained(str(WEIGHTS / "vae"), torch_dtype=torch.float32).eval()
-    samples = validation_samples(0, ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE))  # train_vae's 48
+    samples = validation_samples(0, toy_world())  # train_vae's 48, sprites of 0.55-0.8 (--sprite-size 0.55 0.8)
     result = validate(vae, samples)
     print(json.dumps(result))
-    # every colour right and the matte at issue 12's 0.9 (train_vae's 48 validation clips: 0.902 /
-    # 0.905 with the frame-0 copy, after the decoder-only seventh run: MODEL_CARD.md), and the
-    # decoded layers composite (compositing error 0.038, 0.047 before the seventh run)
+    # every colour right and the matte at issue 12's 0.9 (0.942 after the decoder-only eighth run:
+    # MODEL_CARD.md), and the decoded layers composite (compositing error 0.046; the seventh
+    # decoder 0.061 on these clips)
     assert check(result, min_alpha_iou=0.9) == []
     assert result["rg_separation"] > 0.5 and result["cm_separation"] > 0.5
-    assert result["compositing_error"] < 0.04
+    assert result["compositing_error"] < 0.05
 
 
 def test_vae_round_trip_with_latent_noise_is_seeded_and_scaled_to_the_denoisers_units():
@@ -256,9 +262,36 @@ def test_toy_tools_refuse_to_write_over_a_users_files(tmp_path, capsys):
     assert (tmp_path / "eval.json").read_text() == "earlier"
 
 
+def test_export_vae_replaces_the_vae_alone(tmp_path, capsys):
+    """export vae RUN: a decoder-only run's vae/ (fp16) and its record go into the model folder; the
+    pretrained transformer there is left as it was (export base would write the run's seeded one
+    over it); a folder without vae/ is refused in one sentence."""
+    from layerkit_plugins.layerflow.toy import export
+    from safetensors.torch import load_file, save_file
+
+    run, dst = tmp_path / "run", tmp_path / "weights"
+    for folder in (run / "vae", run / "transformer", dst / "vae", dst / "transformer"):
+        folder.mkdir(parents=True)
+    save_file({"w": torch.ones(2)}, str(run / "vae" / "diffusion_pytorch_model.safetensors"))
+    (run / "vae" / "config.json").write_text("{}")
+    (run / "transformer" / "config.json").write_text('{"seeded": true}')
+    (run / "vae_training.json").write_text('{"parts": "decoder"}')
+    (dst / "transformer" / "config.json").write_text('{"pretrained": true}')
+    (dst / "vae" / "stale.json").write_text("{}")
+    export.main(["vae", str(run), "--to", str(dst)])
+    assert json.loads((dst / "transformer" / "config.json").read_text()) == {"pretrained": True}
+    assert sorted(p.name for p in (dst / "vae").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert load_file(str(dst / "vae" / "diffusion_pytorch_model.safetensors"))["w"].dtype == torch.float16
+    assert json.loads((dst / "vae_training.json").read_text()) == {"parts": "decoder"}
+    with pytest.raises(SystemExit) as error:
+        export.main(["vae", str(tmp_path / "nothing"), "--to", str(dst)])
+    assert error.value.code == 2 and "holds no vae/ folder" in capsys.readouterr().err
+
+
 def test_toy_tools_refuse_a_missing_vae_folder_and_no_latent_channels(tmp_path, capsys):
     """toy-layerflow-vae --init and toy-layerflow-diagnose --base name folders that must hold a VAE,
-    and --latent-channels 0 is refused, not replaced by the default: one sentence each, nothing written."""
+    and --latent-channels 0 or a reversed --sprite-size is refused, not replaced by the default: one
+    sentence each, nothing written."""
     from layerkit_plugins.layerflow.toy import diagnose, train_vae
 
     cases = [(train_vae.main, ["--init", str(tmp_path / "missing"), "--out", str(tmp_path / "a")], "is not a VAE folder"),
@@ -266,6 +299,7 @@ def test_toy_tools_refuse_a_missing_vae_folder_and_no_latent_channels(tmp_path, 
              (train_vae.main, ["--init", str(tmp_path), "--spatial-compression", "2", "--out", str(tmp_path / "c")],
               "an --init VAE keeps its own"),
              (train_vae.main, ["--spatial-compression", "8", "--out", str(tmp_path / "d")], "invalid choice: 8"),
+             (train_vae.main, ["--sprite-size", "0.8", "0.55", "--out", str(tmp_path / "e")], "0 < LOW <= HIGH <= 0.9"),
              (diagnose.main, ["implied", "--base", str(tmp_path / "missing")], "is not a toy model folder"),
              (diagnose.main, ["x0", "--weights", str(tmp_path / "missing.safetensors")], "does not exist"),
              (diagnose.main, ["x0", "--timesteps", "39", "1000"], "--timesteps must lie in 0..999"),
@@ -477,8 +511,9 @@ def test_sample_without_arguments_writes_layers_preview_and_record(registry, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 12: the toy denoiser does not meet its targets yet (MODEL_CARD.md: colour 1.000, "
-                          "shape 0.188, alpha IoU 0.739, compositing error 0.051 on 16 held-out prompts)", strict=False)
+@pytest.mark.xfail(reason="issue 12: the toy's compositing error is over its target (MODEL_CARD.md, 16 held-out "
+                          "prompts: colour 1.000, shape 0.938, alpha IoU 0.835 met; compositing error 0.065, "
+                          "0.05 asked; the VAE's round trip alone gives 0.045)", strict=False)
 @needs_weights
 def test_sample_meets_the_issue_12_targets_on_16_held_out_prompts(registry, tmp_path):
     from layerkit.sampling.run import sample
@@ -490,8 +525,9 @@ def test_sample_meets_the_issue_12_targets_on_16_held_out_prompts(registry, tmp_
     assert metrics["alpha_iou"] >= 0.8 and metrics["compositing_error"] <= 0.05
 
 
-@pytest.mark.xfail(reason="issue 12: the toy's decomposition finds the sprite's place but not its matte yet "
-                          "(alpha IoU 0.704 on 16 held-out clips, 0.8 asked; MODEL_CARD.md)", strict=False)
+@pytest.mark.xfail(reason="the blended.mp4 a decomposition writes is the VAE's round trip of the given clip "
+                          "(mean error 0.14-0.16 on these three clips), not the clip the "
+                          "user gave; the mattes meet the test (MODEL_CARD.md)", strict=False)
 @needs_weights
 def test_decompose_reads_the_given_blended_clip(registry, tmp_path):
     """task=layerflow_decompose with a user's blended video (a held-out shapes clip written as
@@ -502,7 +538,7 @@ def test_decompose_reads_the_given_blended_clip(registry, tmp_path):
     from layerkit.io.video import write_video
     from layerkit.sampling.run import sample
 
-    ious = []
+    ious, back = [], []
     for index in range(3):
         clip = shapes_clip(index)
         given = (clip["blended"].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
@@ -512,9 +548,11 @@ def test_decompose_reads_the_given_blended_clip(registry, tmp_path):
         alpha = torch.from_numpy(read_video(out / "alpha.mp4").frames[..., :1]).float().div(255).permute(0, 3, 1, 2)
         ious.append(alpha_iou(alpha, clip["foreground_alpha"]))
         blended = read_video(out / "blended.mp4").frames.astype(np.float32)
-        assert np.abs(blended - given.astype(np.float32)).mean() / 255 < 0.06, "the given clip comes back"
-    print("decomposition alpha IoU against the true alpha:", [round(v, 3) for v in ious])
+        back.append(float(np.abs(blended - given.astype(np.float32)).mean() / 255))
+    print("decomposition alpha IoU against the true alpha:", [round(v, 3) for v in ious],
+          "blended.mp4 against the given clip (mean error):", [round(v, 3) for v in back])
     assert min(ious) >= 0.6 and sum(ious) / len(ious) >= 0.75
+    assert max(back) < 0.06, "the given clip comes back"
 
 
 def _layers(out: Path) -> dict[str, np.ndarray]:  # noqa: F821
@@ -604,12 +642,13 @@ def test_diagnostics_show_what_the_model_card_says():
     assert "latent MSE: blended" not in rows, "the given clip's latents are the same in both"
     assert rows["decoded alpha IoU: all true"] >= 0.75  # 0.893 over 16 clips, 0.83 over these 4
     assert rows["decoded alpha IoU: all sampled"] < rows["decoded alpha IoU: all true"]
-    rows = shapes(4)  # the sprite redrawn as the other shapes: small latent distances, far below the variance
-    print(json.dumps(rows))
+    rows = shapes(4)  # the sprite redrawn as the other shapes: on the toy's world (sprites of 0.55-0.8) the
+    print(json.dumps(rows))  # nearest other shape lies 7-8 times as far as a 1 px move (the world's own sizes: 1.35)
     for layer in ("foreground", "alpha"):
         nearest = rows[f"latent MSE, the nearest other shape: {layer}"]
         assert 0.0 < nearest <= rows[f"latent MSE, another shape (mean of three): {layer}"]
-        assert rows[f"latent MSE, another shape (mean of three): {layer}"] < 0.2 * rows[f"latent variance: {layer}"]
+        assert nearest > 3 * rows[f"latent MSE, moved 1 px: {layer}"]
+        assert rows[f"latent MSE, another shape (mean of three): {layer}"] < rows[f"latent variance: {layer}"]
     rows = implied(per_colour=1)  # the composite-implied matte through the committed VAE, and what loses it
     print(json.dumps(rows))
     assert rows["clips"] == 6 and rows["alpha IoU, all decoded (the ceiling)"] > 0.6
@@ -627,14 +666,16 @@ def test_diagnostics_show_what_the_model_card_says():
     assert set(stats) == {"alpha", "blended"} and all(len(v["std"]) == 8 for v in stats.values())
     mean_std = {k: sum(v["std"]) / len(v["std"]) for k, v in stats.items()}  # 1024 train clips: 0.21 and 0.98
     assert mean_std["alpha"] < 0.4 and mean_std["blended"] > 0.7, "a matte's latents lie far below unit scale"
-    # generation reads its prompt's colour word, not its shape word (the model card's "Does generation read
-    # its prompt?"): replacing the colour moves the one-step prediction far more than replacing the shape
+    # generation reads its prompt's shape word as well as its colour word (the model card's "Generation
+    # reads the shape word"; the model before read the colour word alone, 21-50 times as strongly):
+    # where the sprite is decided the decoded shape and colour follow whichever word the prompt names
     shape_rows = prompt_words(None, None, 4, "val", [600], word="shape", amplify=(0.0,))
     colour_rows = prompt_words(None, None, 4, "val", [600], word="colour", amplify=(0.0,))
     print(json.dumps(shape_rows), json.dumps(colour_rows))
     moved = "prediction change, word replaced (latent MSE)"
-    assert colour_rows[600][moved] > 5 * shape_rows[600][moved] > 0.0
-    assert colour_rows[600]["colour follows the prompt"] > 0.5  # 0.83 over 32 val clips; shape 0.26 (chance 0.25)
+    assert colour_rows[600][moved] > shape_rows[600][moved] > 0.1 * colour_rows[600][moved] > 0.0  # 0.030, 0.105
+    assert shape_rows[600]["shape follows the prompt"] > 0.5  # 0.94 here, 0.90 over 32 val clips (chance 0.25)
+    assert colour_rows[600]["colour follows the prompt"] > 0.5  # 0.75 here
     assert shape_rows[600]["prediction error (latent MSE)"] == colour_rows[600]["prediction error (latent MSE)"]
 
 

@@ -105,15 +105,15 @@ STAGE1 = ["+experiment=toy_layerflow_stage1", "weights=${pkg:layerkit_plugins.la
 
 def colours(num: int) -> dict[str, list[float]]:
     from layerkit.config import compose
-    from layerkit.data.shapes import ShapesConfig, make_sample, seed_for
+    from layerkit.data.shapes import make_sample, seed_for
     from layerkit.pipeline import build_parts
     from layerkit.registry import get_registry
-    from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
+    from layerkit_plugins.layerflow.toy.model import FRAMES, toy_world
     from layerkit_plugins.layerflow.toy.train_vae import packed_clip
 
     registry = get_registry()
     backbone = build_parts(compose("sample", [], registry), registry, training=False).backbone.eval()
-    config = ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE)
+    config = toy_world()
     sums: dict[str, list] = {}
     with torch.no_grad():
         for i in range(num):
@@ -246,13 +246,13 @@ def stage1_module(base: str | None, weights: str, overrides: list[str] = ()) -> 
 def heldout(base: str | None, weights: str, num: int, timesteps: list[int],
             modes: tuple[str, ...] = ("generate", "decompose")) -> dict[str, dict[int, float]]:
     """Held-out (test split) v-loss on the generated parts of stage-1 weights, per mode and timestep."""
-    from layerkit.data.shapes import ShapesConfig, ShapesDataset
-    from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
+    from layerkit.data.shapes import ShapesDataset
+    from layerkit_plugins.layerflow.toy.model import toy_world
 
     # the plain v-prediction loss, whatever stage 1 trains with
     module = stage1_module(base, weights, ["train.loss_weighting=none"])
     module.prompt_dropout = 0.0
-    data = ShapesDataset(num, seed=0, config=ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE), split="test")
+    data = ShapesDataset(num, seed=0, config=toy_world(), split="test")
     batch = module.task.collate([data[i] for i in range(num)])
     out: dict[str, dict[int, float]] = {}
     with torch.no_grad():
@@ -289,17 +289,17 @@ def positions(scales: tuple[float, ...] = ()) -> dict[float, dict[str, float]]:
 def probe(num_train: int, num_test: int, steps: int = 3000, base: str | None = None) -> dict[str, float]:
     """Held-out MSE of per-place regressions from the given blended latents to the layers' latents."""
     from layerkit.config import compose
-    from layerkit.data.shapes import ShapesConfig, ShapesDataset
+    from layerkit.data.shapes import ShapesDataset
     from layerkit.pipeline import build_parts, encode_packed
     from layerkit.registry import get_registry
-    from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
+    from layerkit_plugins.layerflow.toy.model import toy_world
 
     registry = get_registry()
     cfg = compose("train", ["+experiment=toy_layerflow_stage1", "train.compile=false", "train.cache_latents=false", "train.cache_text=false",
                             *([f"backbone.path={base}"] if base else [])], registry)
     parts = build_parts(cfg, registry, training=True)
     parts.task.train_modes = {"decompose": 1.0}
-    config = ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE)
+    config = toy_world()
 
     def latents(split: str, num: int) -> torch.Tensor:
         data = ShapesDataset(num, seed=0, config=config, split=split)
@@ -488,10 +488,10 @@ def latent_stats(base: str | None, num: int, layers: list[str]) -> dict[str, dic
     train split of stage 1's data, seed 0), packed and encoded as training encodes them (one VAE
     pass): the ``task.latent_norm`` that diffuses those layers' latents at unit scale."""
     from layerkit.config import compose
-    from layerkit.data.shapes import ShapesConfig, make_sample, seed_for
+    from layerkit.data.shapes import make_sample, seed_for
     from layerkit.pipeline import build_parts, encode_packed
     from layerkit.registry import get_registry
-    from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
+    from layerkit_plugins.layerflow.toy.model import toy_world
 
     torch.manual_seed(0)  # the VAE's posterior draws (its log-variance head is near zero: std ~3e-7)
     registry = get_registry()
@@ -499,7 +499,7 @@ def latent_stats(base: str | None, num: int, layers: list[str]) -> dict[str, dic
                             *([f"backbone.path={base}"] if base else [])], registry)
     parts = build_parts(cfg, registry, training=False)
     parts.task.train_modes = {}  # pack every layer as generation does (no frame-0 copy)
-    config = ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE, num_sprites=1)
+    config = toy_world(num_sprites=1)
     chunks = []
     for start in range(0, num, 32):
         items = [make_sample(seed_for("train", 0, i), config) for i in range(start, min(num, start + 32))]
@@ -525,15 +525,14 @@ def implied(base: str | None = None, per_colour: int = 4) -> dict[str, float]:
     from diffusers import AutoencoderKLCogVideoX
 
     from layerkit.data.evaluate import alpha_iou
-    from layerkit.data.shapes import ShapesConfig
     from layerkit_plugins.layered.evaluate import composite_alpha
     from layerkit_plugins.layered.task import to_unit, unpack_foreground
-    from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
+    from layerkit_plugins.layerflow.toy.model import FRAMES, toy_world
     from layerkit_plugins.layerflow.toy.train_vae import packed_clip, round_trip, validation_samples
 
     folder = Path(base) if base else Path(__file__).resolve().parent / "weights"
     vae = AutoencoderKLCogVideoX.from_pretrained(str(folder / "vae"), torch_dtype=torch.float32).eval()
-    samples = validation_samples(0, ShapesConfig(num_frames=FRAMES, height=SIZE, width=SIZE), per_colour=per_colour)
+    samples = validation_samples(0, toy_world(), per_colour=per_colour)
     decoded = round_trip(vae, torch.stack([packed_clip(s) for s in samples]))
     rows: dict[str, list[float]] = {k: [] for k in ("all decoded (the ceiling)", "blended and background true",
                                                     "foreground and matte true", "decoded matte against the true matte")}

@@ -6,6 +6,9 @@
 
 ``base``: a diffusers-format directory written by ``toy.train_vae`` (transformer/ vae/
 text_encoder/ tokenizer/ scheduler/) -> ``toy/weights/``, every safetensors tensor in fp16.
+``vae``: the same directory's ``vae/`` alone (and its ``vae_training.json``): a decoder-only run
+(``toy-layerflow-vae --parts decoder``) after the base pretraining, which ``base`` would undo by
+writing the run's seeded transformer over the pretrained one.
 ``pretrained``: the ``layerkit train +experiment=toy_layerflow_base`` run (plain text-to-video on
 blended clips) -> ``toy/weights/transformer/`` (its denoiser's weights as the diffusers-format
 transformer stage 1 starts from, fp16) and ``toy/weights/base_t2v.json``.
@@ -34,8 +37,9 @@ REPO = Path(__file__).resolve().parents[4]  # the repository: summaries name pat
 to_fp16 = save_fp16_copy
 
 
-def export_base(src: Path, dst: Path) -> None:
-    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+def export_base(src: Path, dst: Path, parts: tuple[str, ...] = ("transformer", "vae", "text_encoder", "tokenizer",
+                                                                 "scheduler")) -> None:
+    for sub in parts:
         if (dst / sub).exists():
             shutil.rmtree(dst / sub)
         for path in sorted((src / sub).rglob("*")):
@@ -105,12 +109,15 @@ def export_stage(name: str, run: Path, dst: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["base", "pretrained", "stage1", "stage2", "stage3"])
+    parser.add_argument("what", choices=["base", "vae", "pretrained", "stage1", "stage2", "stage3"])
     parser.add_argument("source", type=Path)
     parser.add_argument("--to", type=Path, default=WEIGHTS)
     args = parser.parse_args(argv)
-    if args.what == "base":
-        export_base(args.source, args.to)
+    if args.what in ("base", "vae"):
+        if not (args.source / "vae" / "config.json").is_file():
+            parser.exit(2, f"error: '{args.source}' holds no vae/ folder (a toy-layerflow-vae --out folder).\n")
+        export_base(args.source, args.to, ("vae",) if args.what == "vae" else
+                    ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"))
     elif args.what == "pretrained":
         from layerkit.errors import LayerkitError
 

@@ -35,6 +35,8 @@ FRAMES = 8            # per layer: the packed 32-frame clip goes through the VAE
 SIZE = 32             # height = width
 TEXT_TOKENS = 16      # per prompt block ("0, ...", "1, ...", "2, ...")
 TOKEN_PIXELS = 8      # each video token covers 8x8 pixels: patch 2 on a 4x VAE's latents, patch 4 on a 2x one's
+SPRITE_SIZE = (0.55, 0.8)  # the toy's world: sprites of 0.55-0.8 of the frame (the shapes world's own: 0.3-0.45),
+                           # as toy_layerflow_common.yaml's task.shapes_world and the stages' data.sprite_size
 
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 3,
@@ -102,3 +104,11 @@ def build_components(seed: int = 0, vae: Any = None, **transformer_changes: Any)
     return {"transformer": transformer.eval(), "vae": vae.eval(),
             "text_encoder": text_encoder.eval(), "tokenizer": tokenizer,
             "scheduler": CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)}
+
+
+def toy_world(**fields: Any) -> Any:
+    """The ShapesConfig of the toy's clips (``FRAMES`` frames of ``SIZE`` x ``SIZE``, sprites of
+    ``SPRITE_SIZE``), with ``fields`` changed: what the stages train on and sampling scores."""
+    from layerkit.data.shapes import ShapesConfig
+
+    return ShapesConfig(**{"num_frames": FRAMES, "height": SIZE, "width": SIZE, "sprite_size": SPRITE_SIZE, **fields})

@@ -301,7 +301,7 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
           min_alpha_iou: float = 0.9, chroma_weight: float = 0.0, write: bool = True,
           init: Path | None = None, parts: str = "all", latent_noise: float = 0.0,
           composite_weight: float = 0.0, latent_channels: int | None = None, implied_weight: float = 0.0,
-          spatial_compression: int | None = None) -> dict:
+          spatial_compression: int | None = None, sprite_size: tuple[float, float] | None = None) -> dict:
     """Train (or, ``parts="decoder"``, fine-tune the decoder of ``init``) and check the toy VAE.
     ``latent_noise``: the decoder sees its latents plus Gaussian noise of a std drawn per clip from
     U(0, latent_noise), in the denoiser's (scaled) latent units: a decoder that turns imprecise
@@ -310,7 +310,9 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
     blended clip, as the true ones do. ``latent_channels``: a fresh VAE's (default: ``VAE_CONFIG``'s),
     or, with ``init``, the channels ``init`` grows to (:func:`grow_latent_channels`); the transformer
     written beside it takes and predicts that many channels. ``spatial_compression``: a fresh VAE's
-    (2 or 4, default ``VAE_CONFIG``'s 4; :func:`model.compression_changes`: 2 is also 2x in time)."""
+    (2 or 4, default ``VAE_CONFIG``'s 4; :func:`model.compression_changes`: 2 is also 2x in time).
+    ``sprite_size``: the training and validation clips' sprite sizes (a share of the frame, as
+    ``ShapesConfig.sprite_size``; default the shapes world's), as the toy stages set ``data.sprite_size``."""
     if implied_weight and packing != "clip":
         raise SystemExit("--implied-weight needs the packed clip (--packing clip): single clips have no four layers")
     if composite_weight and packing != "clip":
@@ -324,7 +326,8 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
                          "--parts decoder --init VAE")
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    config = ShapesConfig(num_frames=frames, height=SIZE, width=SIZE)
+    world = {"sprite_size": tuple(sprite_size)} if sprite_size is not None else {}
+    config = ShapesConfig(num_frames=frames, height=SIZE, width=SIZE, **world)
     val = validation_samples(seed, config)
     if init is not None:  # continue a VAE (e.g. a run's rejected_vae/) with this recipe
         from diffusers import AutoencoderKLCogVideoX
@@ -426,7 +429,7 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
             "norm_groups": norm_groups, "mse_weight": mse_weight, "layer_weights": list(layer_weights),
             "alpha_warmup": alpha_warmup, "chroma_weight": chroma_weight, "composite_weight": composite_weight,
             "implied_weight": implied_weight, "latent_channels": int(vae.config.latent_channels),
-            "spatial_compression": vae_compression(vae)[0], "init": str(init) if init else None,
+            "spatial_compression": vae_compression(vae)[0], "sprite_size": list(config.sprite_size), "init": str(init) if init else None,
             "parts": parts, "latent_noise": latent_noise, "validation_noisy_latents": noisy, "val_l1": round(val_l1, 4), "scaling_factor": round(scaling, 6),
             "validation": final, "validation_first_frame": final_first, "failures": failures,
             "validation_log": checks, "log": log}
@@ -492,6 +495,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spatial-compression", type=int, choices=[2, 4], default=None,
                         help="a fresh VAE's spatial compression (default 4); diffusers' CogVideoX VAE compresses "
                              "time in the same blocks, so 2 is also 2x in time (16 latent frames of 16x16)")
+    parser.add_argument("--sprite-size", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="sprite sizes of the training and validation clips, a share of the frame (default: "
+                             "the shapes world's 0.3 0.45; the toy stages' data.sprite_size)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 on a machine shared with other jobs: two threads there thrash)")
     args = parser.parse_args(argv)
@@ -502,6 +508,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.init is not None and not (args.init / "config.json").is_file():
         parser.error(f"--init '{args.init}' is not a VAE folder (no config.json there; e.g. toy/weights/vae or a "
                      "run's rejected_vae/).")
+    if args.sprite_size is not None and not 0 < args.sprite_size[0] <= args.sprite_size[1] <= 0.9:
+        parser.error(f"--sprite-size takes LOW HIGH with 0 < LOW <= HIGH <= 0.9 (a share of the frame); "
+                     f"got {args.sprite_size[0]} {args.sprite_size[1]}.")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"'{args.out}' is a file; --out names a folder to write the run into.")
     if args.out.exists() and any(args.out.iterdir()):
@@ -514,7 +523,8 @@ def main(argv: list[str] | None = None) -> None:
                  min_alpha_iou=args.min_alpha_iou, chroma_weight=args.chroma_weight, write=not args.no_write,
                  init=args.init, parts=args.parts, latent_noise=args.latent_noise,
                  composite_weight=args.composite_weight, latent_channels=args.latent_channels,
-                 implied_weight=args.implied_weight, spatial_compression=args.spatial_compression)
+                 implied_weight=args.implied_weight, spatial_compression=args.spatial_compression,
+                 sprite_size=args.sprite_size)
     print(json.dumps({k: v for k, v in info.items() if k not in ("log", "validation_log")}))
 
 
