@@ -143,3 +143,14 @@ layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stages 1+2+3, g
     --rows 'stages 1+2+3, decompose' --grid 'sampler.guidance_scale=1.5' --grid 'sampler.guidance_scale=1.0' \
     --grid 'sampler.guidance_scale=2.0' --grid 'sampler.guidance_scale=3.0' --grid 'sampler.guidance_scale=1.5 sampler.steps=50'
 layerkit toy-layerflow-diagnose prompts --num 32 --split val --timesteps 39 200 400 600 800 --threads 2
+if [[ "${TRIED:-0}" == 1 ]]; then
+  # the 3000-step pilot on the toy's world that chose this VAE over the 2x one (the card's "Why"),
+  # sampled through the seventh decoder, as it was
+  OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 trainer.max_steps=3000 data.size=4000 \
+      output_dir=$R/tried/pilot3000
+  layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stage 1 alone, generate' \
+      --rows 'stage 1 alone, decompose' --grid "backbone.path=$D/vae7 weights=$R/tried/pilot3000/weights.safetensors"
+fi
+# the same weights on the shapes world's own sprite sizes (the card's "What is left")
+layerkit toy-layerflow-eval --num-samples 16 --seed 0 --rows 'stages 1+2+3, generate' \
+    --rows 'stages 1+2+3, decompose' --grid 'task.shapes_world.sprite_size=[0.3,0.45]'
