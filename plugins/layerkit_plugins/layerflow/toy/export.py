@@ -37,8 +37,11 @@ REPO = Path(__file__).resolve().parents[4]  # the repository: summaries name pat
 to_fp16 = save_fp16_copy
 
 
-def export_base(src: Path, dst: Path, parts: tuple[str, ...] = ("transformer", "vae", "text_encoder", "tokenizer",
-                                                                 "scheduler")) -> None:
+#: the sub-folders of a diffusers-format toy model directory that ``base`` exports
+BASE_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def export_base(src: Path, dst: Path, parts: tuple[str, ...] = BASE_PARTS) -> None:
     for sub in parts:
         if (dst / sub).exists():
             shutil.rmtree(dst / sub)
@@ -116,8 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.what in ("base", "vae"):
         if not (args.source / "vae" / "config.json").is_file():
             parser.exit(2, f"error: '{args.source}' holds no vae/ folder (a toy-layerflow-vae --out folder).\n")
-        export_base(args.source, args.to, ("vae",) if args.what == "vae" else
-                    ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"))
+        export_base(args.source, args.to, ("vae",) if args.what == "vae" else BASE_PARTS)
     elif args.what == "pretrained":
         from layerkit.errors import LayerkitError
 
