@@ -94,6 +94,31 @@ def test_guidance_rescale_dynamic_cfg_scheduler_and_bf16(registry, trained, tmp_
     assert read_video(out / "foreground.webm").frames.shape[-1] == 4
 
 
+def test_guidance_interval_guides_only_inside_it(registry, trained, tmp_path):
+    """sampler.guidance_interval=[low, high]: guidance at low < t <= high only. An interval holding
+    every timestep samples as without one; one holding none as an unguided run (guidance_scale 1);
+    one in between differs from both. A wrong interval is one sentence."""
+    from layerkit.checks import check_config
+    from layerkit.config import compose
+    from layerkit.errors import LayerkitError
+    from layerkit.sampling.run import build_sampler
+
+    def latents(*extra):
+        cfg = compose("sample", ["+experiment=toy_layered", *TINY_SAMPLE, f"weights={trained}",
+                                 "sampler.guidance_scale=7", *extra], registry)
+        return build_sampler(cfg, registry).run().denoised.latents.float()
+
+    guided = latents()
+    assert torch.equal(latents("sampler.guidance_interval=[-1,1000]"), guided)
+    assert torch.equal(latents("sampler.guidance_interval=[1000,2000]"), latents("sampler.guidance_scale=1"))
+    half = latents("sampler.guidance_interval=[500,1000]")
+    assert (half - guided).abs().mean() > 1e-4 and (half - latents("sampler.guidance_scale=1")).abs().mean() > 1e-4
+    for wrong in ("[600,400]", "[1,2,3]", "7", "[a,b]"):
+        cfg = compose("sample", ["+experiment=toy_layered", f"sampler.guidance_interval={wrong}"], registry)
+        with pytest.raises(LayerkitError, match="sampler.guidance_interval is .*expected null or \\[low, high\\]"):
+            check_config("sample", cfg)
+
+
 def test_rescale_noise_cfg_matches_formula():
     from layerkit.sampling.loop import rescale_noise_cfg
 

@@ -383,3 +383,66 @@ def test_layered_task_latent_norm_reads_a_mapping_or_a_file_and_refuses_a_wrong_
     for spec, message in wrong:
         with pytest.raises(LayerkitError, match=re.escape(message)):
             LayeredTask(latent_norm=spec)
+
+
+def test_layered_task_returns_the_given_layers_as_given():
+    """Sampling a conditional mode returns the layers the user gave as they were given (decompose:
+    the blended clip; fg2bg: the foreground RGBA and its matte; bg2fg: the background), the others
+    as decoded; ``keep_given=False`` returns every layer as decoded (the given ones' VAE round trip)."""
+    from layerkit_plugins.layered.task import LayeredTask
+
+    from layerkit.data.shapes import ShapesConfig, collate_layered, make_sample
+
+    batch = collate_layered([make_sample(i, ShapesConfig(num_frames=4, height=16, width=16)) for i in range(2)])
+    grey = {n: torch.zeros(2, 4, 3, 16, 16) for n in ("foreground", "alpha", "background", "blended")}  # "decoded"
+    for mode, given in (("decompose", {"blended"}), ("fg2bg", {"foreground", "alpha"}), ("bg2fg", {"background"}),
+                        ("generate", set())):
+        out = LayeredTask(mode=mode, fit_to_clip=None).unpack(grey, {**batch, "mode": [mode, mode]})
+        for i in range(2):
+            kept = {"blended": torch.allclose(out[i]["blended"], batch["blended"][i], atol=1e-6),
+                    "background": torch.allclose(out[i]["background"], batch["background"][i], atol=1e-6),
+                    "alpha": torch.allclose(out[i]["alpha"], batch["foreground_alpha"][i], atol=1e-6)}
+            opaque = batch["foreground_alpha"][i] > 0.02
+            rgb = out[i]["foreground"][:, :3]
+            kept["foreground"] = torch.allclose(rgb * opaque, batch["foreground_rgb"][i] * opaque, atol=1e-5)
+            assert {k for k, v in kept.items() if v} == given, mode
+        decoded = LayeredTask(mode=mode, keep_given=False).unpack(grey, {**batch, "mode": [mode, mode]})
+        assert all(bool((layer[:, :3] == 0.5).all()) for layer in decoded[0].values())
+
+
+def test_a_decomposition_is_fitted_to_the_given_clip():
+    """task.fit_to_clip (decompose): the foreground colour and background minimise the compositing
+    residual against the given clip plus the prior on the decoded layers; with a small prior the
+    layers composite into the clip, the visible background is the clip's and the matte is untouched.
+    A prior <= 0 is one sentence."""
+    from layerkit_plugins.layered.matting import fit_to_clip
+    from layerkit_plugins.layered.task import LayeredTask
+
+    from layerkit.data.shapes import ShapesConfig, collate_layered, make_sample
+
+    torch.manual_seed(0)
+    clip, rgb, bg = (torch.rand(2, 3, 8, 8) * 0.6 + 0.2 for _ in range(3))
+    alpha = torch.rand(2, 1, 8, 8)
+    f, b = fit_to_clip(clip, rgb, alpha, bg, prior=0.5)
+    f, b = f.requires_grad_(), b.requires_grad_()
+    objective = ((clip - alpha * f - (1 - alpha) * b) ** 2 + 0.5 * ((f - rgb) ** 2 + (b - bg) ** 2)).sum()
+    objective.backward()
+    assert f.grad.abs().max() < 1e-5 and b.grad.abs().max() < 1e-5, "the closed form is the minimum"
+    with pytest.raises(ValueError, match="prior must be > 0"):
+        fit_to_clip(clip, rgb, alpha, bg, prior=0.0)
+    with pytest.raises(LayerkitError, match="task.fit_to_clip must be a number > 0"):
+        LayeredTask(fit_to_clip=-1)
+
+    batch = collate_layered([make_sample(i, ShapesConfig(num_frames=4, height=16, width=16)) for i in range(2)])
+    decoded = {"foreground": torch.zeros(2, 4, 3, 16, 16), "background": torch.zeros(2, 4, 3, 16, 16),
+               "alpha": batch["foreground_alpha"].expand(-1, -1, 3, -1, -1) * 2 - 1, "blended": torch.zeros(2, 4, 3, 16, 16)}
+    out = LayeredTask(mode="decompose").unpack(decoded, {**batch, "mode": ["decompose"] * 2})
+    raw = LayeredTask(mode="decompose", fit_to_clip=None).unpack(decoded, {**batch, "mode": ["decompose"] * 2})
+    for i in range(2):
+        a, given = out[i]["alpha"], batch["blended"][i]
+        composite = out[i]["foreground"][:, :3] * a + out[i]["background"] * (1 - a)
+        raw_composite = raw[i]["foreground"][:, :3] * a + raw[i]["background"] * (1 - a)
+        assert (composite - given).abs().mean() < 0.2 * (raw_composite - given).abs().mean()
+        visible = (a < 0.01).expand(-1, 3, -1, -1)
+        assert torch.allclose(out[i]["background"][visible], given[visible], atol=0.02)  # prior 0.03: within 3%
+        assert torch.equal(out[i]["alpha"], raw[i]["alpha"]) and torch.equal(out[i]["blended"], raw[i]["blended"])

@@ -84,6 +84,7 @@ def _rules_sample() -> list[tuple[str, Callable[[str, Any], None]]]:
         ("sampler.steps", lambda k, v: _whole(k, v, 1, MAX_STEPS_SAMPLING)),
         ("sampler.guidance_scale", lambda k, v: _number(k, v, 0.0, 100.0)),
         ("sampler.guidance_rescale", lambda k, v: _number(k, v, 0.0, 1.0)),
+        ("sampler.guidance_interval", _interval),
         ("sampler.num_frames", lambda k, v: _whole(k, v, 1, 1024, null=True)),
         ("sampler.height", lambda k, v: _whole(k, v, 8, 8192, null=True)),
         ("sampler.width", lambda k, v: _whole(k, v, 8, 8192, null=True)),
@@ -121,6 +122,16 @@ def _rules_train() -> list[tuple[str, Callable[[str, Any], None]]]:
         ("optim.warmup_ratio", lambda k, v: _number(k, v, 0.0, 1.0, high_open=True)),
         ("optim.betas", _betas),
     ]
+
+
+def _interval(key: str, value: Any) -> None:
+    """null, or [low, high] timesteps with 0 <= low < high."""
+    if value is None:
+        return
+    values = list(value) if hasattr(value, "__iter__") and not isinstance(value, str) else None
+    if (values is None or len(values) != 2 or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                      for v in values) or not 0 <= values[0] < values[1]):
+        raise _fail(key, value, "null or [low, high], timesteps with 0 <= low < high")
 
 
 def _betas(key: str, value: Any) -> None:

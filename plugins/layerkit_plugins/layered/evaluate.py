@@ -56,8 +56,9 @@ def evaluate_layered(pred: dict[str, torch.Tensor], sample: dict[str, Any], mode
       and motion, not the place, so the held-out alpha would measure luck of placement);
     - compositing_error (pred layers against pred "blended", or the true blended clip when pred has
       none); colour_correct (per sprite, inside its true visible mask, averaged); shape_correct
-      and direction_correct (single-sprite samples only); background_leak; background_static_drift
-      (only when the true background is static).
+      and direction_correct (single-sprite samples only); background_leak; background_error
+      (decompose only: mean |background - true background| where the true matte is 0, the
+      background the given clip shows); background_static_drift (only when the true background is static).
     """
     out: dict[str, float] = {}
     sprites = sample["meta"]["sprites"]
@@ -92,6 +93,10 @@ def evaluate_layered(pred: dict[str, torch.Tensor], sample: dict[str, Any], mode
         out["direction_correct"] = float(estimate_direction(fg_alpha) == sprites[0]["direction"])
     if bg is not None:
         out["background_leak"] = foreground_leak(bg, sample["foreground_alpha"], sample["background"])
+        if mode == "decompose":  # the given clip shows the background wherever the true matte is 0
+            shown = (sample["foreground_alpha"] <= 0).expand_as(bg)
+            out["background_error"] = (bg.float() - sample["background"].float()).abs()[shown].mean().item() \
+                if shown.any() else 0.0
         if bool(sample["static"][0]):
             out["background_static_drift"] = static_drift(bg)
     return out

@@ -72,7 +72,9 @@ def sampler_options(cfg: DictConfig) -> Any:
     s = cfg.sampler
     return SamplerOptions(
         steps=int(s.steps), guidance_scale=float(s.guidance_scale), guidance_rescale=float(s.guidance_rescale),
-        dynamic_cfg=bool(s.dynamic_cfg), scheduler=s.get("scheduler"), negative_prompt=str(s.negative_prompt),
+        dynamic_cfg=bool(s.dynamic_cfg),
+        guidance_interval=tuple(float(x) for x in s.guidance_interval) if s.get("guidance_interval") is not None else None,
+        scheduler=s.get("scheduler"), negative_prompt=str(s.negative_prompt),
         progress=bool(s.get("progress", True)),
     )
 

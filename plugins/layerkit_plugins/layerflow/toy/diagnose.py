@@ -13,6 +13,7 @@
     layerkit toy-layerflow-diagnose x0 [--weights W] [--split val]   # at which noise level does the denoiser lose the shape?
     layerkit toy-layerflow-diagnose latent-stats --num 1024 --out F.json   # per-channel latent mean/std per layer
     layerkit toy-layerflow-diagnose prompts [--word shape|colour] [--weights W]   # does generation read the shape word?
+    layerkit toy-layerflow-diagnose regions [--split val]   # where do the layers and the blended clip disagree?
 
 - ``colours``: packed held-out test clips ([fg, alpha, bg, blended], one VAE pass) through the
   committed VAE; per true sprite colour, the mean decoded foreground RGB where the true alpha > 0.9.
@@ -86,6 +87,16 @@
   prediction pushed away from the others' mean, x + s (x - mean others), for each ``--amplify``
   s: a word the denoiser reads weakly shows there; one it does not read stays at chance. First,
   under "text", how far the frozen T5's prompt embeddings move at the replaced word and elsewhere.
+- ``regions``: where the compositing error (mean |blended - (fg x alpha + bg x (1 - alpha))|) sits.
+  The held-out clips of ``layerkit sample +inputs.num_samples=N +inputs.split=S`` (``--num``,
+  ``--split``); rows: the true layers through the VAE (one pass over the packed clip: the floor a
+  perfect denoiser meets), stages 1+2+3 generating, decomposing (the blended clip given and
+  returned as given, the layers fitted to it: ``task.fit_to_clip``), decomposing with the layers
+  as decoded (``task.fit_to_clip=null``) and with every layer decoded (``task.keep_given=false``:
+  the given clip's VAE round trip). Per region of the output matte (background: alpha < 0.05;
+  interior: alpha > 0.95; edge: between), its share of the pixels, its mean error and its part
+  of the overall error (the three parts sum to it). Extra sample overrides after the command
+  (e.g. ``backbone.path=DIR``) apply to every row.
 """
 
 from __future__ import annotations
@@ -689,10 +700,57 @@ def prompt_words(weights: str | None, base: str | None, num: int, split: str, ti
     return out
 
 
+REGIONS = {"background": (None, 0.05), "edge": (0.05, 0.95), "interior": (0.95, None)}
+
+
+def region_errors(outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """The compositing error of unpacked layered outputs, overall and split by region of the output
+    matte (``REGIONS``): per region its share of the pixels, mean error and part of the overall."""
+    errors, mattes = [], []
+    for out in outputs:
+        a = out["alpha"].float()
+        composite = out["foreground"][:, :3].float() * a + out["background"].float() * (1 - a)
+        errors.append((out["blended"].float() - composite).abs().mean(1).flatten())
+        mattes.append(a[:, 0].flatten())
+    error, matte = torch.cat(errors), torch.cat(mattes)
+    row = {"compositing_error": round(error.mean().item(), 4)}
+    for name, (low, high) in REGIONS.items():
+        inside = torch.ones_like(matte, dtype=torch.bool)
+        if low is not None:
+            inside &= matte >= low
+        if high is not None:
+            inside &= matte <= high
+        share = inside.float().mean().item()
+        row[f"{name}_share"] = round(share, 3)
+        row[f"{name}_mean"] = round(error[inside].mean().item(), 4) if inside.any() else 0.0
+        row[f"{name}_part"] = round(error[inside].sum().item() / error.numel(), 4)
+    return row
+
+
+def regions(num: int, split: str, extra: list[str] = ()) -> dict[str, dict[str, float]]:
+    from layerkit.config import compose
+    from layerkit.registry import get_registry
+    from layerkit.sampling.run import build_sampler
+    from layerkit_plugins.layerflow.toy.evaluate import MODELS, true_layers
+
+    registry = get_registry()
+    inputs = [f"+inputs.num_samples={num}", "+inputs.seed=0", f"+inputs.split={split}", "sampler.progress=false"]
+    rows = {"true layers, VAE round trip": region_errors(true_layers(num, 0, split=split, extra=list(extra))[0])}
+    decompose = MODELS["stages 1+2+3, decompose"]
+    for name, overrides in (("stages 1+2+3, generate", MODELS["stages 1+2+3, generate"]),
+                            ("stages 1+2+3, decompose", decompose),
+                            ("stages 1+2+3, decompose, layers as decoded", [*decompose, "task.fit_to_clip=null"]),
+                            ("stages 1+2+3, decompose, every layer decoded", [*decompose, "task.keep_given=false"])):
+        cfg = compose("sample", [*overrides, *inputs, *extra], registry)
+        rows[name] = region_errors(build_sampler(cfg, registry).run().outputs)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["colours", "given", "step-time", "rebase", "heldout", "positions",
-                                            "probe", "swap", "shapes", "implied", "x0", "latent-stats", "prompts"])
+                                            "probe", "swap", "shapes", "implied", "x0", "latent-stats", "prompts",
+                                            "regions"])
     parser.add_argument("--num", type=int, default=16, help="held-out clips (colours, given, heldout); probe: 64x train "
                         "and 16x held-out clips; implied: val clips per sprite colour, 6 colours (the card: --num 4)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[200, 500, 800, 950])
@@ -717,15 +775,15 @@ def main(argv: list[str] | None = None) -> None:
                         "(default: committed)")
     parser.add_argument("--weights", default=None, help="heldout, x0, prompts: stage-1 weights.safetensors (x0, prompts: "
                         "default the committed stage 1)")
-    parser.add_argument("--split", default="test", choices=("val", "test"), help="x0, prompts: held-out split")
+    parser.add_argument("--split", default="test", choices=("val", "test"), help="x0, prompts, regions: held-out split")
     parser.add_argument("--word", default="shape", choices=("shape", "colour"), help="prompts: the word to replace")
     parser.add_argument("--amplify", type=float, nargs="+", default=[0.0, 20.0],
                         help="prompts: s in x + s (x - mean of the replaced prompts' predictions)")
-    parser.add_argument("overrides", nargs="*", help="swap, shapes: extra sample overrides (e.g. backbone.path=DIR); "
+    parser.add_argument("overrides", nargs="*", help="swap, shapes, regions: extra sample overrides (e.g. backbone.path=DIR); "
                         "x0, prompts: extra stage-1 train overrides (e.g. task.latent_norm=FILE)")
     args = parser.parse_intermixed_args(argv)  # options before or after the overrides
-    if args.overrides and args.what not in ("swap", "shapes", "x0", "prompts"):
-        parser.error(f"extra overrides are for swap, shapes, x0 and prompts, not {args.what}")
+    if args.overrides and args.what not in ("swap", "shapes", "x0", "prompts", "regions"):
+        parser.error(f"extra overrides are for swap, shapes, x0, prompts and regions, not {args.what}")
     if (args.base is not None and args.what in ("heldout", "probe", "implied", "x0", "latent-stats", "prompts")
             and not (Path(args.base) / "vae" / "config.json").is_file()):
         parser.error(f"--base '{args.base}' is not a toy model folder (no vae/config.json there; e.g. "
@@ -790,6 +848,11 @@ def main(argv: list[str] | None = None) -> None:
         for t, row in prompt_words(args.weights, args.base, args.num, args.split, args.timesteps, args.word,
                                    tuple(args.amplify), args.overrides).items():
             print(t, json.dumps(row))
+    elif args.what == "regions":
+        print(f"where the compositing error sits, {args.num} {args.split} clips (regions of the output matte: "
+              "background < 0.05 <= edge <= 0.95 < interior)")
+        for name, row in regions(args.num, args.split, args.overrides).items():
+            print(name, json.dumps(row))
     elif args.what == "latent-stats":
         if not args.out:
             parser.error("latent-stats needs --out FILE.json")

@@ -49,7 +49,7 @@ MODELS: dict[str, list[str]] = {
     "stages 1+2+3, bg2fg": [*_STAGE3, "task=layerflow_bg2fg"],
 }
 COLUMNS = ("colour_correct", "shape_correct", "direction_correct", "compositing_error", "alpha_iou",
-           "alpha_iou_heldout", "alpha_iou_composite", "fg_in_background", "background_leak")
+           "alpha_iou_heldout", "alpha_iou_composite", "fg_in_background", "background_leak", "background_error")
 _NAMES = list(BACKGROUND_COLOURS)
 _TABLE = torch.tensor([BACKGROUND_COLOURS[c] for c in _NAMES])
 
@@ -90,11 +90,12 @@ def sample_model(overrides: list[str], num_samples: int, seed: int, extra: list[
             "steps": int(s.steps), "guidance_scale": float(s.guidance_scale)}
 
 
-def vae_ceiling(num_samples: int, seed: int, round_trip: bool = True, split: str = "test",
-                extra: list[str] = ()) -> dict[str, Any]:
-    """The true layers of the same held-out clips after a VAE round trip (no denoiser), or as
-    they are (``round_trip=False``: what a perfect model would score); ``extra``: the overrides
-    the models were sampled with (e.g. ``backbone.path=DIR``: that folder's VAE)."""
+def true_layers(num_samples: int, seed: int, round_trip: bool = True, split: str = "test",
+                extra: list[str] = ()) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any], Any]:
+    """The true layers of the held-out clips ``layerkit sample`` samples, after a VAE round trip
+    (one pass over the packed clip, as generation packs it), or as they are (``round_trip=False``);
+    ``extra``: the overrides the models were sampled with (e.g. ``backbone.path=DIR``: that
+    folder's VAE). Returns the unpacked layers, the batch and the task that scores them."""
     from layerkit.config import compose
     from layerkit.pipeline import decode_packed, encode_packed
     from layerkit.registry import get_registry
@@ -116,8 +117,15 @@ def vae_ceiling(num_samples: int, seed: int, round_trip: bool = True, split: str
             decoded = {k: v.float() for k, v in decode_packed(parts.backbone, latents, packed, layout).items()}
         else:
             decoded = {seg.name: seg.video.float() for seg in packed.segments}
-    outputs = parts.task.unpack(decoded, batch)
-    summary = parts.task.evaluate(outputs, batch)
+    return parts.task.unpack(decoded, batch), batch, parts.task
+
+
+def vae_ceiling(num_samples: int, seed: int, round_trip: bool = True, split: str = "test",
+                extra: list[str] = ()) -> dict[str, Any]:
+    """The evaluator's figures of :func:`true_layers`: a perfect denoiser's through this VAE
+    (``round_trip``), or a perfect model's (not)."""
+    outputs, batch, task = true_layers(num_samples, seed, round_trip, split, extra)
+    summary = task.evaluate(outputs, batch)
     rows = [generation_metrics(out, truth["meta"]["sprites"][0]["colour"])
             for out, truth in zip(outputs, batch["ground_truth"], strict=True)]
     return {**summary, **_mean(rows)}

@@ -94,6 +94,13 @@ if [[ "${TRIED:-0}" == 1 ]]; then
   done
 fi
 rm -rf $R/vae7 && cp -r plugins/layerkit_plugins/layerflow/toy/weights/vae $R/vae7   # the seventh decoder, compared below
+if [[ "${TRIED:-0}" == 1 ]]; then
+  # the composite term moving the decoded blended clip alone (--composite-to blended), from the eighth
+  # decoder: the check fails (magenta 25-38%), compositing error 0.072 (tried_decoder_composite/)
+  OMP_NUM_THREADS=2 layerkit toy-layerflow-vae --init $R/base10_large_sprites/vae --parts decoder \
+      --steps 1500 --lr 3e-4 --alpha-warmup 0 --layer-weights 1 6 1 1 --latent-noise 0.15 --composite-weight 4 \
+      --composite-to blended --sprite-size 0.55 0.8 --out $R/tried/base10_composite4_blended --threads 2 || true
+fi
 "${export_[@]}" vae $R/base10_large_sprites
 mv plugins/layerkit_plugins/layerflow/toy/weights/vae_training.json \
     plugins/layerkit_plugins/layerflow/toy/weights/vae_training_8_large_sprites.json
@@ -136,20 +143,37 @@ for run in vae7 base10_large_sprites tried/base10_composite3 tried/base10_compos
   src=$R/$run/vae && [[ $run == vae7 ]] && src=$R/vae7
   rm -rf $D/$run/vae && cp -r $src $D/$run/vae
   layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stage 1 alone, generate' \
-      --rows 'stage 1 alone, decompose' --grid "backbone.path=$D/$run"
+      --rows 'stage 1 alone, decompose' --grid "backbone.path=$D/$run" task.keep_given=false
 done
-# the sampler chosen again on the val split (the card's "Sampler": CFG 1.5 against 1, 2, 3 and 50 steps)
+# the sampler chosen again on the val split (the card's "Sampler": CFG 1.5 against 1, 2, 3 and 50 steps);
+# task.keep_given=false here, in the decoder loop and in the pilot: their decompose figures were
+# measured with every layer decoded, as decompositions were written then
 layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stages 1+2+3, generate' \
     --rows 'stages 1+2+3, decompose' --grid 'sampler.guidance_scale=1.5' --grid 'sampler.guidance_scale=1.0' \
-    --grid 'sampler.guidance_scale=2.0' --grid 'sampler.guidance_scale=3.0' --grid 'sampler.guidance_scale=1.5 sampler.steps=50'
+    --grid 'sampler.guidance_scale=2.0' --grid 'sampler.guidance_scale=3.0' --grid 'sampler.guidance_scale=1.5 sampler.steps=50' \
+    task.keep_given=false
 layerkit toy-layerflow-diagnose prompts --num 32 --split val --timesteps 39 200 400 600 800 --threads 2
+# guidance only in a timestep interval (the card's "Sampler"), and a decomposition fitted to its clip
+# at other prior weights, as decoded, and with every layer decoded (the card's "Decomposition")
+layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stages 1+2+3, generate' \
+    --grid '' --grid 'sampler.guidance_interval=[400,1000]' \
+    --grid 'sampler.guidance_interval=[600,1000]' --grid 'sampler.guidance_interval=[200,1000]' \
+    --grid 'sampler.guidance_interval=[400,1000] sampler.guidance_scale=2.0'
+layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stages 1+2+3, decompose' \
+    --grid 'task.fit_to_clip=null' --grid 'task.fit_to_clip=1.0' --grid 'task.fit_to_clip=0.3' \
+    --grid 'task.fit_to_clip=0.1' --grid '' --grid 'task.fit_to_clip=0.01' --grid 'task.keep_given=false'
+layerkit toy-layerflow-eval --num-samples 16 --seed 0 --rows 'stages 1+2+3, decompose' \
+    --grid 'task.fit_to_clip=null' --grid 'task.keep_given=false'
+# where the compositing error sits (the card's "Where the compositing error sits")
+layerkit toy-layerflow-diagnose regions --num 16 --threads 2
 if [[ "${TRIED:-0}" == 1 ]]; then
   # the 3000-step pilot on the toy's world that chose this VAE over the 2x one (the card's "Why"),
   # sampled through the seventh decoder, as it was
   OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 trainer.max_steps=3000 data.size=4000 \
       output_dir=$R/tried/pilot3000
   layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stage 1 alone, generate' \
-      --rows 'stage 1 alone, decompose' --grid "backbone.path=$D/vae7 weights=$R/tried/pilot3000/weights.safetensors"
+      --rows 'stage 1 alone, decompose' --grid "backbone.path=$D/vae7 weights=$R/tried/pilot3000/weights.safetensors" \
+      task.keep_given=false
 fi
 # the same weights on the shapes world's own sprite sizes (the card's "What is left")
 layerkit toy-layerflow-eval --num-samples 16 --seed 0 --rows 'stages 1+2+3, generate' \

@@ -106,13 +106,18 @@ def make_batch(rng: random.Random, split: str, seed: int, start: int, clips: int
     return torch.stack(out)
 
 
-def composite_residual(decoded: torch.Tensor, frames: int, first_frame: bool = False) -> torch.Tensor:
+def composite_residual(decoded: torch.Tensor, frames: int, first_frame: bool = False,
+                       layers_fixed: bool = False) -> torch.Tensor:
     """blended - (foreground over grey + background x (1 - alpha)) of decoded packed clips
     [N, 3, F', H, W] (VAE units, [-1, 1]): zero wherever the four decoded sub-clips composite
     exactly (LayerFlow eq. 1, blended = fg x alpha + bg x (1 - alpha), written for the packed
-    foreground (2 fg - 1) x alpha: blended = fg-over-grey + bg x (1 - alpha))."""
+    foreground (2 fg - 1) x alpha: blended = fg-over-grey + bg x (1 - alpha)). ``layers_fixed``:
+    no gradient through the decoded foreground, alpha and background (a loss on it moves the
+    decoded blended clip towards the composite of the decoded layers, never the layers)."""
     o = 1 if first_frame else 0
     fg, alpha, bg, blended = (decoded[:, :, o + k * frames:o + (k + 1) * frames] for k in range(4))
+    if layers_fixed:
+        fg, alpha, bg = fg.detach(), alpha.detach(), bg.detach()
     a = ((alpha.mean(1, keepdim=True) + 1) / 2).clamp(0, 1)
     return blended - (fg + bg * (1 - a))
 
@@ -301,13 +306,16 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
           min_alpha_iou: float = 0.9, chroma_weight: float = 0.0, write: bool = True,
           init: Path | None = None, parts: str = "all", latent_noise: float = 0.0,
           composite_weight: float = 0.0, latent_channels: int | None = None, implied_weight: float = 0.0,
-          spatial_compression: int | None = None, sprite_size: tuple[float, float] | None = None) -> dict:
+          spatial_compression: int | None = None, sprite_size: tuple[float, float] | None = None,
+          composite_to: str = "layers") -> dict:
     """Train (or, ``parts="decoder"``, fine-tune the decoder of ``init``) and check the toy VAE.
     ``latent_noise``: the decoder sees its latents plus Gaussian noise of a std drawn per clip from
     U(0, latent_noise), in the denoiser's (scaled) latent units: a decoder that turns imprecise
     latents (a denoiser's) into clean layers. ``composite_weight``: weight of an L1 term on
     :func:`composite_residual` (packed clips): decoded layers that composite into the decoded
-    blended clip, as the true ones do. ``latent_channels``: a fresh VAE's (default: ``VAE_CONFIG``'s),
+    blended clip, as the true ones do; ``composite_to``: what that term moves, "layers" (all four
+    decoded sub-clips) or "blended" (the decoded blended clip alone, towards the composite of the
+    decoded layers: the layers keep their reconstruction). ``latent_channels``: a fresh VAE's (default: ``VAE_CONFIG``'s),
     or, with ``init``, the channels ``init`` grows to (:func:`grow_latent_channels`); the transformer
     written beside it takes and predicts that many channels. ``spatial_compression``: a fresh VAE's
     (2 or 4, default ``VAE_CONFIG``'s 4; :func:`model.compression_changes`: 2 is also 2x in time).
@@ -377,7 +385,7 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
         if chroma_weight:
             loss = loss + chroma_weight * ((chroma(recon) - chroma(x)).abs() * w).mean()
         if composite_weight:  # the decoded layers composite into the decoded blended clip
-            loss = loss + composite_weight * composite_residual(recon, frames, first).abs().mean()
+            loss = loss + composite_weight * composite_residual(recon, frames, first, layers_fixed=composite_to == "blended").abs().mean()
         if implied_weight:  # the decoded blended clip shows the sprite where the true matte is
             loss = loss + implied_weight * implied_matte_error(recon, x, frames, first).mean()
         opt.zero_grad(set_to_none=True)
@@ -428,6 +436,7 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
             "copy_paste_prob": copy_paste_prob, "kl_weight": kl_weight, "static_prob": static_prob,
             "norm_groups": norm_groups, "mse_weight": mse_weight, "layer_weights": list(layer_weights),
             "alpha_warmup": alpha_warmup, "chroma_weight": chroma_weight, "composite_weight": composite_weight,
+            "composite_to": composite_to,
             "implied_weight": implied_weight, "latent_channels": int(vae.config.latent_channels),
             "spatial_compression": vae_compression(vae)[0], "sprite_size": list(config.sprite_size), "init": str(init) if init else None,
             "parts": parts, "latent_noise": latent_noise, "validation_noisy_latents": noisy, "val_l1": round(val_l1, 4), "scaling_factor": round(scaling, 6),
@@ -486,6 +495,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--composite-weight", type=float, default=0.0,
                         help="weight of an L1 term on blended - (fg over grey + bg x (1 - alpha)) of the decoded "
                              "packed clip: decoded layers that composite into the decoded blended clip")
+    parser.add_argument("--composite-to", choices=["layers", "blended"], default="layers",
+                        help="what the composite term moves: every decoded layer (layers), or the decoded blended "
+                             "clip alone towards the composite of the decoded layers (blended: the layers keep "
+                             "their reconstruction)")
     parser.add_argument("--implied-weight", type=float, default=0.0,
                         help="weight of an L1 term on the matte the decoded blended and background clips "
                              "imply for the true sprite colour against the true matte (sprite edges in the blended clip)")
@@ -524,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
                  init=args.init, parts=args.parts, latent_noise=args.latent_noise,
                  composite_weight=args.composite_weight, latent_channels=args.latent_channels,
                  implied_weight=args.implied_weight, spatial_compression=args.spatial_compression,
-                 sprite_size=args.sprite_size)
+                 sprite_size=args.sprite_size, composite_to=args.composite_to)
     print(json.dumps({k: v for k, v in info.items() if k not in ("log", "validation_log")}))
 
 
