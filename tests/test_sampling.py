@@ -95,7 +95,7 @@ def test_guidance_rescale_dynamic_cfg_scheduler_and_bf16(registry, trained, tmp_
 
 
 def test_guidance_interval_guides_only_inside_it(registry, trained, tmp_path):
-    """sampler.guidance_interval=[low, high]: guidance at low < t <= high only. An interval holding
+    """sampler.guidance_interval=[low, high]: guidance at low <= t <= high only. An interval holding
     every timestep samples as without one; one holding none as an unguided run (guidance_scale 1);
     one in between differs from both. A wrong interval is one sentence."""
     from layerkit.checks import check_config
@@ -109,7 +109,7 @@ def test_guidance_interval_guides_only_inside_it(registry, trained, tmp_path):
         return build_sampler(cfg, registry).run().denoised.latents.float()
 
     guided = latents()
-    assert torch.equal(latents("sampler.guidance_interval=[-1,1000]"), guided)
+    assert torch.equal(latents("sampler.guidance_interval=[0,1000]"), guided)
     assert torch.equal(latents("sampler.guidance_interval=[1000,2000]"), latents("sampler.guidance_scale=1"))
     half = latents("sampler.guidance_interval=[500,1000]")
     assert (half - guided).abs().mean() > 1e-4 and (half - latents("sampler.guidance_scale=1")).abs().mean() > 1e-4
@@ -117,6 +117,14 @@ def test_guidance_interval_guides_only_inside_it(registry, trained, tmp_path):
         cfg = compose("sample", ["+experiment=toy_layered", f"sampler.guidance_interval={wrong}"], registry)
         with pytest.raises(LayerkitError, match="sampler.guidance_interval is .*expected null or \\[low, high\\]"):
             check_config("sample", cfg)
+
+
+def test_guided_at_takes_both_ends_of_the_interval():
+    from layerkit.sampling.loop import guided_at
+
+    t = torch.tensor(400)
+    assert guided_at(t, None) and guided_at(t, (400.0, 1000.0)) and guided_at(t, (0.0, 400.0))
+    assert not guided_at(t, (401.0, 1000.0)) and not guided_at(t, (0.0, 399.0))
 
 
 def test_rescale_noise_cfg_matches_formula():

@@ -397,7 +397,7 @@ def test_layered_task_returns_the_given_layers_as_given():
     grey = {n: torch.zeros(2, 4, 3, 16, 16) for n in ("foreground", "alpha", "background", "blended")}  # "decoded"
     for mode, given in (("decompose", {"blended"}), ("fg2bg", {"foreground", "alpha"}), ("bg2fg", {"background"}),
                         ("generate", set())):
-        out = LayeredTask(mode=mode, fit_to_clip=None).unpack(grey, {**batch, "mode": [mode, mode]})
+        out = LayeredTask(mode=mode, fit_to_given=None).unpack(grey, {**batch, "mode": [mode, mode]})
         for i in range(2):
             kept = {"blended": torch.allclose(out[i]["blended"], batch["blended"][i], atol=1e-6),
                     "background": torch.allclose(out[i]["background"], batch["background"][i], atol=1e-6),
@@ -410,39 +410,76 @@ def test_layered_task_returns_the_given_layers_as_given():
         assert all(bool((layer[:, :3] == 0.5).all()) for layer in decoded[0].values())
 
 
-def test_a_decomposition_is_fitted_to_the_given_clip():
-    """task.fit_to_clip (decompose): the foreground colour and background minimise the compositing
-    residual against the given clip plus the prior on the decoded layers; with a small prior the
-    layers composite into the clip, the visible background is the clip's and the matte is untouched.
-    A prior <= 0 is one sentence."""
-    from layerkit_plugins.layered.matting import fit_to_clip
+def test_the_generated_layers_are_fitted_to_the_given_ones():
+    """task.fit_to_given: the generated ones of F, B and the blended clip I minimise the compositing
+    residual plus the prior on their decoded values, the given ones and the matte fixed (decompose:
+    I given; fg2bg: F given; bg2fg: B given). With the committed small prior the layers composite
+    into the given one and, where the matte is 0 (decompose, bg2fg) or 1 (fg2bg), the generated
+    layer takes the given one's values. A prior <= 0 or a wrong given set is one sentence."""
+    from layerkit_plugins.layered.matting import fit_to_given
     from layerkit_plugins.layered.task import LayeredTask
 
     from layerkit.data.shapes import ShapesConfig, collate_layered, make_sample
 
     torch.manual_seed(0)
-    clip, rgb, bg = (torch.rand(2, 3, 8, 8) * 0.6 + 0.2 for _ in range(3))
+    layers = {n: torch.rand(2, 3, 8, 8) * 0.6 + 0.2 for n in ("foreground", "background", "blended")}
     alpha = torch.rand(2, 1, 8, 8)
-    f, b = fit_to_clip(clip, rgb, alpha, bg, prior=0.5)
-    f, b = f.requires_grad_(), b.requires_grad_()
-    objective = ((clip - alpha * f - (1 - alpha) * b) ** 2 + 0.5 * ((f - rgb) ** 2 + (b - bg) ** 2)).sum()
-    objective.backward()
-    assert f.grad.abs().max() < 1e-5 and b.grad.abs().max() < 1e-5, "the closed form is the minimum"
+    for given in ({"blended"}, {"foreground"}, {"background"}):
+        fitted = {n: v.requires_grad_() for n, v in fit_to_given(layers, alpha, given, prior=0.5).items()}
+        assert set(fitted) == set(layers) - given
+        x = {**layers, **fitted}
+        objective = (x["blended"] - alpha * x["foreground"] - (1 - alpha) * x["background"]).pow(2).sum() + \
+            0.5 * sum((fitted[n] - layers[n]).pow(2).sum() for n in fitted)
+        objective.backward()
+        assert max(v.grad.abs().max().item() for v in fitted.values()) < 1e-5, f"the minimum, given {given}"
     with pytest.raises(ValueError, match="prior must be > 0"):
-        fit_to_clip(clip, rgb, alpha, bg, prior=0.0)
-    with pytest.raises(LayerkitError, match="task.fit_to_clip must be a number > 0"):
-        LayeredTask(fit_to_clip=-1)
+        fit_to_given(layers, alpha, {"blended"}, prior=0.0)
+    with pytest.raises(ValueError, match="given must be a proper subset"):
+        fit_to_given(layers, alpha, {"blended", "foreground", "background"}, prior=0.1)
+    for wrong in (-1, True, "a"):
+        with pytest.raises(LayerkitError, match="task.fit_to_given must be a number > 0"):
+            LayeredTask(fit_to_given=wrong)
 
     batch = collate_layered([make_sample(i, ShapesConfig(num_frames=4, height=16, width=16)) for i in range(2)])
     decoded = {"foreground": torch.zeros(2, 4, 3, 16, 16), "background": torch.zeros(2, 4, 3, 16, 16),
                "alpha": batch["foreground_alpha"].expand(-1, -1, 3, -1, -1) * 2 - 1, "blended": torch.zeros(2, 4, 3, 16, 16)}
-    out = LayeredTask(mode="decompose").unpack(decoded, {**batch, "mode": ["decompose"] * 2})
-    raw = LayeredTask(mode="decompose", fit_to_clip=None).unpack(decoded, {**batch, "mode": ["decompose"] * 2})
-    for i in range(2):
-        a, given = out[i]["alpha"], batch["blended"][i]
-        composite = out[i]["foreground"][:, :3] * a + out[i]["background"] * (1 - a)
-        raw_composite = raw[i]["foreground"][:, :3] * a + raw[i]["background"] * (1 - a)
-        assert (composite - given).abs().mean() < 0.2 * (raw_composite - given).abs().mean()
-        visible = (a < 0.01).expand(-1, 3, -1, -1)
-        assert torch.allclose(out[i]["background"][visible], given[visible], atol=0.02)  # prior 0.03: within 3%
-        assert torch.equal(out[i]["alpha"], raw[i]["alpha"]) and torch.equal(out[i]["blended"], raw[i]["blended"])
+    for mode, given, where in (("decompose", "blended", "background"), ("bg2fg", "background", "blended"),
+                               ("fg2bg", "foreground_rgb", "blended")):
+        out = LayeredTask(mode=mode).unpack(decoded, {**batch, "mode": [mode] * 2})
+        raw = LayeredTask(mode=mode, fit_to_given=None).unpack(decoded, {**batch, "mode": [mode] * 2})
+        for i in range(2):
+            a = out[i]["alpha"]
+            composite = out[i]["foreground"][:, :3] * a + out[i]["background"] * (1 - a)
+            raw_composite = raw[i]["foreground"][:, :3] * a + raw[i]["background"] * (1 - a)
+            assert (composite - out[i]["blended"]).abs().mean() < 0.2 * (raw_composite - raw[i]["blended"]).abs().mean()
+            region = (a > 0.99) if mode == "fg2bg" else (a < 0.01)
+            region = region.expand(-1, 3, -1, -1)
+            assert torch.allclose(out[i][where][region], batch[given][i][region], atol=0.02), mode  # prior 0.03: 3%
+            assert torch.equal(out[i]["alpha"], raw[i]["alpha"]), "the matte is never fitted"
+    generated = LayeredTask(mode="generate").unpack(decoded, {**batch, "mode": ["generate"] * 2})
+    plain = LayeredTask(mode="generate", fit_to_given=None).unpack(decoded, {**batch, "mode": ["generate"] * 2})
+    assert all(torch.equal(generated[0][k], plain[0][k]) for k in generated[0]), "generation fits nothing"
+
+
+def test_the_figures_of_a_given_layer_are_left_out():
+    """evaluate_layered scores the model, not its input: fg2bg (foreground and matte given) has no
+    held-out matte, colour, shape or direction figure and scores its matte against the composite;
+    bg2fg (background given) no background figures; decompose adds background_error (the background
+    where the true matte is 0, which the given clip shows)."""
+    from layerkit_plugins.layered.evaluate import evaluate_layered
+
+    from layerkit.data.shapes import ShapesConfig, make_sample
+
+    s = make_sample(5, ShapesConfig(num_frames=4, height=16, width=16))
+    pred = {"foreground_rgb": s["foreground_rgb"], "foreground_alpha": s["foreground_alpha"],
+            "background": s["background"] * 0.5, "blended": s["blended"]}
+    decompose, fg2bg, bg2fg = (evaluate_layered(pred, s, mode=m) for m in ("decompose", "fg2bg", "bg2fg"))
+    shown = (s["foreground_alpha"] <= 0).expand_as(s["background"])
+    assert decompose["background_error"] == pytest.approx((s["background"] * 0.5)[shown].sub(
+        s["background"][shown]).abs().mean().item())
+    assert decompose["alpha_iou"] == decompose["alpha_iou_heldout"] == 1.0
+    assert not {"alpha_iou_heldout", "colour_correct", "shape_correct", "direction_correct"} & set(fg2bg)
+    assert fg2bg["alpha_iou"] == fg2bg["alpha_iou_composite"] and "background_leak" in fg2bg
+    assert not {"background_leak", "background_static_drift", "background_error"} & set(bg2fg)
+    assert {"colour_correct", "shape_correct", "alpha_iou_heldout"} <= set(bg2fg)
+    assert "background_error" not in evaluate_layered(pred, s, mode="generate")

@@ -857,3 +857,11 @@ def test_regions_split_the_compositing_error_by_the_output_matte():
     assert row["background_mean"] == pytest.approx(0.1 * 4 / 6, abs=1e-4) and row["interior_part"] == 0.0
     parts = row["background_part"] + row["edge_part"] + row["interior_part"]
     assert parts == pytest.approx(row["compositing_error"], abs=1e-4)
+
+
+def test_composite_to_is_layers_or_blended(tmp_path):
+    from layerkit_plugins.layerflow.toy.train_vae import train
+
+    with pytest.raises(SystemExit, match="--composite-to is layers or blended; got 'fg'"):
+        train(tmp_path / "run", 1, 0, 1e-3, 1, 1e-4, 0.0, 1.0, composite_to="fg", write=False)
+    assert not (tmp_path / "run").exists()

@@ -22,8 +22,9 @@ from layerkit.errors import ShapeError
 __all__ = ["PLACED", "composite_alpha", "evaluate_layered", "summarise"]
 
 
-#: modes whose given input fixes where the sprite is: there the matte is scored against the true one
-PLACED = ("decompose", "fg2bg")
+#: modes whose given input fixes where the sprite is and whose matte is generated: there the matte is
+#: scored against the true one (fg2bg is given the matte itself)
+PLACED = ("decompose",)
 
 
 def composite_alpha(fg_rgb: torch.Tensor, fg_alpha: torch.Tensor, background: torch.Tensor,
@@ -51,14 +52,19 @@ def evaluate_layered(pred: dict[str, torch.Tensor], sample: dict[str, Any], mode
       (:func:`composite_alpha`: does the matte cover exactly the sprite the output blended video
       shows over the output background); 0 when neither shows a sprite (every shapes prompt asks for one);
     - ``alpha_iou``: the one of the two that measures quality in ``mode``: the held-out alpha when
-      the given input fixes where the sprite is (decompose: the blended clip; fg2bg: the matte
-      itself), the composite's when nothing does (generate, bg2fg: the prompt names colour, shape
-      and motion, not the place, so the held-out alpha would measure luck of placement);
+      the given input fixes where the sprite is (decompose: the blended clip), the composite's when
+      nothing does (generate, bg2fg: the prompt names colour, shape and motion, not the place, so
+      the held-out alpha would measure luck of placement) or when the matte is itself given
+      (fg2bg: does the generated blended clip show the given sprite where its matte is);
     - compositing_error (pred layers against pred "blended", or the true blended clip when pred has
       none); colour_correct (per sprite, inside its true visible mask, averaged); shape_correct
       and direction_correct (single-sprite samples only); background_leak; background_error
       (decompose only: mean |background - true background| where the true matte is 0, the
       background the given clip shows); background_static_drift (only when the true background is static).
+
+    The figures of a layer the mode was given are left out (they would score the input, not the
+    model): fg2bg's ``alpha_iou_heldout``, colour, shape and direction; bg2fg's background_leak and
+    background_static_drift.
     """
     out: dict[str, float] = {}
     sprites = sample["meta"]["sprites"]
@@ -66,7 +72,8 @@ def evaluate_layered(pred: dict[str, torch.Tensor], sample: dict[str, Any], mode
     for key, value in pred.items():
         if key in sample and isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(sample[key].shape):
             raise ShapeError(f"pred['{key}'] has shape {tuple(value.shape)}, expected {tuple(sample[key].shape)}.")
-    if fg_alpha is not None:
+    foreground_given, background_given = mode == "fg2bg", mode == "bg2fg"
+    if fg_alpha is not None and not foreground_given:
         out["alpha_iou_heldout"] = alpha_iou(fg_alpha, sample["foreground_alpha"])
         out["alpha_iou"] = out["alpha_iou_heldout"]
     if fg_rgb is not None and fg_alpha is not None and bg is not None and "blended" in pred:
@@ -77,7 +84,7 @@ def evaluate_layered(pred: dict[str, torch.Tensor], sample: dict[str, Any], mode
             out["alpha_iou"] = out["alpha_iou_composite"]
     if fg_rgb is not None and fg_alpha is not None and bg is not None:
         out["compositing_error"] = compositing_error(fg_rgb, fg_alpha, bg, pred.get("blended", sample["blended"]))
-    if fg_rgb is not None and fg_alpha is not None:
+    if fg_rgb is not None and fg_alpha is not None and not foreground_given:
         if len(sprites) == 1:
             out["colour_correct"] = float(classify_colour(fg_rgb, fg_alpha) == sprites[0]["colour"])
         else:
@@ -88,15 +95,14 @@ def evaluate_layered(pred: dict[str, torch.Tensor], sample: dict[str, Any], mode
                     hits.append(float(classify_colour(fg_rgb, weight) == sp["colour"]))
             if hits:
                 out["colour_correct"] = sum(hits) / len(hits)
-    if fg_alpha is not None and len(sprites) == 1:
+    if fg_alpha is not None and len(sprites) == 1 and not foreground_given:
         out["shape_correct"] = float(classify_shape(fg_alpha) == sprites[0]["shape"])
         out["direction_correct"] = float(estimate_direction(fg_alpha) == sprites[0]["direction"])
-    if bg is not None:
+    if bg is not None and not background_given:
         out["background_leak"] = foreground_leak(bg, sample["foreground_alpha"], sample["background"])
-        if mode == "decompose":  # the given clip shows the background wherever the true matte is 0
-            shown = (sample["foreground_alpha"] <= 0).expand_as(bg)
-            out["background_error"] = (bg.float() - sample["background"].float()).abs()[shown].mean().item() \
-                if shown.any() else 0.0
+        shown = (sample["foreground_alpha"] <= 0).expand_as(bg)
+        if mode == "decompose" and shown.any():  # the given clip shows the background where the true matte is 0
+            out["background_error"] = (bg.float() - sample["background"].float()).abs()[shown].mean().item()
         if bool(sample["static"][0]):
             out["background_static_drift"] = static_drift(bg)
     return out

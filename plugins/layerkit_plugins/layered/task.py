@@ -33,7 +33,7 @@ from layerkit.errors import LayerkitError, expect_shape
 from layerkit.layers import check_frame_counts
 from layerkit.protocols import Packed, Segment, Task, given_per_frame
 from layerkit_plugins.layered import FILE_KEYS, INPUT_KEYS, PROMPT_KEYS
-from layerkit_plugins.layered.matting import fit_to_clip
+from layerkit_plugins.layered.matting import fit_to_given
 
 #: the sub-clips of each layout, in order; "video" is the blended scene alone: plain text-to-video, the
 #: pretraining of the base a layered model fine-tunes (LayerFlow starts from a pretrained CogVideoX)
@@ -92,17 +92,18 @@ class LayeredTask(Task):
                  scale_from: dict[str, str] | None = None, default_seed: int = 0, num_samples: int = 1,
                  train_modes: dict[str, float] | None = None, prepend_first_frame: bool | list[str] = (),
                  shapes_world: dict[str, Any] | None = None, latent_norm: Any = None,
-                 keep_given: bool = True, fit_to_clip: float | None = 0.03) -> None:
+                 keep_given: bool = True, fit_to_given: float | None = 0.03) -> None:
         if mode not in MODES:
             raise LayerkitError(f"unknown layered mode '{mode}'; modes are {', '.join(MODES)}.")
         if layout not in LAYOUTS:
             raise LayerkitError(f"unknown layout '{layout}'; layouts are {sorted(LAYOUTS)}.")
         self.mode, self.layout, self.index_prefix = mode, layout, index_prefix
         self.keep_given = bool(keep_given)
-        if fit_to_clip is not None and not (isinstance(fit_to_clip, int | float) and fit_to_clip > 0):
-            raise LayerkitError(f"task.fit_to_clip must be a number > 0 (the decoded layers' weight against the "
-                                f"given clip) or null (no fitting); got {fit_to_clip!r}.")
-        self.fit_to_clip = None if fit_to_clip is None else float(fit_to_clip)
+        if fit_to_given is not None and not (isinstance(fit_to_given, int | float) and not isinstance(fit_to_given, bool)
+                                             and fit_to_given > 0):
+            raise LayerkitError(f"task.fit_to_given must be a number > 0 (the decoded layers' weight against the "
+                                f"given ones) or null (no fitting); got {fit_to_given!r}.")
+        self.fit_to_given = None if fit_to_given is None else float(fit_to_given)
         self.scale_from = dict(scale_from or {})  # adapter name -> boolean sample key (e.g. is_static)
         self.default_seed, self.num_samples = default_seed, num_samples
         prepend = list(GIVEN) if prepend_first_frame is True else list(prepend_first_frame or [])
@@ -321,16 +322,17 @@ class LayeredTask(Task):
         """Per sample, the layers in [0, 1]: the foreground as RGBA [F, 4, H, W] (and its matte), the
         background and the blended scene [F, 3, H, W]. The layers the mode was given (decompose: the
         blended clip; fg2bg: the foreground and its matte; bg2fg: the background) come back as they
-        were given (``keep_given``; false: as the VAE decodes them, i.e. their round trip). A
-        decomposition's foreground colour and background are then fitted to the given clip
-        (``fit_to_clip``: the prior weight of :func:`layered.matting.fit_to_clip`; null: as decoded)."""
-        fit = False
+        were given (``keep_given``; false: as the VAE decodes them, i.e. their round trip). The
+        generated ones are then fitted to them through the compositing equation, the matte fixed
+        (``fit_to_given``: the prior weight of :func:`layered.matting.fit_to_given`; null: as
+        decoded; nothing is fitted in generation, where nothing is given)."""
+        given: dict[str, torch.Tensor] = {}
         if self.keep_given and "foreground" in decoded:
             videos = self.layer_videos(batch)
             given = {n: videos[n].to(decoded[n].device) for n in self.given_names(self.batch_mode(batch, training=False))
                      if n in decoded and videos.get(n) is not None}
             decoded = {**decoded, **given}
-            fit = self.fit_to_clip is not None and "alpha" in decoded and set(given) == {"blended"}
+        fit = self.fit_to_given is not None and bool(given) and "alpha" in decoded
         outputs = []
         for i in range(next(iter(decoded.values())).shape[0]):
             layers: dict[str, torch.Tensor] = {}
@@ -341,8 +343,10 @@ class LayeredTask(Task):
             if "alpha" in decoded:
                 rgb, alpha = unpack_foreground(decoded["foreground"][i], decoded["alpha"][i])
                 if fit:
-                    rgb, background = fit_to_clip(blended, rgb, alpha, background, self.fit_to_clip)
-                    rgb = torch.where(alpha > 0.02, rgb, torch.full_like(rgb, 0.5))  # as unpack_foreground leaves it
+                    fitted = fit_to_given({"foreground": rgb, "background": background, "blended": blended}, alpha,
+                                          set(given) - {"alpha"}, self.fit_to_given)
+                    background, blended = fitted.get("background", background), fitted.get("blended", blended)
+                    rgb = torch.where(alpha > 0.02, fitted.get("foreground", rgb), torch.full_like(rgb, 0.5))
                 layers["foreground"] = torch.cat([rgb, alpha], dim=1)
                 layers["alpha"] = alpha
             else:

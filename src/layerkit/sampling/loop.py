@@ -60,11 +60,11 @@ def rescale_noise_cfg(guided: torch.Tensor, cond: torch.Tensor, guidance_rescale
 
 def guided_at(t: torch.Tensor, interval: tuple[float, float] | None) -> bool:
     """Whether classifier-free guidance applies at timestep ``t``: everywhere without an interval,
-    else for ``low < t <= high`` (Kynkaenniemi et al. 2024, "Applying guidance in a limited
+    else for ``low <= t <= high`` (Kynkaenniemi et al. 2024, "Applying guidance in a limited
     interval improves sample and distribution quality": guidance at the highest noise levels
     costs variety, at the lowest it only sharpens detail; elsewhere the conditional prediction
     alone, one denoiser call instead of two)."""
-    return interval is None or interval[0] < float(t) <= interval[1]
+    return interval is None or interval[0] <= float(t) <= interval[1]
 
 
 def dynamic_guidance(scale: float, t: torch.Tensor, steps: int) -> float:

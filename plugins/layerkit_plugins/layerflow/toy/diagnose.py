@@ -91,8 +91,8 @@
   The held-out clips of ``layerkit sample +inputs.num_samples=N +inputs.split=S`` (``--num``,
   ``--split``); rows: the true layers through the VAE (one pass over the packed clip: the floor a
   perfect denoiser meets), stages 1+2+3 generating, decomposing (the blended clip given and
-  returned as given, the layers fitted to it: ``task.fit_to_clip``), decomposing with the layers
-  as decoded (``task.fit_to_clip=null``) and with every layer decoded (``task.keep_given=false``:
+  returned as given, the layers fitted to it: ``task.fit_to_given``), decomposing with the layers
+  as decoded (``task.fit_to_given=null``) and with every layer decoded (``task.keep_given=false``:
   the given clip's VAE round trip). Per region of the output matte (background: alpha < 0.05;
   interior: alpha > 0.95; edge: between), its share of the pixels, its mean error and its part
   of the overall error (the three parts sum to it). Extra sample overrides after the command
@@ -700,7 +700,7 @@ def prompt_words(weights: str | None, base: str | None, num: int, split: str, ti
     return out
 
 
-REGIONS = {"background": (None, 0.05), "edge": (0.05, 0.95), "interior": (0.95, None)}
+REGIONS = ("background", "edge", "interior")  # output matte < 0.05, 0.05-0.95, > 0.95
 
 
 def region_errors(outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -714,12 +714,8 @@ def region_errors(outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         mattes.append(a[:, 0].flatten())
     error, matte = torch.cat(errors), torch.cat(mattes)
     row = {"compositing_error": round(error.mean().item(), 4)}
-    for name, (low, high) in REGIONS.items():
-        inside = torch.ones_like(matte, dtype=torch.bool)
-        if low is not None:
-            inside &= matte >= low
-        if high is not None:
-            inside &= matte <= high
+    regions = dict(zip(REGIONS, (matte < 0.05, (matte >= 0.05) & (matte <= 0.95), matte > 0.95), strict=True))
+    for name, inside in regions.items():
         share = inside.float().mean().item()
         row[f"{name}_share"] = round(share, 3)
         row[f"{name}_mean"] = round(error[inside].mean().item(), 4) if inside.any() else 0.0
@@ -739,7 +735,7 @@ def regions(num: int, split: str, extra: list[str] = ()) -> dict[str, dict[str, 
     decompose = MODELS["stages 1+2+3, decompose"]
     for name, overrides in (("stages 1+2+3, generate", MODELS["stages 1+2+3, generate"]),
                             ("stages 1+2+3, decompose", decompose),
-                            ("stages 1+2+3, decompose, layers as decoded", [*decompose, "task.fit_to_clip=null"]),
+                            ("stages 1+2+3, decompose, layers as decoded", [*decompose, "task.fit_to_given=null"]),
                             ("stages 1+2+3, decompose, every layer decoded", [*decompose, "task.keep_given=false"])):
         cfg = compose("sample", [*overrides, *inputs, *extra], registry)
         rows[name] = region_errors(build_sampler(cfg, registry).run().outputs)

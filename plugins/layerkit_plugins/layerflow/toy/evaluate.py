@@ -83,8 +83,9 @@ def sample_model(overrides: list[str], num_samples: int, seed: int, extra: list[
                              "sampler.progress=false", *extra], registry)
     started = time.perf_counter()
     result = build_sampler(cfg, registry).run()
-    rows = [generation_metrics(out, truth["meta"]["sprites"][0]["colour"])
-            for out, truth in zip(result.outputs, result.batch["ground_truth"], strict=True)]
+    rows = [] if cfg.task.mode == "bg2fg" else [  # bg2fg's background is the given one
+        generation_metrics(out, truth["meta"]["sprites"][0]["colour"])
+        for out, truth in zip(result.outputs, result.batch["ground_truth"], strict=True)]
     s = cfg.sampler
     return {**(result.metrics or {}), **_mean(rows), "seconds": time.perf_counter() - started,
             "steps": int(s.steps), "guidance_scale": float(s.guidance_scale)}

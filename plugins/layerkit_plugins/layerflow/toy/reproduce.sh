@@ -112,7 +112,7 @@ layerkit train +experiment=toy_layerflow_base output_dir=$R/base_t2v
 
 # stage 1 compiles the transformer (train.compile: true in its config; needs g++ or clang++), weighs
 # the loss with Min-SNR-gamma 2 and the foreground's and matte's frames by 3, and runs alone with 2
-# threads: 14000 steps, 61.0 min on the machine that trained it (the same recipe took 41.1 min for the
+# threads: 14000 steps, 60.6 min on the machine that trained it (the same recipe took 41.1 min for the
 # model before on a faster one; the card's "Wall times")
 OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 output_dir=$R/stage1
 "${export_[@]}" stage1 $R/stage1
@@ -154,16 +154,18 @@ layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stages 1+2+3, g
     task.keep_given=false
 layerkit toy-layerflow-diagnose prompts --num 32 --split val --timesteps 39 200 400 600 800 --threads 2
 # guidance only in a timestep interval (the card's "Sampler"), and a decomposition fitted to its clip
-# at other prior weights, as decoded, and with every layer decoded (the card's "Decomposition")
+# at other prior weights, as decoded, and with every layer decoded; the conditional tasks as decoded
+# (the card's "Evaluation" and "Fitting to the given layers")
 layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stages 1+2+3, generate' \
     --grid '' --grid 'sampler.guidance_interval=[400,1000]' \
     --grid 'sampler.guidance_interval=[600,1000]' --grid 'sampler.guidance_interval=[200,1000]' \
     --grid 'sampler.guidance_interval=[400,1000] sampler.guidance_scale=2.0'
 layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stages 1+2+3, decompose' \
-    --grid 'task.fit_to_clip=null' --grid 'task.fit_to_clip=1.0' --grid 'task.fit_to_clip=0.3' \
-    --grid 'task.fit_to_clip=0.1' --grid '' --grid 'task.fit_to_clip=0.01' --grid 'task.keep_given=false'
+    --grid 'task.fit_to_given=null' --grid 'task.fit_to_given=1.0' --grid 'task.fit_to_given=0.3' \
+    --grid 'task.fit_to_given=0.1' --grid '' --grid 'task.fit_to_given=0.01' --grid 'task.keep_given=false'
 layerkit toy-layerflow-eval --num-samples 16 --seed 0 --rows 'stages 1+2+3, decompose' \
-    --grid 'task.fit_to_clip=null' --grid 'task.keep_given=false'
+    --rows 'stages 1+2+3, fg2bg' --rows 'stages 1+2+3, bg2fg' \
+    --grid 'task.fit_to_given=null' --grid 'task.keep_given=false'
 # where the compositing error sits (the card's "Where the compositing error sits")
 layerkit toy-layerflow-diagnose regions --num 16 --threads 2
 if [[ "${TRIED:-0}" == 1 ]]; then

@@ -323,6 +323,8 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
     ``ShapesConfig.sprite_size``; default the shapes world's), as the toy stages set ``data.sprite_size``."""
     if implied_weight and packing != "clip":
         raise SystemExit("--implied-weight needs the packed clip (--packing clip): single clips have no four layers")
+    if composite_to not in ("layers", "blended"):
+        raise SystemExit(f"--composite-to is layers or blended; got {composite_to!r}")
     if composite_weight and packing != "clip":
         raise SystemExit("--composite-weight needs the packed clip (--packing clip): single clips have no four layers")
     if spatial_compression is not None and init is not None:
