@@ -218,7 +218,9 @@ def test_contrastive_loss_counts_every_item_of_the_same_prompt_as_a_positive():
     """Two clips of one prompt and one of another, features that match their prompts exactly:
     the loss is the targets' own entropy (log 2 for the pair, 0 for the single), its minimum;
     features shuffled between prompts score higher."""
-    from layerkit_plugins.transparent.toy.clip import clip_pixels, contrastive_loss
+    from layerkit_plugins.transparent.toy.clip import clip_pixels
+
+    from layerkit.training.contrastive import contrastive_loss
 
     ids = torch.tensor([0, 0, 1])
     text = torch.eye(2)[ids]

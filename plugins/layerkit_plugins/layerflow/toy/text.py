@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from layerkit.data.shapes import ShapesConfig, make_sample, seed_for
+from layerkit.training.contrastive import contrastive_loss
 from layerkit_plugins.layerflow.toy.model import FRAMES, SIZE
-from layerkit_plugins.transparent.toy.clip import contrastive_loss
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 FOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from layerkit.training.contrastive import contrastive_loss
+
 #: the vision tower: 8 RGBA frames stacked as 32 channels, 8x8 patches of a 32x32 clip
 VISION_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      patch_size=8)
@@ -48,17 +50,6 @@ def build_clip(text_encoder, frames: int, size: int, seed: int):
         model = CLIPModel(config)
     model.text_model = text_encoder
     return model
-
-
-def contrastive_loss(text: torch.Tensor, image: torch.Tensor, scale: torch.Tensor,
-                     prompt_ids: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric cross-entropy with every item of the same prompt a positive."""
-    text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
-    logits = scale * text @ image.T
-    same = (prompt_ids[:, None] == prompt_ids[None, :]).float()
-    target = same / same.sum(1, keepdim=True)
-    return 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean()
-                  + torch.sum(-target * logits.T.log_softmax(1), 1).mean())
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
