@@ -18,6 +18,7 @@ from layerkit.data.evaluate import (
     summarise,
 )
 from layerkit.errors import ShapeError
+from layerkit_plugins.layered.task import GIVEN
 
 __all__ = ["PLACED", "composite_alpha", "evaluate_layered", "summarise"]
 
@@ -72,7 +73,7 @@ def evaluate_layered(pred: dict[str, torch.Tensor], sample: dict[str, Any], mode
     for key, value in pred.items():
         if key in sample and isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(sample[key].shape):
             raise ShapeError(f"pred['{key}'] has shape {tuple(value.shape)}, expected {tuple(sample[key].shape)}.")
-    foreground_given, background_given = mode == "fg2bg", mode == "bg2fg"
+    foreground_given, background_given = "foreground" in GIVEN.get(mode, ()), "background" in GIVEN.get(mode, ())
     if fg_alpha is not None and not foreground_given:
         out["alpha_iou_heldout"] = alpha_iou(fg_alpha, sample["foreground_alpha"])
         out["alpha_iou"] = out["alpha_iou_heldout"]

@@ -341,12 +341,16 @@ class LayeredTask(Task):
                 continue
             background, blended = to_unit(decoded["background"][i]), to_unit(decoded["blended"][i])
             if "alpha" in decoded:
-                rgb, alpha = unpack_foreground(decoded["foreground"][i], decoded["alpha"][i])
+                if "foreground" in given:  # the user's RGBA as read, not its packed form unpacked again
+                    rgb, alpha = (batch[k][i].float().to(blended.device) for k in ("foreground_rgb", "foreground_alpha"))
+                else:
+                    rgb, alpha = unpack_foreground(decoded["foreground"][i], decoded["alpha"][i])
                 if fit:
                     fitted = fit_to_given({"foreground": rgb, "background": background, "blended": blended}, alpha,
                                           set(given) - {"alpha"}, self.fit_to_given)
                     background, blended = fitted.get("background", background), fitted.get("blended", blended)
-                    rgb = torch.where(alpha > 0.02, fitted.get("foreground", rgb), torch.full_like(rgb, 0.5))
+                    if "foreground" in fitted:  # as unpack_foreground leaves it where the matte is nearly 0
+                        rgb = torch.where(alpha > 0.02, fitted["foreground"], torch.full_like(rgb, 0.5))
                 layers["foreground"] = torch.cat([rgb, alpha], dim=1)
                 layers["alpha"] = alpha
             else:

@@ -83,7 +83,9 @@ def sample_model(overrides: list[str], num_samples: int, seed: int, extra: list[
                              "sampler.progress=false", *extra], registry)
     started = time.perf_counter()
     result = build_sampler(cfg, registry).run()
-    rows = [] if cfg.task.mode == "bg2fg" else [  # bg2fg's background is the given one
+    from layerkit_plugins.layered.task import GIVEN
+
+    rows = [] if "background" in GIVEN.get(cfg.task.mode, ()) else [  # a given background is not the model's
         generation_metrics(out, truth["meta"]["sprites"][0]["colour"])
         for out, truth in zip(result.outputs, result.batch["ground_truth"], strict=True)]
     s = cfg.sampler
