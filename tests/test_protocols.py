@@ -158,6 +158,66 @@ def test_a_latent_norm_diffuses_the_named_segments_per_channel_and_decoding_undo
     assert torch.allclose(some[:, :, 3], (-mean / std).view(1, -1, 1, 1).expand_as(some[:, :, 3]))
 
 
+def test_a_latent_residual_diffuses_a_segment_as_its_difference_from_its_base():
+    """``Packed.latent_residual``: the named segment comes out of encode_packed as its latents minus
+    its base segment's (before any latent_norm), the others untouched; decode_packed decodes the same
+    clip as without it; a base of another length or a missing segment is one sentence."""
+    from layerkit_plugins.cogvideox.backbone import CogVideoX
+
+    from layerkit.pipeline import decode_packed, encode_packed, normalised
+    from layerkit.protocols import Packed, Segment
+
+    backbone = CogVideoX(tiny=True, tiny_layers=2).eval()
+    torch.manual_seed(0)
+    clips = [torch.rand(1, 8, 3, 32, 32) * 2 - 1 for _ in range(4)]
+    c = backbone.latent_channels
+    mean, std = torch.linspace(-1, 1, c), torch.linspace(0.1, 0.5, c)
+
+    def packed(residual, norm=None, frames=(8, 8, 8, 8)):
+        return Packed([Segment(str(i), n, v[:, :n]) for i, (n, v) in enumerate(zip(frames, clips, strict=True))],
+                      torch.zeros(1, sum(frames), dtype=torch.bool), [["x"]], 32, 32, latent_norm=norm,
+                      latent_residual=residual)
+
+    with torch.no_grad():
+        plain, layout = encode_packed(backbone, packed(None), training=True)
+        diff, _ = encode_packed(backbone, packed({"2": "3"}), training=True)
+        assert torch.equal(diff[:, :, :4], plain[:, :, :4]) and torch.equal(diff[:, :, 6:], plain[:, :, 6:])
+        assert torch.allclose(diff[:, :, 4:6], plain[:, :, 4:6] - plain[:, :, 6:8], atol=1e-6)
+        both, _ = encode_packed(backbone, packed({"2": "3"}, {"2": (mean, std)}), training=True)
+        expected = (plain[:, :, 4:6] - plain[:, :, 6:8] - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+        assert torch.allclose(both[:, :, 4:6], expected, atol=1e-5)
+        a = decode_packed(backbone, plain, packed(None), layout)
+        b = decode_packed(backbone, both, packed({"2": "3"}, {"2": (mean, std)}), layout)
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    # only the frames a sampler encoded; the rest stay as they are
+    some = normalised(plain, packed({"2": "3"}), layout, frames=torch.tensor([False] * 5 + [True] * 3))
+    assert torch.equal(some[:, :, 4], plain[:, :, 4]) and torch.allclose(some[:, :, 5], plain[:, :, 5] - plain[:, :, 7])
+    with pytest.raises(LayerkitError, match=re.escape("the latent residual 2 - 9 names a segment this packed clip")):
+        normalised(plain, packed({"2": "9"}), layout)
+    short = packed({"2": "3"}, frames=(8, 8, 8, 4))
+    with pytest.raises(LayerkitError, match=re.escape("needs segments of as many latent frames; they have 2 and 1")):
+        normalised(plain[:, :, :7], short, encode_packed(backbone, short, training=True)[1])
+
+
+def test_weights_trained_with_a_latent_residual_load_only_into_a_task_with_the_same(tmp_path):
+    from types import SimpleNamespace
+
+    from layerkit.io.weights import save_weights
+    from layerkit.pipeline import check_latent_norm
+
+    trained = save_weights(tmp_path / "w.safetensors", {"x": torch.zeros(1)},
+                           metadata={"layerkit_latent_residual": {"background": "blended"}})
+    plain = save_weights(tmp_path / "plain.safetensors", {"x": torch.zeros(1)})
+    check_latent_norm(trained, SimpleNamespace(latent_residual={"background": "blended"}))
+    check_latent_norm(plain, SimpleNamespace())
+    with pytest.raises(LayerkitError, match=re.escape("was trained with the latent residuals background - blended, "
+                                                      "but this run's task has none; set task.latent_residual")):
+        check_latent_norm(trained, SimpleNamespace(latent_residual=None))
+    with pytest.raises(LayerkitError, match=re.escape("trained with the latent residuals none, but this run's task "
+                                                      "has background - blended")):
+        check_latent_norm(plain, SimpleNamespace(latent_residual={"background": "blended"}))
+
+
 def test_weights_trained_with_a_latent_norm_load_only_into_a_task_with_the_same(tmp_path):
     """A run records its task's latent normalisation in the weights' metadata; loading them into a
     task without it (or with other statistics) is one sentence, not latents decoded the wrong way."""
@@ -334,9 +394,9 @@ def test_packed_select_keeps_the_rows_asked_of_every_per_sample_part():
                     scales={"motion": torch.tensor([1.0, 0.0, 0.5])},
                     extras={"masks": torch.arange(3)[:, None].expand(3, 4), "table": torch.ones(5)},
                     conditions={"fps": torch.tensor([8, 12, 24])}, loss_region=torch.rand(3, 2, 2, 2),
-                    latent_norm={"a": (torch.zeros(4), torch.ones(4))})
+                    latent_norm={"a": (torch.zeros(4), torch.ones(4))}, latent_residual={"a": "b"})
     part = packed.select([2, 0])
-    assert part.latent_norm is packed.latent_norm
+    assert part.latent_norm is packed.latent_norm and part.latent_residual == {"a": "b"}
     assert torch.equal(part.loss_region, packed.loss_region[[2, 0]])
     assert torch.equal(part.segments[0].video, video[[2, 0]])
     assert torch.equal(part.given, given[[2, 0]]) and part.prompts == [["p2"], ["p0"]]

@@ -385,6 +385,29 @@ def test_layered_task_latent_norm_reads_a_mapping_or_a_file_and_refuses_a_wrong_
             LayeredTask(latent_norm=spec)
 
 
+def test_layered_task_latent_residual_holds_in_every_mode_but_where_its_layer_alone_is_given():
+    """task.latent_residual {background: blended}: generate, decompose and fg2bg batches diffuse the
+    background as its difference from the blended clip; bg2fg (the background given, the blended clip
+    not) diffuses it as itself; a wrong mapping is one sentence when the task is built."""
+    from layerkit_plugins.layered.task import LayeredTask
+
+    from layerkit.data.shapes import ShapesConfig, collate_layered, make_sample
+
+    batch = collate_layered([make_sample(1, ShapesConfig(num_frames=4, height=16, width=16))])
+    for mode, wanted in (("generate", {"background": "blended"}), ("decompose", {"background": "blended"}),
+                         ("fg2bg", {"background": "blended"}), ("bg2fg", None)):
+        task = LayeredTask(latent_residual={"background": "blended"}, train_modes={mode: 1})
+        assert task.pack(batch, training=True).latent_residual == wanted, mode
+    assert LayeredTask().pack(batch, training=True).latent_residual is None
+    wrong = [({"matte": "blended"}, "names the layer 'matte'; this layout's layers are"),
+             ({"background": "background"}, "makes 'background' its own base"),
+             ({"background": "blended", "blended": "foreground"}, "which is itself a residual"),
+             ("blended", "must map a layer to its base layer")]
+    for spec, message in wrong:
+        with pytest.raises(LayerkitError, match=re.escape(message)):
+            LayeredTask(latent_residual=spec)
+
+
 def test_layered_task_returns_the_given_layers_as_given():
     """Sampling a conditional mode returns the layers the user gave as they were given (decompose:
     the blended clip; fg2bg: the foreground RGBA and its matte; bg2fg: the background), the others

@@ -865,3 +865,18 @@ def test_composite_to_is_layers_or_blended(tmp_path):
     with pytest.raises(SystemExit, match="--composite-to is layers or blended; got 'fg'"):
         train(tmp_path / "run", 1, 0, 1e-3, 1, 1e-4, 0.0, 1.0, composite_to="fg", write=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_reached_marks_the_latent_values_whose_window_holds_the_matte():
+    """toy-layerflow-diagnose reach: a latent value is reached when its frames and 4 x 4 cell hold a
+    matte pixel over 0.05; dilated, its 3 x 3 neighbours too; windows outside the segment are not its own."""
+    from layerkit_plugins.layerflow.toy.diagnose import reached
+
+    alpha = torch.zeros(1, 8, 32, 32)
+    alpha[0, 5, 9, 17] = 0.5                       # frame 5 (latent frame 1), cell (2, 4)
+    alpha[0, 2, 0, 0] = 0.04                       # under the threshold
+    windows = [(0, 4), (4, 8), (8, 12), (12, 16)]  # a packed clip of two 8-frame segments; this one starts at 8
+    out = reached(alpha, windows, 8, (8, 8))
+    assert out.shape == (1, 2, 8, 8) and out.sum() == 1 and out[0, 1, 2, 4]
+    grown = reached(alpha, windows, 8, (8, 8), dilate=1)
+    assert grown.sum() == 9 and grown[0, 1, 1:4, 3:6].all()

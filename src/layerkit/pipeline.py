@@ -246,18 +246,58 @@ def encode_packed(backbone: Backbone, packed: Packed, *, training: bool = False,
 
 def normalised(latents: torch.Tensor, packed: Packed, layout: Layout, *, inverse: bool = False,
                frames: torch.Tensor | None = None) -> torch.Tensor:
-    """The latents with each segment named in ``packed.latent_norm`` as (z - mean) / std per channel
-    (``inverse``: back to the backbone's latents), in float32 and cast back; the others as they are.
-    ``frames`` ([f] bool): only those latent frames (the others keep their values)."""
+    """The latents as they are diffused: each segment named in ``packed.latent_residual`` as its
+    difference from its base segment's latents, then each segment named in ``packed.latent_norm``
+    as (z - mean) / std per channel (``inverse``: back to the backbone's latents), in float32 and
+    cast back; the others as they are. ``frames`` ([f] bool): only those latent frames (the others
+    keep their values)."""
+    residual = packed.latent_residual or {}
+    if not packed.latent_norm and not residual:
+        return latents
+    spans, start = {}, 0
+    for seg, length in zip(packed.segments, layout.lengths, strict=True):
+        spans[seg.name] = (start, length)
+        start += length
+    for name, base in residual.items():
+        if name not in spans or base not in spans:
+            raise LayerkitError(f"the latent residual {name} - {base} names a segment this packed clip does not have; "
+                                f"it has {list(spans)}.")
+        if spans[name][1] != spans[base][1]:
+            raise LayerkitError(f"the latent residual {name} - {base} needs segments of as many latent frames; they "
+                                f"have {spans[name][1]} and {spans[base][1]}.")
+    if not inverse:
+        latents = _residuals(latents, spans, residual, frames, sign=-1.0)
+    out = _segment_norms(latents, packed, spans, inverse, frames)
+    return _residuals(out, spans, residual, frames, sign=1.0) if inverse else out
+
+
+def _residuals(latents: torch.Tensor, spans: dict[str, tuple[int, int]], residual: dict[str, str],
+               frames: torch.Tensor | None, sign: float) -> torch.Tensor:
+    """Each residual segment's latents plus (``sign`` 1) or minus (-1) its base segment's."""
+    if not residual:
+        return latents
+    out = latents.clone()
+    for name, base in residual.items():
+        (s, n), (b, _) = spans[name], spans[base]
+        part = latents[:, :, s : s + n].float() + sign * latents[:, :, b : b + n].float()
+        if frames is not None:
+            keep = frames[s : s + n].to(latents.device).view(1, 1, -1, 1, 1)
+            part = torch.where(keep, part, latents[:, :, s : s + n].float())
+        out[:, :, s : s + n] = part.to(latents.dtype)
+    return out
+
+
+def _segment_norms(latents: torch.Tensor, packed: Packed, spans: dict[str, tuple[int, int]], inverse: bool,
+                   frames: torch.Tensor | None) -> torch.Tensor:
     if not packed.latent_norm:
         return latents
-    out, start = latents.clone(), 0
-    for seg, length in zip(packed.segments, layout.lengths, strict=True):
-        stats = packed.latent_norm.get(seg.name)
+    out = latents.clone()
+    for name, (start, length) in spans.items():
+        stats = packed.latent_norm.get(name)
         if stats is not None and length:
             mean, std = (torch.as_tensor(v, dtype=torch.float32, device=latents.device) for v in stats)
             if mean.numel() != latents.shape[1] or std.numel() != latents.shape[1]:
-                raise LayerkitError(f"the latent normalisation of segment '{seg.name}' has {mean.numel()} means and "
+                raise LayerkitError(f"the latent normalisation of segment '{name}' has {mean.numel()} means and "
                                     f"{std.numel()} stds; the backbone's latents have {latents.shape[1]} channels.")
             mean, std = mean.view(1, -1, 1, 1, 1), std.view(1, -1, 1, 1, 1)
             part = latents[:, :, start : start + length].float()
@@ -266,7 +306,6 @@ def normalised(latents: torch.Tensor, packed: Packed, layout: Layout, *, inverse
                 keep = frames[start : start + length].to(latents.device).view(1, 1, -1, 1, 1)
                 part = torch.where(keep, part, latents[:, :, start : start + length].float())
             out[:, :, start : start + length] = part.to(latents.dtype)
-        start += length
     return out
 
 
@@ -388,8 +427,9 @@ def load_trainable_state(module: nn.Module, path: str | Path, *, parts: Parts | 
 
 def check_latent_norm(path: str | Path, task: Any) -> None:
     """Weights trained with a latent normalisation (``Task.latent_norm``, recorded in their metadata as
-    ``layerkit_latent_norm``) load only into a task with the same one: decoded the other way their
-    latents would be wrong without any error."""
+    ``layerkit_latent_norm``) or latent residuals (``Task.latent_residual``, ``layerkit_latent_residual``)
+    load only into a task with the same: decoded the other way their latents would be wrong without
+    any error."""
     from layerkit.io.weights import read_metadata
 
     if Path(path).suffix != ".safetensors":
@@ -405,6 +445,15 @@ def check_latent_norm(path: str | Path, task: Any) -> None:
         now = f"one of {sorted(current)}" if current else "none"
         raise LayerkitError(f"weights file '{path}' was trained with {had}, but this run's task has {now}; set "
                             f"task.latent_norm as it was in training (the weights' run record has it).")
+    trained_residual = read_metadata(path).get("layerkit_latent_residual") or {}
+    current_residual = dict(getattr(task, "latent_residual", None) or {})
+    if trained_residual != current_residual:
+        def said(pairs: dict[str, str]) -> str:
+            return ", ".join(f"{k} - {v}" for k, v in sorted(pairs.items())) or "none"
+
+        raise LayerkitError(f"weights file '{path}' was trained with the latent residuals {said(trained_residual)}, "
+                            f"but this run's task has {said(current_residual)}; set task.latent_residual as it was in "
+                            f"training (the weights' run record has it).")
 
 
 def weight_files(value: Any) -> list[str]:

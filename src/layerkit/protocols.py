@@ -82,6 +82,11 @@ class Packed:
         frames are diffused as (z - mean) / std per channel (:func:`layerkit.pipeline.encode_packed`
         applies it, :func:`~layerkit.pipeline.decode_packed` undoes it); segments not named keep the
         backbone's latents. For layers whose latents sit far below the noise's unit scale (a matte).
+    latent_residual: optional segment name -> base segment name: that segment's latents are diffused
+        as their difference from the base segment's (before any ``latent_norm``; decoding adds the
+        base back). For a layer that equals another wherever a third does not reach (a background
+        and the blended scene, away from the sprite): their agreement there is then the denoiser's
+        default, not something two independent predictions must meet.
     """
 
     segments: list[Segment]
@@ -94,6 +99,7 @@ class Packed:
     conditions: dict[str, Any] = field(default_factory=dict)
     loss_region: torch.Tensor | None = None
     latent_norm: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    latent_residual: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         total = sum(s.num_frames for s in self.segments)
@@ -137,7 +143,7 @@ class Packed:
                       scales=take_rows(self.scales, index, b), extras=take_rows(self.extras, index, b),
                       conditions=take_rows(self.conditions, index, b),
                       loss_region=None if self.loss_region is None else self.loss_region[index.to(self.loss_region.device)],
-                      latent_norm=self.latent_norm)
+                      latent_norm=self.latent_norm, latent_residual=self.latent_residual)
 
     def given_segment(self, name: str) -> torch.Tensor:
         """[B] True where every frame of segment ``name`` is given."""
@@ -554,6 +560,9 @@ class Task:
     #: the ``Packed.latent_norm`` its batches carry (segment -> (mean, std)); weights trained with one
     #: record it and load only into a task with the same (:func:`layerkit.pipeline.load_trainable_state`)
     latent_norm: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: the latent residuals its batches may carry (segment -> base segment, ``Packed.latent_residual``);
+    #: recorded and checked at load as ``latent_norm`` is
+    latent_residual: dict[str, str] | None = None
 
     def pack(self, batch: dict[str, Any], *, training: bool) -> Packed:
         raise NotImplementedError

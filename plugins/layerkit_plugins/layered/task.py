@@ -82,6 +82,29 @@ def read_latent_norm(spec: Any, names: tuple[str, ...]) -> dict[str, tuple[torch
     return out
 
 
+def read_latent_residual(spec: Any, names: tuple[str, ...]) -> dict[str, str]:
+    """``task.latent_residual``: layer name -> base layer name, e.g. {background: blended}: that
+    layer's latents are diffused as their difference from the base's (``Packed.latent_residual``).
+    None or {}: none."""
+    if spec is None or (hasattr(spec, "items") and not spec):
+        return {}
+    if not hasattr(spec, "items"):
+        raise LayerkitError(f"task.latent_residual must map a layer to its base layer, e.g. {{background: blended}}; "
+                            f"got {spec!r}.")
+    out = {str(k): str(v) for k, v in spec.items()}
+    for name, base in out.items():
+        for layer in (name, base):
+            if layer not in names:
+                raise LayerkitError(f"task.latent_residual names the layer '{layer}'; this layout's layers are "
+                                    f"{list(names)}.")
+        if name == base:
+            raise LayerkitError(f"task.latent_residual makes '{name}' its own base; name another layer.")
+        if base in out:
+            raise LayerkitError(f"task.latent_residual makes '{name}' a residual of '{base}', which is itself a "
+                                f"residual; a base must be diffused as itself.")
+    return out
+
+
 class LayeredTask(Task):
     name = "layered"
     input_keys = INPUT_KEYS
@@ -92,7 +115,7 @@ class LayeredTask(Task):
                  scale_from: dict[str, str] | None = None, default_seed: int = 0, num_samples: int = 1,
                  train_modes: dict[str, float] | None = None, prepend_first_frame: bool | list[str] = (),
                  shapes_world: dict[str, Any] | None = None, latent_norm: Any = None,
-                 keep_given: bool = True, fit_to_given: float | None = 0.03) -> None:
+                 keep_given: bool = True, fit_to_given: float | None = 0.03, latent_residual: Any = None) -> None:
         if mode not in MODES:
             raise LayerkitError(f"unknown layered mode '{mode}'; modes are {', '.join(MODES)}.")
         if layout not in LAYOUTS:
@@ -125,6 +148,7 @@ class LayeredTask(Task):
         if layout == "video" and ({mode} | set(self.train_modes)) - {"generate", "auto"}:
             raise LayerkitError("task.layout=video is the blended scene alone (text-to-video): its only mode is "
                                 f"generate; got mode {mode} and train_modes {sorted(self.train_modes)}.")
+        self.latent_residual = read_latent_residual(latent_residual, LAYOUTS[layout])
         self.latent_norm = read_latent_norm(latent_norm, LAYOUTS[layout])
         if self.latent_norm and LAYOUTS[layout][0] in self.latent_norm:  # the frame-0 copy is that layer's frame
             self.latent_norm[FIRST] = self.latent_norm[LAYOUTS[layout][0]]
@@ -203,7 +227,15 @@ class LayeredTask(Task):
                   for adapter, key in self.scale_from.items() if key in batch}
         return Packed(segments, given, prompts, h, w, scales=scales, extras={"mode": mode},
                       loss_region=self.loss_region(batch, segments) if training else None,
-                      latent_norm=self.latent_norm or None)
+                      latent_norm=self.latent_norm or None,
+                      latent_residual=self.residuals(given_names) or None)
+
+    def residuals(self, given_names: list[str]) -> dict[str, str]:
+        """``task.latent_residual`` as a batch of a mode with these given layers diffuses it: every pair
+        but one whose layer is given and its base not (bg2fg's background: its value is given, its
+        difference from a blended clip still to be generated is not; it is diffused as itself)."""
+        return {name: base for name, base in (self.latent_residual or {}).items()
+                if not (name in given_names and base not in given_names)}
 
     @staticmethod
     def loss_region(batch: dict[str, Any], segments: list[Segment]) -> torch.Tensor | None:

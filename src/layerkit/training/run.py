@@ -198,7 +198,9 @@ def _fit(cfg: DictConfig, registry: Registry, output_dir: Path, callbacks: Seque
             module.ema_state_dict(),  # the EMA weights when train.ema_decay > 0: what sampling uses
             metadata={"layerkit_config": config, "global_step": trainer.global_step,
                       "ema_decay": module.ema_decay,
-                      **({"layerkit_latent_norm": norm} if (norm := latent_norm_record(parts.task.latent_norm)) else {})},
+                      **({"layerkit_latent_norm": norm} if (norm := latent_norm_record(parts.task.latent_norm)) else {}),
+                      **({"layerkit_latent_residual": dict(residual)}
+                         if (residual := getattr(parts.task, "latent_residual", None)) else {})},
         )
         if module.ema is not None:  # exports carry the EMA weights too
             module.ema.copy_to([p for p in module.parameters() if p.requires_grad])

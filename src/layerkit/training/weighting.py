@@ -120,6 +120,12 @@ def region_weights(region: torch.Tensor, windows: list[tuple[int, int]], latent_
     8 x 8); its loss is a small share of an unweighted mean. The factor moves capacity to them, as a
     masked diffusion loss does for a subject (e.g. Break-A-Scene, Avrahami et al., 2023).
     """
+    return (1.0 + weight * latent_max(region, windows, latent_shape).clamp(0, 1)).unsqueeze(1)
+
+
+def latent_max(region: torch.Tensor, windows: list[tuple[int, int]], latent_shape: tuple[int, ...]) -> torch.Tensor:
+    """A pixel-space map [B, F, H, W] -> [B, f, h, w]: its maximum over each latent element's
+    pixels (the pixel frames ``windows[k]`` of latent frame k, and its cell of H/h x W/w pixels)."""
     import torch
     import torch.nn.functional as F
 
@@ -127,5 +133,4 @@ def region_weights(region: torch.Tensor, windows: list[tuple[int, int]], latent_
     if len(windows) != f:
         raise LayerkitError(f"the latent layout has {len(windows)} frame windows but the latents have {f} frames.")
     frames = torch.stack([region[:, a:z].amax(dim=1) for a, z in windows], dim=1)  # [B, f, H, W]
-    pooled = F.adaptive_max_pool2d(frames.float(), (h, w))
-    return (1.0 + weight * pooled.clamp(0, 1)).unsqueeze(1)
+    return F.adaptive_max_pool2d(frames.float(), (h, w))

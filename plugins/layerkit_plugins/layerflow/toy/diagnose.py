@@ -14,6 +14,8 @@
     layerkit toy-layerflow-diagnose latent-stats --num 1024 --out F.json   # per-channel latent mean/std per layer
     layerkit toy-layerflow-diagnose prompts [--word shape|colour] [--weights W]   # does generation read the shape word?
     layerkit toy-layerflow-diagnose regions [--split val]   # where do the layers and the blended clip disagree?
+    layerkit toy-layerflow-diagnose reach [--split val]     # how much of the latents does a sprite reach?
+    layerkit toy-layerflow-diagnose compressed --num 16     # decomposing held-out clips given as H.264 files
 
 - ``colours``: packed held-out test clips ([fg, alpha, bg, blended], one VAE pass) through the
   committed VAE; per true sprite colour, the mean decoded foreground RGB where the true alpha > 0.9.
@@ -97,6 +99,23 @@
   interior: alpha > 0.95; edge: between), its share of the pixels, its mean error and its part
   of the overall error (the three parts sum to it). Extra sample overrides after the command
   (e.g. ``backbone.path=DIR``) apply to every row.
+- ``reach``: how far a sprite reaches into the latents, and what that leaves a sampler. The
+  held-out clips of ``regions``; a latent value is *reached* when its window (the 4 frames and the
+  4x4 pixels behind it) holds a matte pixel over 0.05, or, dilated, when one of its 3x3
+  neighbours' windows does. The true layers, encoded as training encodes them: the share of the
+  blended clip's latent values the sprite reaches, undilated and dilated; the correlation of the
+  background's and the blended clip's latents over all values and over those not reached; the
+  RMS of their difference against the background's. Then the committed stages 1+2+3 generating
+  those clips (``regions``' generate row, with the same correlation over the latent values the
+  generated matte does not reach), and the same samples with the blended clip's latents
+  set to the background's wherever the generated matte does not reach: the compositing error of
+  exact agreement where the sprite is absent, a bound on what any sampler step that makes the two
+  layers agree there can buy.
+- ``compressed``: decomposition as a user runs it on a video file. ``--num`` held-out test clips
+  of the toy's world (``--seed``; the committed test uses seed 3) written as H.264 (yuv420p, as
+  ``layerkit.io.video.write_video`` writes RGB), each decomposed by ``layerkit sample
+  task=layerflow_decompose +inputs.blended=FILE``; the alpha IoU of the written matte against the
+  true one, per clip and their mean. Extra sample overrides after the command apply to every run.
 """
 
 from __future__ import annotations
@@ -742,14 +761,123 @@ def regions(num: int, split: str, extra: list[str] = ()) -> dict[str, dict[str, 
     return rows
 
 
+def reached(alpha: torch.Tensor, windows: list[tuple[int, int]], start: int, latent_hw: tuple[int, ...],
+            dilate: int = 0) -> torch.Tensor:
+    """Matte ``alpha`` [B, F, H, W] in [0, 1] of a segment starting at pixel frame ``start`` ->
+    [B, f, h, w] bool: the latent values of that segment whose window (``windows``, in the packed
+    clip's frames) holds a matte pixel over 0.05, dilated by ``dilate`` latent values."""
+    import torch.nn.functional as F
+
+    from layerkit.training.weighting import latent_max
+
+    frames = alpha.shape[1]
+    mine = [(a - start, b - start) for a, b in windows if start <= a and b <= start + frames]
+    pooled = latent_max(alpha, mine, (alpha.shape[0], 1, len(mine), *latent_hw))
+    if dilate:
+        pooled = F.max_pool2d(pooled, 2 * dilate + 1, stride=1, padding=dilate)
+    return pooled > 0.05
+
+
+def reach(num: int, split: str, extra: list[str] = ()) -> dict[str, dict[str, float]]:
+    from layerkit.config import compose
+    from layerkit.pipeline import decode_packed, encode_packed, normalised
+    from layerkit.registry import get_registry
+    from layerkit.sampling.loop import denoise
+    from layerkit.sampling.run import build_sampler
+    from layerkit_plugins.layerflow.toy.evaluate import MODELS
+
+    registry = get_registry()
+    inputs = [f"+inputs.num_samples={num}", "+inputs.seed=0", f"+inputs.split={split}", "sampler.progress=false"]
+    sampler = build_sampler(compose("sample", [*MODELS["stages 1+2+3, generate"], *inputs, *extra], registry), registry)
+    parts, backbone = sampler.parts, sampler.parts.backbone
+    batch = sampler.samples()
+
+    def split_latents(z: torch.Tensor, layout: Any, packed: Any) -> dict[str, tuple[torch.Tensor, int]]:
+        out, start, frame = {}, 0, 0
+        for seg, length in zip(packed.segments, layout.lengths, strict=True):
+            out[seg.name] = (z[:, :, start:start + length], frame)
+            start, frame = start + length, frame + seg.num_frames
+        return out
+
+    def matte(video: torch.Tensor) -> torch.Tensor:  # [B, F, C, H, W] in [-1, 1] -> [B, F, H, W] in [0, 1]
+        return ((video.float().mean(2) + 1) / 2).clamp(0, 1)
+
+    # the true layers, encoded as training encodes them
+    train_modes, parts.task.train_modes = parts.task.train_modes, {}
+    truth = parts.task.pack(batch, training=True)
+    parts.task.train_modes = train_modes
+    with torch.no_grad():
+        z, layout = encode_packed(backbone, truth, training=True)
+    z = normalised(z, truth, layout, inverse=True).float()
+    seg = split_latents(z, layout, truth)
+    true_alpha = matte(truth.segment("alpha").video)
+    hw = tuple(z.shape[-2:])
+    bg, blended = seg["background"][0], seg["blended"][0]
+    free = ~reached(true_alpha, layout.windows, seg["blended"][1], hw)[:, None].expand_as(bg)
+    corr = lambda a, b: float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])  # noqa: E731
+    rows = {"true layers": {
+        "reached": round(1 - free[:, 0].float().mean().item(), 3),
+        "reached_dilated": round(reached(true_alpha, layout.windows, seg["blended"][1], hw, 1).float().mean().item(), 3),
+        "correlation_all": round(corr(bg, blended), 3),
+        "correlation_not_reached": round(corr(bg[free], blended[free]), 3),
+        "difference_rms_over_background_rms": round(((bg - blended).pow(2).mean().sqrt()
+                                                     / bg.pow(2).mean().sqrt()).item(), 3)}}
+
+    # the committed generation, and the same with the two layers' latents made to agree where the sprite is absent
+    packed = parts.task.pack(batch, training=False)
+    generator = torch.Generator("cpu").manual_seed(int(sampler.cfg.seed))
+    denoised = denoise(parts, packed, sampler.options, generator=generator)
+    decoded = {k: v.float().cpu() for k, v in decode_packed(backbone, denoised.latents, packed, denoised.layout).items()}
+    rows["stages 1+2+3, generate"] = region_errors(parts.task.unpack(decoded, batch))
+    latents = normalised(denoised.latents, packed, denoised.layout, inverse=True).clone()
+    seg = split_latents(latents, denoised.layout, packed)
+    absent = ~reached(matte(decoded["alpha"]), denoised.layout.windows, seg["blended"][1], hw)[:, None]
+    where = absent.to(latents.device).expand_as(seg["background"][0])
+    rows["stages 1+2+3, generate"]["correlation_not_reached"] = round(
+        corr(seg["background"][0][where].float(), seg["blended"][0][where].float()), 3)
+    seg["blended"][0].copy_(torch.where(absent.to(latents.device), seg["background"][0], seg["blended"][0]))
+    latents = normalised(latents, packed, denoised.layout)
+    decoded = {k: v.float().cpu() for k, v in decode_packed(backbone, latents, packed, denoised.layout).items()}
+    agreed = region_errors(parts.task.unpack(decoded, batch))
+    rows["same, blended latents = background's where the matte does not reach"] = {
+        **agreed, "not_reached": round(absent.float().mean().item(), 3)}
+    return rows
+
+
+def compressed(num: int, seed: int, extra: list[str] = ()) -> list[float]:
+    import tempfile
+
+    import numpy as np
+
+    from layerkit.data.evaluate import alpha_iou
+    from layerkit.data.shapes import make_sample, seed_for
+    from layerkit.io.video import read_video, write_video
+    from layerkit.registry import get_registry
+    from layerkit.sampling.run import sample
+    from layerkit_plugins.layerflow.toy.model import toy_world
+
+    registry, ious = get_registry(), []
+    with tempfile.TemporaryDirectory() as tmp:
+        for index in range(num):
+            clip = make_sample(seed_for("test", seed, index), toy_world())
+            path = Path(tmp) / f"scene{index}.mp4"
+            write_video(path, (clip["blended"].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+            out = sample(["task=layerflow_decompose", f"+inputs.blended={path}", f"output_dir={Path(tmp) / f'out{index}'}",
+                          "sampler.progress=false", *extra], registry=registry)
+            matte = torch.from_numpy(read_video(out / "alpha.mp4").frames[..., :1]).float().div(255).permute(0, 3, 1, 2)
+            ious.append(round(alpha_iou(matte, clip["foreground_alpha"]), 3))
+    return ious
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["colours", "given", "step-time", "rebase", "heldout", "positions",
                                             "probe", "swap", "shapes", "implied", "x0", "latent-stats", "prompts",
-                                            "regions"])
+                                            "regions", "reach", "compressed"])
     parser.add_argument("--num", type=int, default=16, help="held-out clips (colours, given, heldout); probe: 64x train "
                         "and 16x held-out clips; implied: val clips per sprite colour, 6 colours (the card: --num 4)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[200, 500, 800, 950])
+    parser.add_argument("--seed", type=int, default=3, help="compressed: which held-out test clips")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps (step-time)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="rebase: the new base directory; latent-stats: the JSON file to write")
@@ -771,15 +899,16 @@ def main(argv: list[str] | None = None) -> None:
                         "(default: committed)")
     parser.add_argument("--weights", default=None, help="heldout, x0, prompts: stage-1 weights.safetensors (x0, prompts: "
                         "default the committed stage 1)")
-    parser.add_argument("--split", default="test", choices=("val", "test"), help="x0, prompts, regions: held-out split")
+    parser.add_argument("--split", default="test", choices=("val", "test"),
+                        help="x0, prompts, regions, reach: held-out split")
     parser.add_argument("--word", default="shape", choices=("shape", "colour"), help="prompts: the word to replace")
     parser.add_argument("--amplify", type=float, nargs="+", default=[0.0, 20.0],
                         help="prompts: s in x + s (x - mean of the replaced prompts' predictions)")
-    parser.add_argument("overrides", nargs="*", help="swap, shapes, regions: extra sample overrides (e.g. backbone.path=DIR); "
+    parser.add_argument("overrides", nargs="*", help="swap, shapes, regions, reach, compressed: extra sample overrides (e.g. backbone.path=DIR); "
                         "x0, prompts: extra stage-1 train overrides (e.g. task.latent_norm=FILE)")
     args = parser.parse_intermixed_args(argv)  # options before or after the overrides
-    if args.overrides and args.what not in ("swap", "shapes", "x0", "prompts", "regions"):
-        parser.error(f"extra overrides are for swap, shapes, x0, prompts and regions, not {args.what}")
+    if args.overrides and args.what not in ("swap", "shapes", "x0", "prompts", "regions", "reach", "compressed"):
+        parser.error(f"extra overrides are for swap, shapes, x0, prompts, regions, reach and compressed, not {args.what}")
     if (args.base is not None and args.what in ("heldout", "probe", "implied", "x0", "latent-stats", "prompts")
             and not (Path(args.base) / "vae" / "config.json").is_file()):
         parser.error(f"--base '{args.base}' is not a toy model folder (no vae/config.json there; e.g. "
@@ -849,6 +978,16 @@ def main(argv: list[str] | None = None) -> None:
               "background < 0.05 <= edge <= 0.95 < interior)")
         for name, row in regions(args.num, args.split, args.overrides).items():
             print(name, json.dumps(row))
+    elif args.what == "reach":
+        print(f"how far the sprite reaches into the latents, {args.num} {args.split} clips; generation with the "
+              "blended clip's latents set to the background's where the generated matte does not reach")
+        for name, row in reach(args.num, args.split, args.overrides).items():
+            print(name, json.dumps(row))
+    elif args.what == "compressed":
+        print(f"decomposition of {args.num} held-out test clips (seed {args.seed}) given as H.264 files: alpha IoU "
+              "of the matte against the true one")
+        ious = compressed(args.num, args.seed, args.overrides)
+        print(json.dumps({"alpha_iou": ious, "mean": round(sum(ious) / len(ious), 4)}))
     elif args.what == "latent-stats":
         if not args.out:
             parser.error("latent-stats needs --out FILE.json")
