@@ -203,19 +203,19 @@ def test_weights_trained_with_a_latent_residual_load_only_into_a_task_with_the_s
     from types import SimpleNamespace
 
     from layerkit.io.weights import save_weights
-    from layerkit.pipeline import check_latent_norm
+    from layerkit.pipeline import check_latent_transform
 
     trained = save_weights(tmp_path / "w.safetensors", {"x": torch.zeros(1)},
                            metadata={"layerkit_latent_residual": {"background": "blended"}})
     plain = save_weights(tmp_path / "plain.safetensors", {"x": torch.zeros(1)})
-    check_latent_norm(trained, SimpleNamespace(latent_residual={"background": "blended"}))
-    check_latent_norm(plain, SimpleNamespace())
+    check_latent_transform(trained, SimpleNamespace(latent_residual={"background": "blended"}))
+    check_latent_transform(plain, SimpleNamespace())
     with pytest.raises(LayerkitError, match=re.escape("was trained with the latent residuals background - blended, "
-                                                      "but this run's task has none; set task.latent_residual")):
-        check_latent_norm(trained, SimpleNamespace(latent_residual=None))
-    with pytest.raises(LayerkitError, match=re.escape("trained with the latent residuals none, but this run's task "
-                                                      "has background - blended")):
-        check_latent_norm(plain, SimpleNamespace(latent_residual={"background": "blended"}))
+                                                      "but this run's task has no latent residual; set task.latent_residual")):
+        check_latent_transform(trained, SimpleNamespace(latent_residual=None))
+    with pytest.raises(LayerkitError, match=re.escape("trained with no latent residual, but this run's task "
+                                                      "has the latent residuals background - blended")):
+        check_latent_transform(plain, SimpleNamespace(latent_residual={"background": "blended"}))
 
 
 def test_weights_trained_with_a_latent_norm_load_only_into_a_task_with_the_same(tmp_path):
@@ -224,22 +224,22 @@ def test_weights_trained_with_a_latent_norm_load_only_into_a_task_with_the_same(
     from types import SimpleNamespace
 
     from layerkit.io.weights import save_weights
-    from layerkit.pipeline import check_latent_norm, latent_norm_record
+    from layerkit.pipeline import check_latent_transform, latent_norm_record
 
     norm = {"alpha": (torch.tensor([0.5, -1.0]), torch.tensor([0.2, 0.3]))}
     trained = save_weights(tmp_path / "w.safetensors", {"x": torch.zeros(1)},
                            metadata={"layerkit_latent_norm": latent_norm_record(norm)})
     plain = save_weights(tmp_path / "plain.safetensors", {"x": torch.zeros(1)})
-    check_latent_norm(trained, SimpleNamespace(latent_norm=norm))
-    check_latent_norm(plain, SimpleNamespace(latent_norm=None))
-    check_latent_norm(plain, SimpleNamespace())  # a task that knows nothing of it
+    check_latent_transform(trained, SimpleNamespace(latent_norm=norm))
+    check_latent_transform(plain, SimpleNamespace(latent_norm=None))
+    check_latent_transform(plain, SimpleNamespace())  # a task that knows nothing of it
     other = {"alpha": (torch.tensor([0.5, -1.0]), torch.tensor([0.2, 0.4]))}
     cases = [(trained, None, "was trained with a latent normalisation of ['alpha'], but this run's task has none"),
              (trained, other, "but this run's task has one of ['alpha']"),
              (plain, norm, "was trained with no latent normalisation, but this run's task has one of ['alpha']")]
     for path, task_norm, message in cases:
         with pytest.raises(LayerkitError, match=re.escape(message)):
-            check_latent_norm(path, SimpleNamespace(latent_norm=task_norm))
+            check_latent_transform(path, SimpleNamespace(latent_norm=task_norm))
 
 
 # ----------------------------------------------------------------------------------------

@@ -880,3 +880,11 @@ def test_reached_marks_the_latent_values_whose_window_holds_the_matte():
     assert out.shape == (1, 2, 8, 8) and out.sum() == 1 and out[0, 1, 2, 4]
     grown = reached(alpha, windows, 8, (8, 8), dilate=1)
     assert grown.sum() == 9 and grown[0, 1, 1:4, 3:6].all()
+
+
+def test_diagnose_refuses_no_clips(capsys):
+    from layerkit_plugins.layerflow.toy.diagnose import main
+
+    with pytest.raises(SystemExit):
+        main(["compressed", "--num", "0"])
+    assert "--num must be at least 1; got 0." in capsys.readouterr().err

@@ -398,7 +398,7 @@ def load_trainable_state(module: nn.Module, path: str | Path, *, parts: Parts | 
 
     state = load_weights(path, allow_pickle=allow_pickle)
     if parts is not None:
-        check_latent_norm(path, parts.task)
+        check_latent_transform(path, parts.task)
     own = module.state_dict()
     attached = list(parts.adapters.values()) if parts else []
     dormant = list(parts.dormant.values()) if parts else []
@@ -425,7 +425,7 @@ def load_trainable_state(module: nn.Module, path: str | Path, *, parts: Parts | 
     return list(placed)
 
 
-def check_latent_norm(path: str | Path, task: Any) -> None:
+def check_latent_transform(path: str | Path, task: Any) -> None:
     """Weights trained with a latent normalisation (``Task.latent_norm``, recorded in their metadata as
     ``layerkit_latent_norm``) or latent residuals (``Task.latent_residual``, ``layerkit_latent_residual``)
     load only into a task with the same: decoded the other way their latents would be wrong without
@@ -434,7 +434,8 @@ def check_latent_norm(path: str | Path, task: Any) -> None:
 
     if Path(path).suffix != ".safetensors":
         return
-    trained = read_metadata(path).get("layerkit_latent_norm") or {}
+    metadata = read_metadata(path)
+    trained = metadata.get("layerkit_latent_norm") or {}
     current = latent_norm_record(getattr(task, "latent_norm", None))
     same = set(trained) == set(current) and all(
         len(trained[k][s]) == len(current[k][s])
@@ -445,15 +446,16 @@ def check_latent_norm(path: str | Path, task: Any) -> None:
         now = f"one of {sorted(current)}" if current else "none"
         raise LayerkitError(f"weights file '{path}' was trained with {had}, but this run's task has {now}; set "
                             f"task.latent_norm as it was in training (the weights' run record has it).")
-    trained_residual = read_metadata(path).get("layerkit_latent_residual") or {}
+    trained_residual = metadata.get("layerkit_latent_residual") or {}
     current_residual = dict(getattr(task, "latent_residual", None) or {})
     if trained_residual != current_residual:
         def said(pairs: dict[str, str]) -> str:
-            return ", ".join(f"{k} - {v}" for k, v in sorted(pairs.items())) or "none"
+            listed = ", ".join(f"{k} - {v}" for k, v in sorted(pairs.items()))
+            return f"the latent residuals {listed}" if listed else "no latent residual"
 
-        raise LayerkitError(f"weights file '{path}' was trained with the latent residuals {said(trained_residual)}, "
-                            f"but this run's task has {said(current_residual)}; set task.latent_residual as it was in "
-                            f"training (the weights' run record has it).")
+        raise LayerkitError(f"weights file '{path}' was trained with {said(trained_residual)}, but this run's task "
+                            f"has {said(current_residual)}; set task.latent_residual as it was in training (the "
+                            f"weights' run record has it).")
 
 
 def weight_files(value: Any) -> list[str]:

@@ -919,6 +919,8 @@ def main(argv: list[str] | None = None) -> None:
         if any(not 0 <= t < 1000 for t in args.timesteps):
             parser.error(f"{args.what}: --timesteps must lie in 0..999 (the scheduler's training timesteps); "
                          f"got {args.timesteps}.")
+    if args.num < 1:
+        parser.error(f"--num must be at least 1; got {args.num}.")
     torch.set_num_threads(args.threads)
     if args.what == "colours":
         print("true colour -> mean decoded RGB inside the sprite, clips")
