@@ -172,17 +172,27 @@ layerkit toy-layerflow-diagnose regions --num 16 --threads 2
 layerkit toy-layerflow-diagnose reach --num 16 --threads 2
 layerkit toy-layerflow-diagnose reach --num 32 --split val --threads 2
 layerkit toy-layerflow-diagnose compressed --num 16 --threads 2
-if [[ "${TRIED:-0}" == 1 ]]; then
-  # the background diffused as a residual of the blended clip (the card's "Tried and not kept: the
-  # background as a residual"): the committed recipe with task.latent_residual, from the run files
-  RES="task.latent_residual={background: blended}"
-  T=$R/tried/residual
+# the three stages of a tried recipe: "$RES" overrides the committed one, run folders under $T;
+# W3 names their run files, F (after export_fp16) their fp16 copies
+train_stages() {
   OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 "$RES" output_dir=$T/stage1
   layerkit train +experiment=toy_layerflow_stage2 "$RES" layerflow.stage1_weights=$T/stage1/weights.safetensors \
       output_dir=$T/stage2
   layerkit train +experiment=toy_layerflow_stage3 "$RES" layerflow.stage1_weights=$T/stage1/weights.safetensors \
       layerflow.stage2_weights=$T/stage2/weights.safetensors output_dir=$T/stage3
   W3="layerflow.stage1_weights=$T/stage1/weights.safetensors layerflow.stage2_weights=$T/stage2/weights.safetensors weights=$T/stage3/weights.safetensors"
+}
+export_fp16() {
+  mkdir -p $T/fp16
+  for n in 1 2 3; do "${export_[@]}" stage$n $T/stage$n --to $T/fp16; done
+  F="layerflow.stage1_weights=$T/fp16/stage1.safetensors layerflow.stage2_weights=$T/fp16/stage2.safetensors weights=$T/fp16/stage3.safetensors"
+}
+if [[ "${TRIED:-0}" == 1 ]]; then
+  # the background diffused as a residual of the blended clip (the card's "Tried and not kept: the
+  # background as a residual"): the committed recipe with task.latent_residual, from the run files
+  RES="task.latent_residual={background: blended}"
+  T=$R/tried/residual
+  train_stages
   layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stage 1 alone, generate' \
       --rows 'stage 1 alone, decompose' --grid "weights=$T/stage1/weights.safetensors" "$RES"
   layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stages 1+2+3, generate' \
@@ -190,15 +200,27 @@ if [[ "${TRIED:-0}" == 1 ]]; then
   layerkit toy-layerflow-eval --num-samples 16 --seed 0 --rows 'stages 1+2+3, generate' \
       --rows 'stages 1+2+3, decompose' --grid "$W3" --grid "$W3 sampler.guidance_scale=1.0" "$RES"
   layerkit toy-layerflow-eval --num-samples 16 --seed 3 --rows 'stages 1+2+3, decompose' --grid "$W3" "$RES"
-  mkdir -p $T/fp16
-  for n in 1 2 3; do "${export_[@]}" stage$n $T/stage$n --to $T/fp16; done
-  F="layerflow.stage1_weights=$T/fp16/stage1.safetensors layerflow.stage2_weights=$T/fp16/stage2.safetensors weights=$T/fp16/stage3.safetensors"
+  export_fp16
   layerkit toy-layerflow-diagnose regions --num 16 --threads 2 $F "$RES"
   layerkit toy-layerflow-diagnose reach --num 16 --threads 2 $F "$RES"
   layerkit toy-layerflow-diagnose compressed --num 16 --threads 2 $W3 "$RES"
   layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stages 1+2+3, generate' \
       --rows 'stages 1+2+3, decompose' --grid "$F sampler.guidance_scale=1.0" --grid "$F sampler.guidance_scale=1.25" \
       --grid "$F sampler.guidance_scale=1.5" --grid "$F sampler.guidance_scale=2.0" "$RES"
+fi
+if [[ "${TRIED:-0}" == 1 ]]; then
+  # the other way round, the blended clip diffused as a residual of the background (the same section
+  # of the card): the committed recipe with task.latent_residual, test figures from the run files
+  RES="task.latent_residual={blended: background}"
+  T=$R/tried/residual_blended
+  train_stages
+  layerkit toy-layerflow-eval --num-samples 16 --seed 0 --rows 'stages 1+2+3, generate' \
+      --rows 'stages 1+2+3, decompose' --grid "$W3" "$RES"
+  layerkit toy-layerflow-eval --num-samples 16 --seed 0 --rows 'stage 1 alone, generate' \
+      --rows 'stage 1 alone, decompose' --grid "weights=$T/stage1/weights.safetensors" "$RES"
+  layerkit toy-layerflow-diagnose compressed --num 16 --threads 2 $W3 "$RES"
+  export_fp16
+  layerkit toy-layerflow-diagnose regions --num 16 --threads 2 $F "$RES"
 fi
 if [[ "${TRIED:-0}" == 1 ]]; then
   # the 3000-step pilot on the toy's world that chose this VAE over the 2x one (the card's "Why"),

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from layerkit.data.shapes import COLOURS, ShapesConfig, make_sample, seed_for
+from layerkit.errors import LayerkitError
 from layerkit_plugins.layerflow.toy.model import (
     FRAMES,
     SIZE,
@@ -523,9 +524,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.init is not None and not (args.init / "config.json").is_file():
         parser.error(f"--init '{args.init}' is not a VAE folder (no config.json there; e.g. toy/weights/vae or a "
                      "run's rejected_vae/).")
-    if args.sprite_size is not None and not 0 < args.sprite_size[0] <= args.sprite_size[1] <= 0.9:
-        parser.error(f"--sprite-size takes LOW HIGH with 0 < LOW <= HIGH <= 0.9 (a share of the frame); "
-                     f"got {args.sprite_size[0]} {args.sprite_size[1]}.")
+    if args.sprite_size is not None:  # the shapes world's own rule, said as this option
+        try:
+            ShapesConfig(sprite_size=tuple(args.sprite_size)).validate()
+        except LayerkitError:
+            parser.error(f"--sprite-size takes LOW HIGH, a share of the frame, as the shapes world's sprite_size: "
+                         f"0 < LOW <= HIGH <= 0.9; got {args.sprite_size[0]} {args.sprite_size[1]}.")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"'{args.out}' is a file; --out names a folder to write the run into.")
     if args.out.exists() and any(args.out.iterdir()):
