@@ -56,6 +56,8 @@ def test_sequence_packing_given_clips_clean_and_out_of_loss(registry, tmp_path):
     assert packed.given.shape == (2, 16), "given per pixel frame"
     assert packed.given[:, 12:].all() and not packed.given[:, :12].any()
     assert packed.prompts[0][0].startswith("0, ") and packed.prompts[0][2].startswith("2, ")
+    # a prompt left out stays "" (no index prefix): the backbone's unconditional text for that block
+    assert parts.task.prompt_blocks({**batch, "background_prompt": [""] * 2}, 0)[1] == ""
 
     # the loss ignores the given clip: a model output that is wrong only there costs nothing
     latents, layout = encode_packed(parts.backbone, packed, training=True)

@@ -261,6 +261,16 @@ def test_unconditional_text_is_zero_embeddings_in_cfg_and_in_per_block_prompt_dr
     assert torch.count_nonzero(dropped[0, tokens:2 * tokens]) == 0, "block 1 of sample 0 dropped alone"
     assert torch.equal(dropped[0, :tokens], cond["prompt_embeds"][0, :tokens])
     assert torch.count_nonzero(dropped[1]) == 0
+    # a prompt the user left out ("", unprefixed by the layered task) is the dropped block's zeros, not
+    # T5's encoding of "" (a text the model never saw in training): with a dropped block on top too
+    left_out = Packed(packed.segments, packed.given, [["0, a red circle", "", "2, a red circle over blue stripes"],
+                                                      ["", "", ""]], 32, 32)
+    with torch.no_grad():
+        assert torch.equal(backbone.encode_conditions(left_out)["prompt_embeds"][0], dropped[0])
+        assert torch.count_nonzero(backbone.encode_conditions(left_out)["prompt_embeds"][1]) == 0
+        both = backbone.encode_conditions(left_out, drop=torch.tensor([[True, False, False], [False] * 3]))
+    assert torch.count_nonzero(both["prompt_embeds"][0, :2 * tokens]) == 0
+    assert torch.equal(both["prompt_embeds"][0, 2 * tokens:], cond["prompt_embeds"][0, 2 * tokens:])
     # the empty-prompt encoding (CogVideoXPipeline's way) is not zero: the two really differ
     backbone.uncond = "empty_prompt"
     with torch.no_grad():

@@ -261,11 +261,17 @@ class CogVideoX(Backbone):
     # -- conditioning (zero or empty-prompt unconditional text) ------------------------------
     def encode_conditions(self, packed: Packed, latents: torch.Tensor | None = None,
                           drop: torch.Tensor | None = None) -> dict[str, Any]:
-        if self.uncond == "empty_prompt" or drop is None or not bool(drop.any()):
+        """With ``uncond: zeros`` a dropped prompt block is zeros, and so is an empty one (a prompt the
+        user left out): the unconditional text, as training drops it, not T5's encoding of ""."""
+        if self.uncond == "empty_prompt":
             return super().encode_conditions(packed, latents, drop)
+        blocks = torch.tensor([[not text for text in row] for row in packed.prompts], dtype=torch.bool)  # [B, K]
+        if drop is not None:
+            blocks = blocks | drop_blocks(drop, blocks.shape[1]).cpu()
+        if not bool(blocks.any()):
+            return super().encode_conditions(packed, latents)
         cond = self.encode_prompt_blocks(packed.prompts)
         embeds = cond["prompt_embeds"]
-        blocks = drop_blocks(drop, len(packed.prompts[0]))  # [B, K]
         keep = (~blocks).repeat_interleave(embeds.shape[1] // blocks.shape[1], dim=1)  # [B, K*L]
         return {**cond, "prompt_embeds": embeds * keep.to(embeds.device, embeds.dtype)[..., None]}  # dropped: zeros
 

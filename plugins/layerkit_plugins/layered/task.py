@@ -254,7 +254,7 @@ class LayeredTask(Task):
             if value is None:
                 raise LayerkitError(f"task '{self.name}' needs '{key}' in every sample.")
             text = value[i] if isinstance(value, list | tuple) else str(value)
-            texts.append(f"{index}, {text}" if self.index_prefix else text)
+            texts.append(f"{index}, {text}" if self.index_prefix and text else text)  # "": no prompt (unconditional)
         return texts
 
     # -- sampling inputs ----------------------------------------------------------------------
@@ -297,7 +297,7 @@ class LayeredTask(Task):
         for key in PROMPT_KEYS:
             if key not in prompts:
                 prompts[key] = ""
-                notes.append(f"inputs.{key} not given: empty prompt")
+                notes.append(f"inputs.{key} not given: no prompt (the unconditional text, as training drops a prompt)")
         size = {"num_frames": num_frames, "height": height, "width": width}
         return [{**videos, **prompts, **size, "mode": mode, "notes": notes} for _ in range(n)]
 

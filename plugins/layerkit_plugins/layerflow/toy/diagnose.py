@@ -115,7 +115,10 @@
   of the toy's world (``--seed``; the committed test uses seed 3) written as H.264 (yuv420p, as
   ``layerkit.io.video.write_video`` writes RGB), each decomposed by ``layerkit sample
   task=layerflow_decompose +inputs.blended=FILE``; the alpha IoU of the written matte against the
-  true one, per clip and their mean. Extra sample overrides after the command apply to every run.
+  true one, per clip and their mean. ``--format h264-444`` gives the clips as H.264 of full colour
+  resolution (yuv444p, the same quality), ``png`` as lossless PNG sequences: what chroma
+  subsampling, and what the codec as a whole, cost. Extra sample overrides after the command apply
+  to every run.
 """
 
 from __future__ import annotations
@@ -844,26 +847,49 @@ def reach(num: int, split: str, extra: list[str] = ()) -> dict[str, dict[str, fl
     return rows
 
 
-def compressed(num: int, seed: int, extra: list[str] = ()) -> list[float]:
+#: ``compressed --format``: how the held-out clips are given (H.264 as users' files and ``write_video``
+#: write them; H.264 keeping full colour resolution; a lossless PNG sequence)
+GIVEN_FORMATS = ("h264", "h264-444", "png")
+
+
+def _write_given(path: Path, frames, fmt: str) -> Path:
+    """One held-out clip written as ``fmt`` (``GIVEN_FORMATS``) under ``path`` (no suffix)."""
+    import dataclasses
+
+    from layerkit.io.video import _CODECS, _encode_av, write_video
+
+    if fmt == "png":
+        return write_video(path, frames)  # a directory of PNG frames
+    if fmt == "h264":
+        return write_video(path.with_suffix(".mp4"), frames)
+    # the same encoder and quality with 4:4:4 chroma: what chroma subsampling alone costs
+    target = path.with_suffix(".mp4")
+    _encode_av(target, frames, 8.0, dataclasses.replace(_CODECS[".mp4"], pix_fmt="yuv444p"))
+    return target
+
+
+def compressed(num: int, seed: int, extra: list[str] = (), fmt: str = "h264", prompts: bool = False) -> list[float]:
     import tempfile
 
     import numpy as np
 
     from layerkit.data.evaluate import alpha_iou
     from layerkit.data.shapes import make_sample, seed_for
-    from layerkit.io.video import read_video, write_video
+    from layerkit.io.video import read_video
     from layerkit.registry import get_registry
     from layerkit.sampling.run import sample
+    from layerkit_plugins.layered import PROMPT_KEYS
     from layerkit_plugins.layerflow.toy.model import toy_world
 
     registry, ious = get_registry(), []
     with tempfile.TemporaryDirectory() as tmp:
         for index in range(num):
             clip = make_sample(seed_for("test", seed, index), toy_world())
-            path = Path(tmp) / f"scene{index}.mp4"
-            write_video(path, (clip["blended"].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+            path = _write_given(Path(tmp) / f"scene{index}",
+                                (clip["blended"].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8), fmt)
+            said = [f'+inputs.{key}="{clip[key]}"' for key in PROMPT_KEYS] if prompts else []
             out = sample(["task=layerflow_decompose", f"+inputs.blended={path}", f"output_dir={Path(tmp) / f'out{index}'}",
-                          "sampler.progress=false", *extra], registry=registry)
+                          "sampler.progress=false", *said, *extra], registry=registry)
             matte = torch.from_numpy(read_video(out / "alpha.mp4").frames[..., :1]).float().div(255).permute(0, 3, 1, 2)
             ious.append(round(alpha_iou(matte, clip["foreground_alpha"]), 3))
     return ious
@@ -878,6 +904,11 @@ def main(argv: list[str] | None = None) -> None:
                         "and 16x held-out clips; implied: val clips per sprite colour, 6 colours (the card: --num 4)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[200, 500, 800, 950])
     parser.add_argument("--seed", type=int, default=3, help="compressed: which held-out test clips")
+    parser.add_argument("--prompts", action="store_true",
+                        help="compressed: give each clip's three prompts too (a user giving only the file gives none)")
+    parser.add_argument("--format", choices=GIVEN_FORMATS, default="h264",
+                        help="compressed: how the clips are given: H.264 as users' files (yuv420p), H.264 of full "
+                             "colour resolution (yuv444p), or lossless PNG sequences")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps (step-time)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="rebase: the new base directory; latent-stats: the JSON file to write")
@@ -986,9 +1017,11 @@ def main(argv: list[str] | None = None) -> None:
         for name, row in reach(args.num, args.split, args.overrides).items():
             print(name, json.dumps(row))
     elif args.what == "compressed":
-        print(f"decomposition of {args.num} held-out test clips (seed {args.seed}) given as H.264 files: alpha IoU "
-              "of the matte against the true one")
-        ious = compressed(args.num, args.seed, args.overrides)
+        as_given = {"h264": "H.264 files (yuv420p)", "h264-444": "H.264 files of full colour resolution (yuv444p)",
+                    "png": "lossless PNG sequences"}[args.format]
+        print(f"decomposition of {args.num} held-out test clips (seed {args.seed}) given as {as_given}"
+              f"{', with their prompts' if args.prompts else ', no prompt'}: alpha IoU of the matte against the true one")
+        ious = compressed(args.num, args.seed, args.overrides, args.format, args.prompts)
         print(json.dumps({"alpha_iou": ious, "mean": round(sum(ious) / len(ious), 4)}))
     elif args.what == "latent-stats":
         if not args.out:

@@ -172,6 +172,12 @@ layerkit toy-layerflow-diagnose regions --num 16 --threads 2
 layerkit toy-layerflow-diagnose reach --num 16 --threads 2
 layerkit toy-layerflow-diagnose reach --num 32 --split val --threads 2
 layerkit toy-layerflow-diagnose compressed --num 16 --threads 2
+# decomposing a user's file: lossless or H.264, with or without its prompts (the card's
+# "Decomposing a user's file")
+layerkit toy-layerflow-diagnose compressed --num 16 --threads 2 --format png
+layerkit toy-layerflow-diagnose compressed --num 16 --threads 2 --prompts
+layerkit toy-layerflow-diagnose compressed --num 16 --threads 2 --format png --prompts
+layerkit toy-layerflow-eval --num-samples 16 --seed 3 --rows 'stages 1+2+3, decompose' --grid ''
 # the three stages of a tried recipe: "$RES" overrides the committed one, run folders under $T;
 # W3 names their run files, F (after export_fp16) their fp16 copies
 train_stages() {
@@ -204,6 +210,7 @@ if [[ "${TRIED:-0}" == 1 ]]; then
   layerkit toy-layerflow-diagnose regions --num 16 --threads 2 $F "$RES"
   layerkit toy-layerflow-diagnose reach --num 16 --threads 2 $F "$RES"
   layerkit toy-layerflow-diagnose compressed --num 16 --threads 2 $W3 "$RES"
+  layerkit toy-layerflow-diagnose compressed --num 16 --threads 2 --prompts $W3 "$RES"
   layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stages 1+2+3, generate' \
       --rows 'stages 1+2+3, decompose' --grid "$F sampler.guidance_scale=1.0" --grid "$F sampler.guidance_scale=1.25" \
       --grid "$F sampler.guidance_scale=1.5" --grid "$F sampler.guidance_scale=2.0" "$RES"
