@@ -112,8 +112,9 @@ layerkit train +experiment=toy_layerflow_base output_dir=$R/base_t2v
 
 # stage 1 compiles the transformer (train.compile: true in its config; needs g++ or clang++), weighs
 # the loss with Min-SNR-gamma 2 and the foreground's and matte's frames by 3, and runs alone with 2
-# threads: 14000 steps, 60.6 min on the machine that trained it (the same recipe took 41.1 min for the
-# model before on a faster one; the card's "Wall times")
+# threads: 14000 steps, 63.6 min on the machine that trained it (the same recipe took 41.1 min for the
+# model before on a faster one; the card's "Wall times"); the background is diffused as a residual of
+# the blended clip (task.latent_residual in toy_layerflow_common.yaml)
 OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 output_dir=$R/stage1
 "${export_[@]}" stage1 $R/stage1
 
@@ -134,6 +135,9 @@ layerkit toy-layerflow-diagnose probe
 layerkit toy-layerflow-diagnose swap
 layerkit toy-layerflow-diagnose shapes
 layerkit toy-layerflow-diagnose implied --num 4
+# The card's decoder, sampler, guidance-interval, fitting-prior, prompts, regions and reach tables were
+# measured on the model committed before this one (every layer diffused as itself): these commands at
+# commit d1ddf65. Here they run on the committed model.
 # stage 1 alone on the 32 val clips through the seventh decoder, the eighth (committed) and the
 # tried weights 3, 4 and 5 (each a copy of this folder with that vae/; the card's "The decoder")
 D=$R/decoders
@@ -178,13 +182,13 @@ layerkit toy-layerflow-diagnose compressed --num 16 --threads 2 --format png
 layerkit toy-layerflow-diagnose compressed --num 16 --threads 2 --prompts
 layerkit toy-layerflow-diagnose compressed --num 16 --threads 2 --format png --prompts
 layerkit toy-layerflow-eval --num-samples 16 --seed 3 --rows 'stages 1+2+3, decompose' --grid ''
-# the three stages of a tried recipe: "$RES" overrides the committed one, run folders under $T;
+# the three stages of a tried recipe: "${RES[@]}" override the committed one, run folders under $T;
 # W3 names their run files, F (after export_fp16) their fp16 copies
 train_stages() {
-  OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 "$RES" output_dir=$T/stage1
-  layerkit train +experiment=toy_layerflow_stage2 "$RES" layerflow.stage1_weights=$T/stage1/weights.safetensors \
+  OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 "${RES[@]}" output_dir=$T/stage1
+  layerkit train +experiment=toy_layerflow_stage2 "${RES[@]}" layerflow.stage1_weights=$T/stage1/weights.safetensors \
       output_dir=$T/stage2
-  layerkit train +experiment=toy_layerflow_stage3 "$RES" layerflow.stage1_weights=$T/stage1/weights.safetensors \
+  layerkit train +experiment=toy_layerflow_stage3 "${RES[@]}" layerflow.stage1_weights=$T/stage1/weights.safetensors \
       layerflow.stage2_weights=$T/stage2/weights.safetensors output_dir=$T/stage3
   W3="layerflow.stage1_weights=$T/stage1/weights.safetensors layerflow.stage2_weights=$T/stage2/weights.safetensors weights=$T/stage3/weights.safetensors"
 }
@@ -194,40 +198,41 @@ export_fp16() {
   F="layerflow.stage1_weights=$T/fp16/stage1.safetensors layerflow.stage2_weights=$T/fp16/stage2.safetensors weights=$T/fp16/stage3.safetensors"
 }
 if [[ "${TRIED:-0}" == 1 ]]; then
-  # the background diffused as a residual of the blended clip (the card's "Tried and not kept: the
-  # background as a residual"): the committed recipe with task.latent_residual, from the run files
-  RES="task.latent_residual={background: blended}"
+  # the committed recipe (the background diffused as a residual of the blended clip, now the config's
+  # own) retrained and evaluated from its run files, as it was before it was committed (the card's
+  # "Why the background is diffused as a residual"; its "before" column: this script at d1ddf65)
+  RES=("task.latent_residual=null" "task.latent_residual={background: blended}")
   T=$R/tried/residual
   train_stages
   layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stage 1 alone, generate' \
-      --rows 'stage 1 alone, decompose' --grid "weights=$T/stage1/weights.safetensors" "$RES"
+      --rows 'stage 1 alone, decompose' --grid "weights=$T/stage1/weights.safetensors" "${RES[@]}"
   layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stages 1+2+3, generate' \
-      --rows 'stages 1+2+3, decompose' --grid "$W3" "$RES"
+      --rows 'stages 1+2+3, decompose' --grid "$W3" "${RES[@]}"
   layerkit toy-layerflow-eval --num-samples 16 --seed 0 --rows 'stages 1+2+3, generate' \
-      --rows 'stages 1+2+3, decompose' --grid "$W3" --grid "$W3 sampler.guidance_scale=1.0" "$RES"
-  layerkit toy-layerflow-eval --num-samples 16 --seed 3 --rows 'stages 1+2+3, decompose' --grid "$W3" "$RES"
+      --rows 'stages 1+2+3, decompose' --grid "$W3" --grid "$W3 sampler.guidance_scale=1.0" "${RES[@]}"
+  layerkit toy-layerflow-eval --num-samples 16 --seed 3 --rows 'stages 1+2+3, decompose' --grid "$W3" "${RES[@]}"
   export_fp16
-  layerkit toy-layerflow-diagnose regions --num 16 --threads 2 $F "$RES"
-  layerkit toy-layerflow-diagnose reach --num 16 --threads 2 $F "$RES"
-  layerkit toy-layerflow-diagnose compressed --num 16 --threads 2 $W3 "$RES"
-  layerkit toy-layerflow-diagnose compressed --num 16 --threads 2 --prompts $W3 "$RES"
+  layerkit toy-layerflow-diagnose regions --num 16 --threads 2 $F "${RES[@]}"
+  layerkit toy-layerflow-diagnose reach --num 16 --threads 2 $F "${RES[@]}"
+  layerkit toy-layerflow-diagnose compressed --num 16 --threads 2 $W3 "${RES[@]}"
+  layerkit toy-layerflow-diagnose compressed --num 16 --threads 2 --prompts $W3 "${RES[@]}"
   layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stages 1+2+3, generate' \
       --rows 'stages 1+2+3, decompose' --grid "$F sampler.guidance_scale=1.0" --grid "$F sampler.guidance_scale=1.25" \
-      --grid "$F sampler.guidance_scale=1.5" --grid "$F sampler.guidance_scale=2.0" "$RES"
+      --grid "$F sampler.guidance_scale=1.5" --grid "$F sampler.guidance_scale=2.0" "${RES[@]}"
 fi
 if [[ "${TRIED:-0}" == 1 ]]; then
   # the other way round, the blended clip diffused as a residual of the background (the same section
   # of the card): the committed recipe with task.latent_residual, test figures from the run files
-  RES="task.latent_residual={blended: background}"
+  RES=("task.latent_residual=null" "task.latent_residual={blended: background}")  # null first: a dict merges
   T=$R/tried/residual_blended
   train_stages
   layerkit toy-layerflow-eval --num-samples 16 --seed 0 --rows 'stages 1+2+3, generate' \
-      --rows 'stages 1+2+3, decompose' --grid "$W3" "$RES"
+      --rows 'stages 1+2+3, decompose' --grid "$W3" "${RES[@]}"
   layerkit toy-layerflow-eval --num-samples 16 --seed 0 --rows 'stage 1 alone, generate' \
-      --rows 'stage 1 alone, decompose' --grid "weights=$T/stage1/weights.safetensors" "$RES"
-  layerkit toy-layerflow-diagnose compressed --num 16 --threads 2 $W3 "$RES"
+      --rows 'stage 1 alone, decompose' --grid "weights=$T/stage1/weights.safetensors" "${RES[@]}"
+  layerkit toy-layerflow-diagnose compressed --num 16 --threads 2 $W3 "${RES[@]}"
   export_fp16
-  layerkit toy-layerflow-diagnose regions --num 16 --threads 2 $F "$RES"
+  layerkit toy-layerflow-diagnose regions --num 16 --threads 2 $F "${RES[@]}"
 fi
 if [[ "${TRIED:-0}" == 1 ]]; then
   # the 3000-step pilot on the toy's world that chose this VAE over the 2x one (the card's "Why"),
