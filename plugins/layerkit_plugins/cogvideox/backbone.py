@@ -90,9 +90,60 @@ def save_components(components: dict[str, Any], directory: str | os.PathLike) ->
     return directory
 
 
+#: layerkit's key in a CogVideoX VAE's ``config.json``: the decoder's own ``block_out_channels``, for
+#: a decoder wider than its encoder (an asymmetric autoencoder: the latents, and so every denoiser
+#: trained on them, stay the encoder's; diffusers builds both halves from ``block_out_channels``)
+DECODER_WIDTHS = "decoder_block_out_channels"
+
+
+def with_decoder_widths(vae: Any, widths: Sequence[int]) -> Any:
+    """``vae`` (an ``AutoencoderKLCogVideoX``) with a fresh, untrained decoder of ``widths`` (one per
+    up block, in ``block_out_channels``' order), recorded in its config under ``DECODER_WIDTHS``."""
+    from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXDecoder3D
+
+    c = vae.config
+    widths = [int(w) for w in widths]
+    if len(widths) != len(c.block_out_channels) or any(w % int(c.norm_num_groups) for w in widths):
+        raise LayerkitError(
+            f"decoder widths {widths} do not fit this VAE: give {len(c.block_out_channels)} widths (one per up "
+            f"block, as block_out_channels {list(c.block_out_channels)}), each a multiple of norm_num_groups "
+            f"{c.norm_num_groups}."
+        )
+    vae.decoder = CogVideoXDecoder3D(
+        in_channels=c.latent_channels, out_channels=c.out_channels, up_block_types=c.up_block_types,
+        block_out_channels=tuple(widths), layers_per_block=c.layers_per_block, act_fn=c.act_fn,
+        norm_eps=c.norm_eps, norm_num_groups=c.norm_num_groups, temporal_compression_ratio=c.temporal_compression_ratio,
+    ).to(dtype=next(vae.encoder.parameters()).dtype)
+    vae.register_to_config(**{DECODER_WIDTHS: widths})
+    return vae
+
+
+def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Any:
+    """An ``AutoencoderKLCogVideoX`` from a local diffusers-format ``vae/`` folder; one whose config
+    names ``DECODER_WIDTHS`` (written by :func:`with_decoder_widths`) gets a decoder of those widths."""
+    from diffusers import AutoencoderKLCogVideoX
+    from safetensors.torch import load_file
+
+    config = dict(AutoencoderKLCogVideoX.load_config(str(path)))
+    widths = config.pop(DECODER_WIDTHS, None)
+    if widths is None:
+        return AutoencoderKLCogVideoX.from_pretrained(str(path), torch_dtype=dtype)
+    file = Path(str(path)) / "diffusion_pytorch_model.safetensors"
+    if not file.is_file():
+        raise LayerkitError(f"VAE folder '{path}' names decoder widths {widths} but holds no "
+                            f"diffusion_pytorch_model.safetensors (a VAE with its own decoder widths loads from safetensors).")
+    vae = with_decoder_widths(AutoencoderKLCogVideoX.from_config(config), widths)
+    missing, unexpected = vae.load_state_dict(load_file(str(file)), strict=False)
+    if missing or unexpected:
+        raise LayerkitError(f"VAE folder '{path}' does not match its config (decoder widths {widths}): "
+                            f"{len(missing)} weights missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+                            f"(e.g. {unexpected[:2]}).")
+    return (vae if dtype == torch.float32 else vae.to(dtype)).eval()
+
+
 def load_components(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Components from a local diffusers-format CogVideoX directory (e.g. THUDM/CogVideoX-2b)."""
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
     from transformers import AutoTokenizer, T5EncoderModel
 
     root = Path(str(path))
@@ -110,7 +161,7 @@ def load_components(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     try:
         return {
             "transformer": CogVideoXTransformer3DModel.from_pretrained(str(root / "transformer"), torch_dtype=dtype),
-            "vae": AutoencoderKLCogVideoX.from_pretrained(str(root / "vae"), torch_dtype=dtype),
+            "vae": load_vae(root / "vae", dtype),
             "text_encoder": T5EncoderModel.from_pretrained(str(root / "text_encoder"), dtype=dtype),
             "tokenizer": AutoTokenizer.from_pretrained(str(root / "tokenizer")),
             "scheduler": CogVideoXDDIMScheduler.from_pretrained(str(root / "scheduler")),

@@ -240,13 +240,11 @@ def rebase(out: str, patch: int, width: int, heads: int, layers: int, source: st
     """Write a base directory: ``source``'s (default: the committed) VAE, T5, tokenizer and scheduler
     with a seeded toy transformer of another geometry; returns its parameter count."""
 
-    from diffusers import AutoencoderKLCogVideoX
-
-    from layerkit_plugins.cogvideox.backbone import save_components
+    from layerkit_plugins.cogvideox.backbone import load_vae, save_components
     from layerkit_plugins.layerflow.toy.model import build_components
 
     src = Path(source) if source else Path(__file__).resolve().parent / "weights"
-    vae = AutoencoderKLCogVideoX.from_pretrained(str(src / "vae"), torch_dtype=torch.float32)
+    vae = load_vae(src / "vae", torch.float32)
     changes: dict = {} if scale is None else {"spatial_interpolation_scale": scale}
     if rope is not None:  # 3D RoPE (CogVideoX-5B's) in place of the sincos table
         changes["use_rotary_positional_embeddings"] = rope
@@ -555,16 +553,16 @@ def implied(base: str | None = None, per_colour: int = 4) -> dict[str, float]:
     """See the module doc (``implied``)."""
 
     import torch.nn.functional as F
-    from diffusers import AutoencoderKLCogVideoX
 
     from layerkit.data.evaluate import alpha_iou
+    from layerkit_plugins.cogvideox.backbone import load_vae
     from layerkit_plugins.layered.evaluate import composite_alpha
     from layerkit_plugins.layered.task import to_unit, unpack_foreground
     from layerkit_plugins.layerflow.toy.model import FRAMES, toy_world
     from layerkit_plugins.layerflow.toy.train_vae import packed_clip, round_trip, validation_samples
 
     folder = Path(base) if base else Path(__file__).resolve().parent / "weights"
-    vae = AutoencoderKLCogVideoX.from_pretrained(str(folder / "vae"), torch_dtype=torch.float32).eval()
+    vae = load_vae(folder / "vae", torch.float32).eval()
     samples = validation_samples(0, toy_world(), per_colour=per_colour)
     decoded = round_trip(vae, torch.stack([packed_clip(s) for s in samples]))
     rows: dict[str, list[float]] = {k: [] for k in ("all decoded (the ceiling)", "blended and background true",

@@ -265,6 +265,9 @@ def grow_latent_channels(vae, channels: int, seed: int = 0):
     training adds capacity without first unlearning what ``vae`` knows (its colours, above all).
     """
     old_c = int(vae.config.latent_channels)
+    if vae.config.get("decoder_block_out_channels"):
+        raise SystemExit("--latent-channels grows a VAE whose decoder has the encoder's widths; this --init VAE's "
+                         "decoder has its own (decoder_block_out_channels)")
     if channels < old_c:
         raise SystemExit(f"--latent-channels {channels} is fewer than the --init VAE's {old_c}: only growing is supported")
     with torch.random.fork_rng(devices=[]):  # the same config but the channels, seeded
@@ -291,6 +294,45 @@ def grow_latent_channels(vae, channels: int, seed: int = 0):
     return grown
 
 
+def widen_decoder(vae, widths: tuple[int, ...], seed: int = 0, noise: float = 0.01):
+    """``vae`` with a decoder of ``widths`` (each an integer multiple of the decoder's width, block for
+    block) that decodes as the old one at first (net2net widening: each channel repeated, the weights
+    reading a repeated channel divided among its copies; the repeats of a channel fall in its GroupNorm
+    group, whose statistics stay the same), plus seeded noise of ``noise`` x each weight's std so that
+    the copies can part in training. The encoder, and so the latents, stay as they are."""
+    from layerkit_plugins.cogvideox.backbone import DECODER_WIDTHS, with_decoder_widths
+
+    old_widths = list(vae.config.get(DECODER_WIDTHS) or vae.config.block_out_channels)
+    widths = [int(w) for w in widths]
+    if len(widths) != len(old_widths) or any(w % o for w, o in zip(widths, old_widths, strict=True)):
+        raise SystemExit(f"--decoder-widths {widths}: give one width per up block, each a multiple of the --init "
+                         f"decoder's {old_widths}")
+    old = {k: v.detach().clone() for k, v in vae.decoder.state_dict().items()}
+    vae = with_decoder_widths(vae, widths)
+    new = vae.decoder.state_dict()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, value in new.items():
+            source = old[key]
+            for dim in range(source.dim()):
+                k = value.shape[dim] // source.shape[dim]
+                if k > 1:
+                    source = source.repeat_interleave(k, dim=dim) / (k if dim == 1 else 1)
+            if source.shape != value.shape:
+                raise SystemExit(f"cannot widen '{key}' from {tuple(old[key].shape)} to {tuple(value.shape)}")
+            if source.dim() > 1:
+                source = source + noise * source.std() * torch.randn(source.shape, generator=generator)
+            value.copy_(source)
+    vae.decoder.load_state_dict(new)
+    return vae
+
+
+def _decoder_widths(vae) -> list[int]:
+    from layerkit_plugins.cogvideox.backbone import DECODER_WIDTHS
+
+    return [int(w) for w in (vae.config.get(DECODER_WIDTHS) or vae.config.block_out_channels)]
+
+
 def check(result: dict, min_alpha_iou: float) -> list[str]:
     """What fails the run: a checked colour classified right on < 90% of its clips, or a low IoU."""
     failures = [f"{c} decodes as its own colour on {result['colour_correct'][c]:.0%} of the validation clips "
@@ -308,7 +350,7 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
           init: Path | None = None, parts: str = "all", latent_noise: float = 0.0,
           composite_weight: float = 0.0, latent_channels: int | None = None, implied_weight: float = 0.0,
           spatial_compression: int | None = None, sprite_size: tuple[float, float] | None = None,
-          composite_to: str = "layers") -> dict:
+          composite_to: str = "layers", decoder_widths: tuple[int, ...] | None = None) -> dict:
     """Train (or, ``parts="decoder"``, fine-tune the decoder of ``init``) and check the toy VAE.
     ``latent_noise``: the decoder sees its latents plus Gaussian noise of a std drawn per clip from
     U(0, latent_noise), in the denoiser's (scaled) latent units: a decoder that turns imprecise
@@ -321,7 +363,9 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
     written beside it takes and predicts that many channels. ``spatial_compression``: a fresh VAE's
     (2 or 4, default ``VAE_CONFIG``'s 4; :func:`model.compression_changes`: 2 is also 2x in time).
     ``sprite_size``: the training and validation clips' sprite sizes (a share of the frame, as
-    ``ShapesConfig.sprite_size``; default the shapes world's), as the toy stages set ``data.sprite_size``."""
+    ``ShapesConfig.sprite_size``; default the shapes world's), as the toy stages set ``data.sprite_size``.
+    ``decoder_widths``: with ``init`` and ``parts="decoder"``, widen ``init``'s decoder to these
+    widths first (:func:`widen_decoder`; the config records them, ``cogvideox.backbone.load_vae``)."""
     if implied_weight and packing != "clip":
         raise SystemExit("--implied-weight needs the packed clip (--packing clip): single clips have no four layers")
     if composite_to not in ("layers", "blended"):
@@ -332,6 +376,8 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
         raise SystemExit("--spatial-compression sets a fresh VAE's; an --init VAE keeps its own")
     if latent_channels is not None and parts == "decoder":
         raise SystemExit("--latent-channels changes the latent space; --parts decoder keeps it (train all parts)")
+    if decoder_widths is not None and (init is None or parts != "decoder"):
+        raise SystemExit("--decoder-widths widens the decoder of an --init VAE: use it with --parts decoder --init VAE")
     if latent_noise and parts != "decoder":
         raise SystemExit("--latent-noise is in the units of a trained VAE's scaling factor: use it with "
                          "--parts decoder --init VAE")
@@ -341,11 +387,13 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
     config = ShapesConfig(num_frames=frames, height=SIZE, width=SIZE, **world)
     val = validation_samples(seed, config)
     if init is not None:  # continue a VAE (e.g. a run's rejected_vae/) with this recipe
-        from diffusers import AutoencoderKLCogVideoX
+        from layerkit_plugins.cogvideox.backbone import load_vae
 
-        vae = AutoencoderKLCogVideoX.from_pretrained(str(init), torch_dtype=torch.float32).train()
+        vae = load_vae(init, torch.float32).train()
         if latent_channels is not None and latent_channels != vae.config.latent_channels:
             vae = grow_latent_channels(vae, latent_channels, seed).train()
+        if decoder_widths is not None:
+            vae = widen_decoder(vae, decoder_widths, seed).train()
     else:
         changes = {"latent_channels": latent_channels} if latent_channels is not None else {}
         if spatial_compression is not None:
@@ -442,7 +490,8 @@ def train(out: Path, steps: int, seed: int, lr: float, clips_per_step: int, kl_w
             "composite_to": composite_to,
             "implied_weight": implied_weight, "latent_channels": int(vae.config.latent_channels),
             "spatial_compression": vae_compression(vae)[0], "sprite_size": list(config.sprite_size), "init": str(init) if init else None,
-            "parts": parts, "latent_noise": latent_noise, "validation_noisy_latents": noisy, "val_l1": round(val_l1, 4), "scaling_factor": round(scaling, 6),
+            "parts": parts, "decoder_widths": _decoder_widths(vae),
+            "latent_noise": latent_noise, "validation_noisy_latents": noisy, "val_l1": round(val_l1, 4), "scaling_factor": round(scaling, 6),
             "validation": final, "validation_first_frame": final_first, "failures": failures,
             "validation_log": checks, "log": log}
     out.mkdir(parents=True, exist_ok=True)
@@ -514,6 +563,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sprite-size", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="sprite sizes of the training and validation clips, a share of the frame (default: "
                              "the shapes world's 0.3 0.45; the toy stages' data.sprite_size)")
+    parser.add_argument("--decoder-widths", type=int, nargs="+", default=None, metavar="W",
+                        help="with --parts decoder --init VAE: widen the decoder to these widths first (one per up "
+                             "block, each a multiple of the --init decoder's, e.g. 16 32 64 for the toy's 8 16 32), "
+                             "decoding as before at first; the latents stay the encoder's")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 on a machine shared with other jobs: two threads there thrash)")
     args = parser.parse_args(argv)
@@ -524,6 +577,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.init is not None and not (args.init / "config.json").is_file():
         parser.error(f"--init '{args.init}' is not a VAE folder (no config.json there; e.g. toy/weights/vae or a "
                      "run's rejected_vae/).")
+    if args.decoder_widths is not None and (args.init is None or args.parts != "decoder"):
+        parser.error("--decoder-widths widens the decoder of an --init VAE: use it with --parts decoder --init VAE.")
     if args.sprite_size is not None:  # the shapes world's own rule, said as this option
         try:
             ShapesConfig(sprite_size=tuple(args.sprite_size)).validate()
@@ -543,7 +598,8 @@ def main(argv: list[str] | None = None) -> None:
                  init=args.init, parts=args.parts, latent_noise=args.latent_noise,
                  composite_weight=args.composite_weight, latent_channels=args.latent_channels,
                  implied_weight=args.implied_weight, spatial_compression=args.spatial_compression,
-                 sprite_size=args.sprite_size, composite_to=args.composite_to)
+                 sprite_size=args.sprite_size, composite_to=args.composite_to,
+                 decoder_widths=tuple(args.decoder_widths) if args.decoder_widths else None)
     print(json.dumps({k: v for k, v in info.items() if k not in ("log", "validation_log")}))
 
 
