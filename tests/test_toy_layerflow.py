@@ -225,14 +225,20 @@ def test_widened_decoder_decodes_as_before_and_loads_back_through_the_backbone(t
     assert wide.config[DECODER_WIDTHS] == [16, 32, 64] and list(wide.config.block_out_channels) == [8, 16, 32]
     assert wide.decoder.conv_in.conv.out_channels == 64
     wide.save_pretrained(str(tmp_path / "vae"))
-    back = load_vae(tmp_path / "vae")
+    state = torch.random.get_rng_state()
+    back = load_vae(tmp_path / "vae")  # draws no global random numbers, as from_pretrained
+    assert torch.equal(torch.random.get_rng_state(), state)
     with torch.no_grad():
         torch.testing.assert_close(back.decode(z).sample, wide.decode(z).sample, atol=0, rtol=0)
-    with pytest.raises(SystemExit, match="a multiple"):
-        widen_decoder(build_vae(3), (12, 32, 64))
+    for widths in ((12, 32, 64), (16, 64, 64), (0, 0, 0)):  # one whole factor for every block
+        with pytest.raises(SystemExit, match="times one whole number"):
+            widen_decoder(build_vae(3), widths)
     file = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
-    state = load_file(str(file))
-    save_file({k: v for k, v in state.items() if not k.startswith("decoder.conv_in")}, str(file))
+    weights = load_file(str(file))
+    save_file({**weights, "decoder.conv_in.conv.bias": torch.zeros(3)}, str(file))
+    with pytest.raises(LayerkitError, match="does not match its config"):
+        load_vae(tmp_path / "vae")
+    save_file({k: v for k, v in weights.items() if not k.startswith("decoder.conv_in")}, str(file))
     with pytest.raises(LayerkitError, match="does not match its config"):
         load_vae(tmp_path / "vae")
 

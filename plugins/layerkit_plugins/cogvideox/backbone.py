@@ -103,11 +103,11 @@ def with_decoder_widths(vae: Any, widths: Sequence[int]) -> Any:
 
     c = vae.config
     widths = [int(w) for w in widths]
-    if len(widths) != len(c.block_out_channels) or any(w % int(c.norm_num_groups) for w in widths):
+    if len(widths) != len(c.block_out_channels) or any(w < 1 or w % int(c.norm_num_groups) for w in widths):
         raise LayerkitError(
             f"decoder widths {widths} do not fit this VAE: give {len(c.block_out_channels)} widths (one per up "
-            f"block, as block_out_channels {list(c.block_out_channels)}), each a multiple of norm_num_groups "
-            f"{c.norm_num_groups}."
+            f"block, as block_out_channels {list(c.block_out_channels)}), each a positive multiple of "
+            f"norm_num_groups {c.norm_num_groups}."
         )
     vae.decoder = CogVideoXDecoder3D(
         in_channels=c.latent_channels, out_channels=c.out_channels, up_block_types=c.up_block_types,
@@ -132,8 +132,13 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Any
     if not file.is_file():
         raise LayerkitError(f"VAE folder '{path}' names decoder widths {widths} but holds no "
                             f"diffusion_pytorch_model.safetensors (a VAE with its own decoder widths loads from safetensors).")
-    vae = with_decoder_widths(AutoencoderKLCogVideoX.from_config(config), widths)
-    missing, unexpected = vae.load_state_dict(load_file(str(file)), strict=False)
+    with torch.random.fork_rng(devices=[]):  # as from_pretrained: building the modules draws no global numbers
+        vae = with_decoder_widths(AutoencoderKLCogVideoX.from_config(config), widths)
+    try:
+        missing, unexpected = vae.load_state_dict(load_file(str(file)), strict=False)
+    except RuntimeError as exc:  # a weight of another shape than the config's
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise LayerkitError(f"VAE folder '{path}' does not match its config (decoder widths {widths}): {first}") from None
     if missing or unexpected:
         raise LayerkitError(f"VAE folder '{path}' does not match its config (decoder widths {widths}): "
                             f"{len(missing)} weights missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "

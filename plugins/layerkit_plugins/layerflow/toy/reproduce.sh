@@ -146,7 +146,7 @@ done
 layerkit toy-layerflow-eval --split val --num-samples 32 --rows 'stages 1+2+3, generate' \
     --rows 'stages 1+2+3, decompose' "${grid[@]}"
 layerkit toy-layerflow-eval --num-samples 16 --seed 0 --rows 'stages 1+2+3, generate' \
-    --rows 'stages 1+2+3, decompose' --grid "backbone.path=$D/base11_wide" --grid "backbone.path=$D/base12_wide_composite3"
+    --rows 'stages 1+2+3, decompose' "${grid[@]}"
 cp $R/base11_wide/vae_training.json plugins/layerkit_plugins/layerflow/toy/weights/vae_training_9_wide_decoder.json
 cp $R/base12_wide_composite3/vae_training.json \
     plugins/layerkit_plugins/layerflow/toy/weights/tried_decoder_composite/vae_training_wide_composite3.json
@@ -167,7 +167,8 @@ layerkit toy-layerflow-diagnose shapes
 layerkit toy-layerflow-diagnose implied --num 4
 # The card's decoder, sampler, guidance-interval, fitting-prior, prompts, regions and reach tables were
 # measured on the model committed before this one (every layer diffused as itself): these commands at
-# commit d1ddf65. Here they run on the committed model.
+# commit d1ddf65. Here they run on the committed model, through the tenth decoder; the card's figures
+# marked "through the eighth decoder" are this script at commit 7b1884a.
 # stage 1 alone on the 32 val clips through the seventh decoder, the eighth (committed before the ninth and tenth runs) and the
 # tried weights 3, 4 and 5 (each a copy of this folder with that vae/; the card's "The decoder")
 D=$R/decoders

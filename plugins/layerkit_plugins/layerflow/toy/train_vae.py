@@ -295,8 +295,9 @@ def grow_latent_channels(vae, channels: int, seed: int = 0):
 
 
 def widen_decoder(vae, widths: tuple[int, ...], seed: int = 0, noise: float = 0.01):
-    """``vae`` with a decoder of ``widths`` (each an integer multiple of the decoder's width, block for
-    block) that decodes as the old one at first (net2net widening: each channel repeated, the weights
+    """``vae`` with a decoder of ``widths`` (the decoder's widths times one integer, the same for every
+    block: a block whose input and output grew by different factors would gain or lose its shortcut
+    convolution) that decodes as the old one at first (net2net widening: each channel repeated, the weights
     reading a repeated channel divided among its copies; the repeats of a channel fall in its GroupNorm
     group, whose statistics stay the same), plus seeded noise of ``noise`` x each weight's std so that
     the copies can part in training. The encoder, and so the latents, stay as they are."""
@@ -304,9 +305,11 @@ def widen_decoder(vae, widths: tuple[int, ...], seed: int = 0, noise: float = 0.
 
     old_widths = list(vae.config.get(DECODER_WIDTHS) or vae.config.block_out_channels)
     widths = [int(w) for w in widths]
-    if len(widths) != len(old_widths) or any(w % o for w, o in zip(widths, old_widths, strict=True)):
-        raise SystemExit(f"--decoder-widths {widths}: give one width per up block, each a multiple of the --init "
-                         f"decoder's {old_widths}")
+    factor = widths[0] // old_widths[0] if widths and widths[0] > 0 else 0
+    if len(widths) != len(old_widths) or factor < 1 or widths != [factor * o for o in old_widths]:
+        raise SystemExit(f"--decoder-widths {' '.join(map(str, widths))}: give one width per up block, the --init "
+                         f"decoder's {' '.join(map(str, old_widths))} times one whole number (e.g. "
+                         f"{' '.join(str(2 * o) for o in old_widths)})")
     old = {k: v.detach().clone() for k, v in vae.decoder.state_dict().items()}
     vae = with_decoder_widths(vae, widths)
     new = vae.decoder.state_dict()
