@@ -264,8 +264,10 @@ def grow_latent_channels(vae, channels: int, seed: int = 0):
     mean channels keep their seeded initialisation, and the weights reading them start at zero, so
     training adds capacity without first unlearning what ``vae`` knows (its colours, above all).
     """
+    from layerkit_plugins.cogvideox.backbone import DECODER_WIDTHS
+
     old_c = int(vae.config.latent_channels)
-    if vae.config.get("decoder_block_out_channels"):
+    if vae.config.get(DECODER_WIDTHS):
         raise SystemExit("--latent-channels grows a VAE whose decoder has the encoder's widths; this --init VAE's "
                          "decoder has its own (decoder_block_out_channels)")
     if channels < old_c:
@@ -301,9 +303,9 @@ def widen_decoder(vae, widths: tuple[int, ...], seed: int = 0, noise: float = 0.
     reading a repeated channel divided among its copies; the repeats of a channel fall in its GroupNorm
     group, whose statistics stay the same), plus seeded noise of ``noise`` x each weight's std so that
     the copies can part in training. The encoder, and so the latents, stay as they are."""
-    from layerkit_plugins.cogvideox.backbone import DECODER_WIDTHS, with_decoder_widths
+    from layerkit_plugins.cogvideox.backbone import with_decoder_widths
 
-    old_widths = list(vae.config.get(DECODER_WIDTHS) or vae.config.block_out_channels)
+    old_widths = _decoder_widths(vae)
     widths = [int(w) for w in widths]
     factor = widths[0] // old_widths[0] if widths and widths[0] > 0 else 0
     if len(widths) != len(old_widths) or factor < 1 or widths != [factor * o for o in old_widths]:
@@ -568,7 +570,7 @@ def main(argv: list[str] | None = None) -> None:
                              "the shapes world's 0.3 0.45; the toy stages' data.sprite_size)")
     parser.add_argument("--decoder-widths", type=int, nargs="+", default=None, metavar="W",
                         help="with --parts decoder --init VAE: widen the decoder to these widths first (one per up "
-                             "block, each a multiple of the --init decoder's, e.g. 16 32 64 for the toy's 8 16 32), "
+                             "block, the --init decoder's times one whole number, e.g. 16 32 64 for the toy's 8 16 32), "
                              "decoding as before at first; the latents stay the encoder's")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 on a machine shared with other jobs: two threads there thrash)")
