@@ -302,7 +302,11 @@ def test_experiment_composes_and_fast_runs(registry, name, tmp_path):
     if what == "train":
         out = train([f"+experiment={name}", *overrides, "trainer.max_steps=1", "train.checkpoint_every=1",
                      f"output_dir={tmp_path / 'run'}"], registry=registry)
-        assert json.loads((out / "record.json").read_text())["global_step"] == 1
+        record = json.loads((out / "record.json").read_text())
+        assert record["global_step"] == 1
+        cache = record.get("latent_cache")  # what a run with train.cache_latents encoded (one step: everything)
+        assert (cache is not None) == bool(record["config"]["train"].get("cache_latents"))
+        assert cache is None or (cache["passes_encoded"] >= 1 and cache["passes_cached"] == 0)
     elif what == "sample":
         out = sample([f"+experiment={name}", *overrides, *FAST_SAMPLE, f"output_dir={tmp_path / 'out'}"],
                      registry=registry)

@@ -4,6 +4,7 @@ One ``pack``, one ``predict``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,7 +191,9 @@ def packed_video(packed: Packed, device: torch.device | None = None) -> torch.Te
 
 
 def encode_packed(backbone: Backbone, packed: Packed, *, training: bool = False,
-                  given_latents: str = "sampled") -> tuple[torch.Tensor, Layout]:
+                  given_latents: str = "sampled",
+                  encode_video: Callable[[torch.Tensor, tuple], torch.Tensor] | None = None,
+                  ) -> tuple[torch.Tensor, Layout]:
     """Encode the packed clip: latents [B, C, f, h, w] and its :class:`Layout`.
 
     Training encodes every frame. At sampling only the given frames matter: with no given
@@ -203,8 +206,15 @@ def encode_packed(backbone: Backbone, packed: Packed, *, training: bool = False,
     same way (``given_latents="sampled"``: the clip with the frames that are not given set to
     zero) and the model reads at sampling exactly what it was trained on; the other latent
     frames, the targets, come from the whole clip. ``given_latents="clip"`` takes them from the
-    whole clip too (the released code's one pass; how the committed toy LayerFlow was trained). A
-    given prefix (fg2bg's copy of frame 0, foreground and alpha) is the same both ways.
+    whole clip too (the released code's one pass). A given prefix (fg2bg's copy of frame 0,
+    foreground and alpha) that the backbone encodes in one pass as alone
+    (``Backbone.encodes_prefix_alone``) is the same both ways, and makes no pass of its own.
+
+    ``encode_video(video, part)`` makes each VAE pass in place of ``backbone.encode_video(video)``;
+    ``part`` names what the video is: ``("clip",)`` the whole packed clip, ``("given",)`` the clip
+    with the frames not given set to zero, ``("segment", i)`` segment i alone. A latent cache
+    (:class:`layerkit.training.cache.LatentCache`) keys its entries by it, so the modes of a task
+    that pack a clip alike share its whole-clip pass.
     """
     if given_latents not in ("sampled", "clip"):
         raise LayerkitError(f"train.given_latents is '{given_latents}'; expected sampled or clip.")
@@ -226,22 +236,33 @@ def encode_packed(backbone: Backbone, packed: Packed, *, training: bool = False,
         latents = zeros.clone()
         latents[:, :, index.to(device)] = backbone.encode_video(video[:, index.to(video.device)]).to(zeros.dtype)
         return normalised(latents, packed, layout, frames=needed), layout  # frames not encoded stay zeros
+    encode = encode_video or (lambda clip, part: backbone.encode_video(clip))
     if backbone.vae_pass == "clip":
-        latents = backbone.encode_video(video)
+        latents = encode(video, ("clip",))
         known = packed.given.to(video.device)
-        if training and given_latents == "sampled" and bool(layout.given.any()) and not bool(known.all()):
-            as_sampled = backbone.encode_video(video * known[:, :, None, None, None].to(video.dtype))
+        if (training and given_latents == "sampled" and bool(layout.given.any()) and not bool(known.all())
+                and not _given_prefix_alone(backbone, known)):
+            as_sampled = encode(video * known[:, :, None, None, None].to(video.dtype), ("given",))
             latents = torch.where(frame_mask(layout.given, latents), as_sampled.to(latents.dtype), latents)
     else:
         chunks, start = [], 0
-        for seg in packed.segments:
-            chunks.append(backbone.encode_video(video[:, start : start + seg.num_frames]))
+        for i, seg in enumerate(packed.segments):
+            chunks.append(encode(video[:, start : start + seg.num_frames], ("segment", i)))
             start += seg.num_frames
         latents = torch.cat(chunks, dim=2)
     if latents.shape[2] != f:
         raise LayerkitError(f"the backbone encoded {video.shape[1]} frames into {latents.shape[2]} latent frames; "
                             f"its frame_windows promise {f}.")
     return normalised(latents, packed, layout), layout
+
+
+def _given_prefix_alone(backbone: Backbone, known: torch.Tensor) -> bool:
+    """Every sample's given frames are the same first p frames, and the backbone encodes such a
+    prefix in one pass exactly as alone (fg2bg's copy of frame 0, foreground and matte)."""
+    count = int(known[0].sum())
+    prefix = torch.zeros_like(known[0])
+    prefix[:count] = True
+    return count > 0 and bool((known == prefix).all()) and backbone.encodes_prefix_alone(count, known.shape[1])
 
 
 def normalised(latents: torch.Tensor, packed: Packed, layout: Layout, *, inverse: bool = False,

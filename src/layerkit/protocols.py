@@ -342,8 +342,16 @@ class Backbone(nn.Module):
         return height, width
 
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
-        """[B, F, C, H, W] in [-1, 1] -> latents [B, C', f, h, w] (scaled for the denoiser)."""
+        """[B, F, C, H, W] in [-1, 1] -> latents [B, C', f, h, w] (scaled for the denoiser): a draw
+        of a VAE's posterior while the backbone is in training mode (``self.training``), its mode
+        otherwise (a latent cache encodes with the flag off: :mod:`layerkit.training.cache`)."""
         raise NotImplementedError
+
+    def encodes_prefix_alone(self, prefix_frames: int, num_frames: int) -> bool:
+        """Whether one pass over ``num_frames`` frames encodes the first ``prefix_frames`` exactly
+        as a pass that sees those frames alone (a causal VAE that encodes in chunks, split there):
+        a given prefix then needs no pass of its own in training (:func:`layerkit.pipeline.encode_packed`)."""
+        return False
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, C, f, h, w] -> [B, F, C', H, W] in [-1, 1]."""

@@ -256,6 +256,8 @@ def run_summary(run: Path, root: Path | None = None) -> dict[str, Any]:
         with metrics.open() as handle:
             losses = [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(handle) if r.get("train/loss")]
     keep = {k: record.get(k) for k in ("global_step", "final_loss", "trainable_parameters", "seed", "versions", "time")}
+    if record.get("latent_cache"):  # the VAE passes its latent cache encoded and served
+        keep["latent_cache"] = record["latent_cache"]
     keep["wall_seconds"] = round((run / "weights.safetensors").stat().st_mtime - (run / "logs").stat().st_ctime, 1)
     keep["loss_every_25_steps"] = losses
     keep["config"] = record.get("config")

@@ -146,6 +146,13 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Any
     return (vae if dtype == torch.float32 else vae.to(dtype)).eval()
 
 
+def _conv_layout(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, F, H, W] for the VAE's 3-D convolutions: channels-last on the CPU, where oneDNN runs
+    the toy VAE's encoder and decoder about 1.2x faster that way (``benchmarks/bench_toy_vae.py``,
+    docs/benchmarks.md; outputs within 1e-5); as it is elsewhere."""
+    return x.contiguous(memory_format=torch.channels_last_3d) if x.device.type == "cpu" else x
+
+
 def load_components(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Components from a local diffusers-format CogVideoX directory (e.g. THUDM/CogVideoX-2b)."""
     from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
@@ -303,7 +310,7 @@ class CogVideoX(Backbone):
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """[B, F, 3, H, W] in [-1, 1] -> [B, C, f, h, w] x scaling_factor (a posterior sample in
         training, its mode otherwise)."""
-        x = video.permute(0, 2, 1, 3, 4).to(self.vae.dtype)
+        x = _conv_layout(video.permute(0, 2, 1, 3, 4).to(self.vae.dtype))
         dist = self.vae.encode(x).latent_dist
         latents = (dist.sample() if self.training else dist.mode()) * self.scaling_factor
         expected = self.latent_frames(video.shape[1])
@@ -337,9 +344,22 @@ class CogVideoX(Backbone):
             return {**cond, "prompt_embeds": torch.zeros_like(cond["prompt_embeds"])}
         return super().negative_conditions(packed, cond, negative_prompt, latents)
 
+    def encodes_prefix_alone(self, prefix_frames: int, num_frames: int) -> bool:
+        """diffusers' CogVideoX VAE encodes a clip in chunks of ``num_sample_frames_batch_size``
+        frames (8; the first takes the remainder too), each normalised on its own and handed to the
+        next only through its causal convolutions' cache: a prefix that ends where a chunk ends is
+        encoded as it would be alone (not under spatial tiling, which has its own split)."""
+        size = int(getattr(self.vae, "num_sample_frames_batch_size", 0) or 0)
+        if size <= 0 or getattr(self.vae, "use_tiling", False) or not 0 < prefix_frames <= num_frames:
+            return False
+        if prefix_frames == num_frames:
+            return True
+        first = size + num_frames % size
+        return num_frames >= size and prefix_frames >= first and (prefix_frames - first) % size == 0
+
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        frames = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample  # [B, 3, F, H, W]
-        return frames.permute(0, 2, 1, 3, 4)
+        frames = self.vae.decode(_conv_layout(latents.to(self.vae.dtype) / self.scaling_factor)).sample
+        return frames.permute(0, 2, 1, 3, 4)  # [B, 3, F, H, W] -> [B, F, 3, H, W]
 
     # -- conditioning ----------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
