@@ -6,7 +6,8 @@
   shapes world; not a dataset with random augmentation). A cached latent is the VAE posterior's
   mode (the backbone encodes with its training flag off), so a miss draws no random number: the
   run's noise and timesteps do not depend on what the cache holds, and a resumed run, whose
-  cache starts empty, draws what the uninterrupted run drew. It keeps each VAE pass of :func:`layerkit.pipeline.encode_packed`
+  cache starts empty, draws what the uninterrupted run drew (its latents equal up to the float
+  rounding of the batch each was encoded in). It keeps each VAE pass of :func:`layerkit.pipeline.encode_packed`
   apart, keyed by what that pass reads: the packed clip's segments (names and frame counts: one
   item packs differently per task mode, LayerFlow's fg2bg and bg2fg put a copy of frame 0 in
   front) and, for the pass over the given frames alone, which frames are given. The modes that
@@ -47,8 +48,6 @@ class LatentCache:
             keys = [(int(i), packing, part, patterns[j] if part == ("given",) else None)
                     for j, i in enumerate(index)]
             missing = [j for j, key in enumerate(keys) if key not in self.latents]
-            self.hits += len(keys) - len(missing)
-            self.misses += len(missing)
             if missing:  # encode only the samples this pass has not seen yet
                 rows = video if len(missing) == len(keys) else video[missing]
                 training, backbone.training = backbone.training, False  # the mode: no draw (the flag alone,
@@ -59,6 +58,8 @@ class LatentCache:
                     backbone.training = training
                 for j, z in zip(missing, fresh, strict=True):
                     self.latents[keys[j]] = z.detach().cpu()
+            self.hits += len(keys) - len(missing)
+            self.misses += len(missing)
             return torch.stack([self.latents[k] for k in keys]).to(video.device)
 
         with torch.no_grad():

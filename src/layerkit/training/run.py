@@ -3,8 +3,10 @@
 A run owns its folder (a lock naming its pid and host); it resumes exactly: the checkpoint holds
 the trainable weights, optimiser, schedule, EMA, every random-number state and the data order's
 position, so a run killed and resumed ends with the weights of the uninterrupted run, bit for bit
-(on the same machine and software; a dataset that draws from the global random state, or
-``train.cache_latents`` with a sampling VAE posterior, breaks that). A damaged ``last.ckpt``
+(on the same machine and software; a dataset that draws from the global random state breaks
+that; ``train.cache_latents`` caches the VAE posterior's mode and draws nothing, so a resumed run's
+refilled cache changes no random number, its latents equal up to the float rounding of the batch
+they were encoded in). A damaged ``last.ckpt``
 falls back to ``previous.ckpt`` with a warning; every unusable checkpoint is one sentence."""
 
 from __future__ import annotations
