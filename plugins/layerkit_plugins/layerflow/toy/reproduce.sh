@@ -113,7 +113,7 @@ layerkit train +experiment=toy_layerflow_base output_dir=$R/base_t2v
 # stage 1 compiles the transformer (train.compile: true in its config; needs g++ or clang++), weighs
 # the loss with Min-SNR-gamma 2 and the foreground's and matte's frames by 3, and runs alone with 2
 # threads: 12000 steps of batch 6, 41.4 min on the machine that trained it (14000 of batch 8 took 63.6 min
-# there before the latent cache shared its passes; the card's "Wall times"); the background is
+# on a similar one before the latent cache shared its passes; the card's "Wall times"); the background is
 # diffused as a residual of the blended clip (task.latent_residual in toy_layerflow_common.yaml)
 OMP_NUM_THREADS=2 layerkit train +experiment=toy_layerflow_stage1 output_dir=$R/stage1
 "${export_[@]}" stage1 $R/stage1
