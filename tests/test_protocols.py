@@ -389,25 +389,6 @@ def test_a_video_of_another_size_is_cropped_with_its_aspect_kept_and_said(toy_sa
     assert blended[:, :, :2].abs().sum() == 0, "padded rows are black"
 
 
-def test_packed_select_keeps_the_rows_asked_of_every_per_sample_part():
-    from layerkit.protocols import Packed, Segment
-
-    video = torch.arange(3 * 2 * 3 * 2 * 2, dtype=torch.float32).reshape(3, 2, 3, 2, 2)
-    given = torch.tensor([[True, False], [False, False], [True, True]])
-    packed = Packed(segments=[Segment("a", 2, video)], given=given, prompts=[["p0"], ["p1"], ["p2"]], height=2, width=2,
-                    scales={"motion": torch.tensor([1.0, 0.0, 0.5])},
-                    extras={"masks": torch.arange(3)[:, None].expand(3, 4), "table": torch.ones(5)},
-                    conditions={"fps": torch.tensor([8, 12, 24])}, loss_region=torch.rand(3, 2, 2, 2),
-                    latent_norm={"a": (torch.zeros(4), torch.ones(4))}, latent_residual={"a": "b"})
-    part = packed.select([2, 0])
-    assert part.latent_norm is packed.latent_norm and part.latent_residual == {"a": "b"}
-    assert torch.equal(part.loss_region, packed.loss_region[[2, 0]])
-    assert torch.equal(part.segments[0].video, video[[2, 0]])
-    assert torch.equal(part.given, given[[2, 0]]) and part.prompts == [["p2"], ["p0"]]
-    assert part.scales["motion"].tolist() == [0.5, 1.0] and part.conditions["fps"].tolist() == [24, 8]
-    assert part.extras["masks"][:, 0].tolist() == [2, 0] and torch.equal(part.extras["table"], torch.ones(5))
-
-
 def test_a_loss_region_of_the_wrong_shape_is_one_sentence():
     from layerkit.errors import LayerkitError
     from layerkit.protocols import Packed, Segment

@@ -130,21 +130,6 @@ class Packed:
     def segment_frames(self) -> list[int]:
         return [s.num_frames for s in self.segments]
 
-    def select(self, rows: list[int]) -> Packed:
-        """The packed clips of some batch rows: segments, given frames and prompts, and the rows of
-        every per-sample tensor in ``scales``, ``extras`` and ``conditions`` (as :func:`take_rows`)."""
-        b = self.batch_size
-        index = torch.tensor(rows, dtype=torch.long)
-        segments = [Segment(seg.name, seg.num_frames,
-                            None if seg.video is None else seg.video[index.to(seg.video.device)])
-                    for seg in self.segments]
-        return Packed(segments=segments, given=self.given[index.to(self.given.device)],
-                      prompts=[self.prompts[j] for j in rows], height=self.height, width=self.width,
-                      scales=take_rows(self.scales, index, b), extras=take_rows(self.extras, index, b),
-                      conditions=take_rows(self.conditions, index, b),
-                      loss_region=None if self.loss_region is None else self.loss_region[index.to(self.loss_region.device)],
-                      latent_norm=self.latent_norm, latent_residual=self.latent_residual)
-
     def given_segment(self, name: str) -> torch.Tensor:
         """[B] True where every frame of segment ``name`` is given."""
         start = 0
@@ -217,17 +202,6 @@ def slice_rows(tree: Any, index: int, b: int, rows: int) -> Any:
         return {k: slice_rows(v, index, b, rows) for k, v in tree.items()}
     if isinstance(tree, list | tuple):
         return type(tree)(slice_rows(v, index, b, rows) for v in tree)
-    return tree
-
-
-def take_rows(tree: Any, index: torch.Tensor, rows: int) -> Any:
-    """Rows ``index`` of every tensor whose leading dimension is ``rows``."""
-    if isinstance(tree, torch.Tensor):
-        return tree[index.to(tree.device)] if tree.dim() > 0 and tree.shape[0] == rows else tree
-    if isinstance(tree, dict):
-        return {k: take_rows(v, index, rows) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return type(tree)(take_rows(v, index, rows) for v in tree)
     return tree
 
 
