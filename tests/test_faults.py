@@ -212,6 +212,28 @@ def test_resume_is_bit_exact_after_kills_at_several_steps_and_during_a_checkpoin
     assert steps and not list((run / "logs").glob("metrics.part*.csv")), "the log continues, merged"
 
 
+def test_a_cached_run_resumed_after_a_kill_draws_as_the_uninterrupted_one(tmp_path):
+    """``train.cache_latents``: the resumed run's cache starts empty and refills, drawing no random
+    number (the posterior's mode), so its noise and timesteps are the uninterrupted run's; its
+    latents may differ from the cached ones only by the float rounding of the batch each was
+    encoded in. A cache that drew its latents (the training flag left on) fails the bound."""
+    cached = ["+experiment=toy_layerflow_stage1", "data.size=6", "train.batch_size=2", "trainer.max_steps=8",
+              "train.checkpoint_every=2", "train.compile=false", "threads=1"]  # CogVideoX's sampling VAE
+    reference = train([*cached, f"output_dir={tmp_path / 'a'}"])
+    run = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        train([*cached, f"output_dir={run}"], callbacks=[Kill(5)])  # epoch 2 of 3 batches: cache hits lost
+    train([*cached, f"output_dir={run}"])
+    a, b = _weights(reference), _weights(run)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
+    first = json.loads((reference / "record.json").read_text())["latent_cache"]
+    resumed = json.loads((run / "record.json").read_text())
+    assert resumed["global_step"] == 8 and resumed["resumed_from"].endswith("checkpoints/last.ckpt")
+    assert first["passes_encoded"] > 0 and resumed["latent_cache"]["passes_encoded"] > 0, (first, resumed)
+
+
 def test_a_second_run_into_a_busy_folder_is_refused_naming_the_first(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
