@@ -225,8 +225,7 @@ def _fit(cfg: DictConfig, registry: Registry, output_dir: Path, callbacks: Seque
                 "trainable_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
                 "world_size": trainer.world_size,
                 "final_loss": _final_loss(trainer),
-                **({"latent_cache": {"passes_encoded": cache.misses, "passes_cached": cache.hits,
-                                     "entries": len(cache.latents)}}
+                **({"latent_cache": {"passes_encoded": cache.misses, "passes_cached": cache.hits}}
                    if (cache := module.latent_cache) is not None else {}),  # this process's (a resumed run's own)
             },
         )
